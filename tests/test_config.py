@@ -1,0 +1,76 @@
+"""Config: validation messages, YAML round trip, recipes, overrides."""
+import pytest
+import yaml
+
+from workbench.config import (Config, ConfigError, DataSource, copy_recipe, list_recipes, load_config, load_recipe,
+                              resolve_config, save_config)
+
+
+def test_yaml_round_trip_is_equal(tmp_path):
+    cfg = Config(name="t", method="qlora", lora_target_modules=["q_proj", "v_proj"], max_steps=7,
+                 datasets=[DataSource(path="a.json", repeat=2.5), DataSource(generate="identity")], owner_name="张三")
+    path = save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(path) == cfg
+    text = path.read_text(encoding="utf-8")
+    assert "张三" in text and "# Peak learning rate" in text  # UTF-8, help as comments
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("method", "dora", "method: must be one of"),
+    ("lr", 5, "lr: must be in (0, 1)"),
+    ("batch_size", 0, "batch_size: must be a positive integer"),
+    ("save_total_limit", 0, "save_total_limit"),
+    ("lora_target_modules", "everything", "lora_target_modules"),
+    ("max_length", 8, "max_length: must be at least 16"),
+])
+def test_validation_names_the_field(field, value, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        Config.from_dict({field: value})
+    assert needle in str(e.value)
+
+
+def test_unknown_field_and_bad_source(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown field.*lerning_rate"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: give exactly one of 'path' or 'generate'"):
+        Config.from_dict({"datasets": [{"repeat": 2}]})
+
+
+def test_xtuner_data_path_is_accepted():
+    assert Config.from_dict({"data_path": "x.json"}).datasets == [DataSource(path="x.json")]
+
+
+def test_recipes_list_load_and_differ_by_a_few_fields():
+    names = [n for n, _ in list_recipes()]
+    assert "smollm2_135m_lora_identity_cpu" in names and "smollm2_135m_qlora_identity_cpu" in names
+    assert [n for n, _ in list_recipes("qlora")] == [n for n in names if "qlora" in n]
+    for n in names:
+        cfg = load_recipe(n)
+        assert cfg.name == n and cfg.description
+    qlora, lora = load_recipe("smollm2_135m_qlora_identity_cpu"), load_recipe("smollm2_135m_lora_identity_cpu")
+    diff = {k for k, v in qlora.to_dict().items() if lora.to_dict()[k] != v}
+    assert diff == {"name", "description", "method"}
+
+
+def test_copy_cfg_writes_a_full_config_and_never_overwrites(tmp_path):
+    out = copy_recipe("smollm2_135m_lora_identity_cpu", tmp_path)
+    assert out.name == "smollm2_135m_lora_identity_cpu_copy.yaml"
+    assert load_config(out) == load_recipe("smollm2_135m_lora_identity_cpu")
+    assert set(yaml.safe_load(out.read_text())) == set(Config().to_dict())
+    with pytest.raises(ConfigError, match="already exists"):
+        copy_recipe("smollm2_135m_lora_identity_cpu", tmp_path)
+
+
+def test_cfg_options_override_nested_fields():
+    cfg = resolve_config("smollm2_135m_lora_identity_cpu", ["lr=1e-4", "max_steps=3", "datasets.0.repeat=2",
+                                                            "evaluation_inputs=[hi]"])
+    assert (cfg.lr, cfg.max_steps, cfg.datasets[0].repeat, cfg.evaluation_inputs) == (1e-4, 3, 2, ["hi"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        resolve_config("smollm2_135m_lora_identity_cpu", ["lr"])
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="shipped recipes: .*smollm2_135m_lora_identity_cpu"):
+        load_recipe("nope")

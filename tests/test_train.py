@@ -1,0 +1,103 @@
+"""Training on the tiny random model: resume, atomic checkpoints, reproducibility, accumulation."""
+import json
+
+import pytest
+
+import workbench.train as train_mod
+from workbench.config import load_config, load_recipe
+from workbench.io import read_jsonl
+from workbench.train import list_checkpoints, train
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    return load_recipe("smollm2_135m_tiny_smoke").replace(max_steps=6, save_steps=3, evaluation_freq=0,
+                                                          lora_dropout=0.1, save_total_limit=-1)
+
+
+def losses(work):
+    return [r["loss"] for r in read_jsonl(work / "metrics.jsonl")]
+
+
+def test_same_seed_same_losses(cfg, tmp_path):
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    assert len(a.metrics) == 6
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_matches_uninterrupted_run(cfg, tmp_path):
+    train(cfg, tmp_path / "straight", progress=False)
+
+    def stop_after_3(rec):
+        if rec["step"] == 4:  # iter_3 is saved; die in the middle of step 4's bookkeeping
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "resumed", on_log=stop_after_3, progress=False)
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text().strip() == "iter_3"
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-6)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_killed_during_save_leaves_previous_checkpoint_usable(cfg, tmp_path, monkeypatch):
+    work = tmp_path / "w"
+    real_save = train_mod.save_file
+    calls = {"n": 0}
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (iter_6): write half of it, then die
+            real_save(*args, **kwargs)
+            raise Stop
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_file", dying_save)
+    with pytest.raises(Stop):
+        train(cfg, work, progress=False)
+    monkeypatch.setattr(train_mod, "save_file", real_save)
+    assert [p.name for p in list_checkpoints(work)] == ["iter_3"]
+    assert not [p for p in work.iterdir() if p.name.startswith(".")], "no half-written folder is left behind"
+    assert (work / "last_checkpoint").read_text().strip() == "iter_3"
+    result = train(cfg, work, resume=True, progress=False)
+    assert result.metrics[-1]["step"] == 6
+
+
+def test_work_dir_layout(cfg, tmp_path):
+    work = tmp_path / "w"
+    res = train(cfg.replace(evaluation_freq=3, save_total_limit=1), work, progress=False)
+    assert load_config(work / "config.yaml") == cfg.replace(evaluation_freq=3, save_total_limit=1, work_dir=str(work))
+    assert [p.name for p in list_checkpoints(work)] == ["iter_6"], "save_total_limit=1 keeps the newest only"
+    rec = res.metrics[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(rec)
+    assert sorted({e["step"] for e in res.evaluations}) == [0, 3, 6]
+    assert (work / "adapter" / "adapter_config.json").exists() and (work / "adapter" / "prompt.json").exists()
+    assert (work / "data" / "generated.jsonl").exists() and (work / "dataset_report.txt").exists()
+    ckpt = work / "iter_6"
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(cfg, tmp_path):
+    train(cfg.replace(max_steps=1, save_steps=1), tmp_path / "w", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg.replace(max_steps=1, save_steps=1), tmp_path / "w", progress=False)
+
+
+def test_accumulation_equals_a_bigger_batch(cfg, tmp_path):
+    base = cfg.replace(lora_dropout=0.0, max_steps=3, save_steps=3, pack_to_max_length=False)
+    big = train(base.replace(batch_size=4, accumulative_counts=1), tmp_path / "big", progress=False)
+    acc = train(base.replace(batch_size=1, accumulative_counts=4), tmp_path / "acc", progress=False)
+    assert [r["loss"] for r in acc.metrics] == pytest.approx([r["loss"] for r in big.metrics], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_other_methods_train(cfg, tmp_path, method):
+    res = train(cfg.replace(method=method, max_steps=2, save_steps=2), tmp_path / method, progress=False)
+    assert len(res.metrics) == 2 and all(r["loss"] > 0 for r in res.metrics)
+    marker = "config.json" if method == "full" else "adapter_config.json"
+    assert (tmp_path / method / "adapter" / marker).exists()

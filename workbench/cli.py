@@ -1,0 +1,255 @@
+"""The `workbench` command: XTuner's verbs, on a laptop CPU or a GPU.
+
+    workbench list-cfg [-p PATTERN]            shipped recipes
+    workbench copy-cfg NAME DIR                copy a recipe to edit
+    workbench gen-data OUT --name --owner      identity data set (diverse or the tutorial's)
+    workbench check-dataset PATH               validate a data file or a config's data
+    workbench log-dataset CONFIG               show encoded samples with the trained part marked
+    workbench train CONFIG                     train (lora / qlora / full)
+    workbench convert pth_to_hf CONFIG CKPT DIR
+    workbench convert merge BASE ADAPTER DIR
+    workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
+    workbench prepare-model                    prepare the embedded base model (done by make setup)
+
+Known errors (bad config, bad data, missing model, unusable folder) print one
+clear message and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except KNOWN_ERRORS() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
+    from workbench.config import ConfigError
+    from workbench.convert import ConvertError
+    from workbench.data import DataError
+    from workbench.models import ModelError
+    from workbench.prompt import TemplateError
+
+    return ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Fine-tune a chat LLM into a personal assistant (XTuner's workflow).")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    s = sub.add_parser("list-cfg", help="list the shipped recipes", description="List the shipped recipes (configs).")
+    s.add_argument("-p", "--pattern", help="only names containing this text (or matching this glob)")
+    s.set_defaults(func=cmd_list_cfg)
+
+    s = sub.add_parser("copy-cfg", help="copy a recipe to a folder to edit", description="Write a recipe's full, commented config to DIR/NAME_copy.yaml.")
+    s.add_argument("name")
+    s.add_argument("save_dir")
+    s.set_defaults(func=cmd_copy_cfg)
+
+    s = sub.add_parser("show-cfg", help="print a config with every field", description="Print the full config a file or recipe resolves to.")
+    s.add_argument("config")
+    s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_show_cfg)
+
+    s = sub.add_parser("gen-data", help="generate an identity data set", description="Generate an identity data set in XTuner's conversation format.")
+    s.add_argument("out", help="output file (.json or .jsonl)")
+    s.add_argument("--name", default="Nova", help="the assistant's name")
+    s.add_argument("--owner", default="Alex", help="the owner's name")
+    s.add_argument("--style", choices=("diverse", "tutorial"), default="diverse",
+                   help="diverse: many bilingual phrasings; tutorial: the tutorial's two pairs repeated --n-repeat times")
+    s.add_argument("--n-repeat", type=int, default=3750, help="tutorial style only: repetitions of the two pairs")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    s.set_defaults(func=cmd_gen_data)
+
+    s = sub.add_parser("check-dataset", help="validate a data file or a config's data",
+                       description="Validate a data file or all data of a config: errors name the file, record and field. Changes no file.")
+    s.add_argument("path", help="a data file, a config YAML, or a recipe name")
+    s.add_argument("--max-length", type=int, default=None, help="report records longer than this (default: the config's, or 512)")
+    s.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the config's base model)")
+    s.set_defaults(func=cmd_check_dataset)
+
+    s = sub.add_parser("log-dataset", help="show encoded samples with the trained part marked",
+                       description="Show how samples are encoded: [[...]] marks the tokens that are trained.")
+    s.add_argument("config")
+    s.add_argument("-n", type=int, default=3, help="number of samples to show")
+    s.set_defaults(func=cmd_log_dataset)
+
+    s = sub.add_parser("train", help="fine-tune (lora, qlora or full)", description="Train as the config says.")
+    s.add_argument("config", help="a config YAML or a recipe name")
+    s.add_argument("--work-dir", help="where checkpoints and logs go (default: work_dirs/<name>)")
+    s.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from the last checkpoint, or from CKPT (an iter_N folder)")
+    s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=1e-4 max_steps=20")
+    s.set_defaults(func=cmd_train)
+
+    conv = sub.add_parser("convert", help="pth_to_hf or merge", description="Convert a checkpoint, or merge an adapter.")
+    csub = conv.add_subparsers(title="conversions", metavar="KIND")
+    s = csub.add_parser("pth_to_hf", help="checkpoint to a Hugging Face adapter", description="Turn a training checkpoint into a standalone HF adapter (or model, for full).")
+    s.add_argument("config")
+    s.add_argument("checkpoint", help="an iter_N folder")
+    s.add_argument("save_dir")
+    s.add_argument("--fp32", action="store_true", help="save float32 weights (default float16)")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.set_defaults(func=cmd_pth_to_hf)
+    s = csub.add_parser("merge", help="merge an adapter into its base", description="Merge an adapter into the unquantised base; write a plain model folder.")
+    s.add_argument("base", help="base model: 'embedded', a folder or a hub id")
+    s.add_argument("adapter")
+    s.add_argument("save_dir")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("chat", help="chat with a model (and adapter)", description="Chat in the terminal (RESET clears history, EXIT quits), or answer --prompt / --prompt-file and exit.")
+    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
+    s.add_argument("--adapter", help="an adapter folder to apply")
+    s.add_argument("--system", help="system prompt (default: the one saved with the adapter or model, else the workbench default)")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
+    s.add_argument("--prompt-file", help="answer each line of this file and exit")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once).")
+    s.add_argument("--force", action="store_true", help="convert again even if ready")
+    s.set_defaults(func=cmd_prepare_model)
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+def cmd_list_cfg(args) -> int:
+    from workbench.config import list_recipes
+
+    rows = list_recipes(args.pattern)
+    if not rows:
+        print(f"no recipe matches {args.pattern!r}")
+        return 1
+    width = max(len(n) for n, _ in rows)
+    print("=" * 80 + "\nrecipes (copy one with `workbench copy-cfg NAME .`)\n" + "-" * 80)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    print("=" * 80)
+    return 0
+
+
+def cmd_copy_cfg(args) -> int:
+    from workbench.config import copy_recipe
+
+    Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+    print(f"copied to {copy_recipe(args.name, args.save_dir)}")
+    return 0
+
+
+def cmd_show_cfg(args) -> int:
+    from workbench.config import config_to_yaml, resolve_config
+
+    print(config_to_yaml(resolve_config(args.config, args.cfg_options)), end="")
+    return 0
+
+
+def cmd_gen_data(args) -> int:
+    from workbench.identity import write_identity_dataset
+
+    path = write_identity_dataset(args.out, args.name, args.owner, style=args.style, n_repeat=args.n_repeat, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check_dataset(args) -> int:
+    from workbench.data import check_dataset
+    from workbench.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model) if args.model else None
+    report = check_dataset(args.path, tokenizer=tokenizer, max_length=args.max_length, strict=False)
+    print(report)
+    return 1 if report.errors else 0
+
+
+def cmd_log_dataset(args) -> int:
+    from workbench.config import resolve_config
+    from workbench.data import encode_samples, mix_sources
+    from workbench.models import load_tokenizer
+    from workbench.prompt import builder_for
+
+    cfg = resolve_config(args.config)
+    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+    encoded, report = encode_samples(mix_sources(cfg)[: args.n], builder, cfg.max_length, cfg.loss_on)
+    for i, enc in enumerate(encoded):
+        print(f"--- sample {i + 1}: {len(enc)} tokens, {enc.n_trained} trained ([[...]])" + (" TRUNCATED" if enc.truncated else ""))
+        print(builder.show(enc))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from workbench.config import resolve_config
+    from workbench.train import train
+
+    cfg = resolve_config(args.config, args.cfg_options)
+    train(cfg, work_dir=args.work_dir, resume=args.resume)
+    return 0
+
+
+def cmd_pth_to_hf(args) -> int:
+    from workbench.convert import pth_to_hf
+
+    pth_to_hf(args.config, args.checkpoint, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from workbench.convert import merge
+
+    merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device,
+          torch_dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from workbench.chat import GenerationSettings, answer, chat_loop, load_chat_model
+
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+    model, builder = load_chat_model(args.model, args.adapter, device=args.device, system=args.system,
+                                     trust_remote_code=args.trust_remote_code)
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += [line.strip() for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if prompts:
+        for q in prompts:
+            print(f">>> {q}")
+            answer(model, builder, q, settings=settings, on_text=lambda t: print(t, end="", flush=True))
+            print()
+        return 0
+    chat_loop(model, builder, settings)
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    from workbench.models import prepare_embedded_model
+
+    prepare_embedded_model(force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

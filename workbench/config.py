@@ -1,0 +1,349 @@
+"""Run configuration: one dataclass, validated, read from and written to YAML.
+
+`Config` holds everything a fine-tuning run needs. Field names follow XTuner's
+config files where one exists (`pretrained_model_name_or_path`, `max_length`,
+`pack_to_max_length`, `batch_size`, `accumulative_counts`, `max_epochs`, `lr`,
+`max_norm`, `warmup_ratio`, `save_steps`, `save_total_limit`,
+`evaluation_freq`, `evaluation_inputs`, `work_dir`), so students recognise them.
+
+Configs are data, never executed code: a YAML file with the fields that differ
+from the defaults. The YAML written next to every artifact (`save_config`)
+holds every field, each with its help text as a comment, and reloads to an
+equal `Config`. Recipes shipped in `workbench/recipes/` are small YAML files
+that override a few fields (`list_recipes`, `copy_recipe`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.io import atomic_write_text
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+# The system prompt used for training, in-training evaluation, chat and analysis
+# unless a config or a record says otherwise. It is neutral on purpose: if it
+# named the assistant, the base model would "know" the identity before any
+# training, and the before/after comparison would show nothing.
+DEFAULT_SYSTEM = "You are a helpful AI assistant."
+
+
+class ConfigError(ValueError):
+    """A config file or field is invalid; the message names the file and field."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None, factory=None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataSource:
+    """One source of training data, as listed under `datasets:` in a config."""
+
+    path: str | None = _f(None, help="Data file (JSON, JSONL, CSV, XLSX or TXT). Relative paths are looked up from the current directory, then from the project root.")
+    generate: str | None = _f(None, help="Instead of a file, generate the data: 'identity' (diverse bilingual identity Q&A) or 'identity_tutorial' (the tutorial's two pairs repeated).", choices=(None, "identity", "identity_tutorial"))
+    format: str = _f("auto", help="How to read the file: auto (detect), xtuner, pairs, alpaca, messages, problem_solution, table (CSV/XLSX), text (plain text, pre-training).", choices=("auto", "xtuner", "pairs", "alpaca", "messages", "problem_solution", "table", "text"))
+    repeat: float = _f(1.0, help="Repeat factor: 3 uses every record three times; 0.5 uses half of them (sampled with the seed).")
+    fraction: float | None = _f(None, help="Alternatively, the share of the final mixture this source should make up (0-1). Overrides repeat.")
+    question_column: str = _f("question", help="Tables only: the column holding the user's question.")
+    answer_column: str = _f("answer", help="Tables only: the column holding the answer.")
+    system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
+    n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
+
+    def validate(self, where: str) -> list[str]:
+        errors = []
+        if (self.path is None) == (self.generate is None):
+            errors.append(f"{where}: give exactly one of 'path' or 'generate'")
+        _check_choice(self, "generate", where, errors)
+        _check_choice(self, "format", where, errors)
+        if self.repeat <= 0:
+            errors.append(f"{where}.repeat: must be > 0, got {self.repeat}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            errors.append(f"{where}.fraction: must be in (0, 1], got {self.fraction}")
+        if self.n_repeat < 1:
+            errors.append(f"{where}.n_repeat: must be >= 1, got {self.n_repeat}")
+        return errors
+
+
+@dataclass
+class Config:
+    """Everything a fine-tuning run needs. See each field's help text."""
+
+    # --- identity of the run ------------------------------------------------
+    name: str = _f("custom", help="Name of this config; the default work dir is work_dirs/<name>.")
+    description: str = _f("", help="One line describing what this config is for (shown by `workbench list-cfg`).")
+    # --- model --------------------------------------------------------------
+    pretrained_model_name_or_path: str = _f(EMBEDDED_MODEL, help=f"Base model: '{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct, prepared by `make setup`), a local Hugging Face folder, or a hub id (needs network).")
+    trust_remote_code: bool = _f(False, help="Allow the model folder's own Python code to run (needed by some models such as InternLM2). Off unless you trust the folder.")
+    torch_dtype: str = _f("auto", help="Weight and compute dtype: auto (float32 on CPU, bfloat16 on GPUs that support it, else float16), float32, bfloat16, float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", help="Where to train and generate: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda"))
+    method: str = _f("lora", help="full (train every weight), lora (low-rank adapters on a frozen base) or qlora (LoRA on a 4-bit NF4 base).", choices=("full", "lora", "qlora"))
+    lora_r: int = _f(8, help="LoRA rank r: size of the low-rank update.")
+    lora_alpha: int = _f(16, help="LoRA alpha: the update is scaled by alpha / r.")
+    lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
+    lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
+    gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
+    # --- data ---------------------------------------------------------------
+    datasets: list[DataSource] = _f(help="Training data sources (XTuner's data_path), mixed together. Each has path or generate, plus format, repeat or fraction.", factory=lambda: [DataSource(generate="identity")])
+    assistant_name: str = _f("Nova", help="The assistant's name, used by generated identity data and by the identity metrics.")
+    owner_name: str = _f("Alex", help="The owner's name ('I am <owner>'s assistant'), used by generated identity data and the identity metrics.")
+    system: str = _f(DEFAULT_SYSTEM, help="System prompt (XTuner's SYSTEM) for records without one, and for evaluation and chat. Saved with every adapter and merged model.")
+    chat_template: str | None = _f(None, help="Jinja chat template; null uses the tokenizer's own (recommended). Saved with every adapter and merged model.")
+    max_length: int = _f(512, help="Longest training sequence in tokens; longer conversations are truncated (and reported by check-dataset).")
+    pack_to_max_length: bool = _f(True, help="Pack several short conversations into one row of max_length, with no attention across them. Faster: no padding is computed.")
+    loss_on: str = _f("all_turns", help="Which assistant turns are trained: all_turns or last_turn. System and user tokens are never trained.", choices=("all_turns", "last_turn"))
+    # --- optimisation -------------------------------------------------------
+    batch_size: int = _f(1, help="Rows per device per step (a packed row holds several conversations).")
+    accumulative_counts: int = _f(1, help="Gradient accumulation: optimizer step every N batches.")
+    max_epochs: float = _f(3, help="Passes over the data. Ignored when max_steps is set.")
+    max_steps: int | None = _f(None, help="Stop after this many optimizer steps (overrides max_epochs).")
+    lr: float = _f(2e-4, help="Peak learning rate (AdamW).")
+    lr_scheduler: str = _f("cosine", help="Learning-rate schedule after warmup: cosine, linear or constant.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.03, help="Share of the steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, help="AdamW weight decay.")
+    betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.999])
+    max_norm: float = _f(1.0, help="Clip the gradient norm to this value (0 disables clipping).")
+    seed: int = _f(42, help="Random seed: the same config and seed give the same losses on CPU.")
+    # --- checkpoints, evaluation, logging -------------------------------------
+    work_dir: str | None = _f(None, help="Where checkpoints, logs and the adapter go; null means work_dirs/<name>.")
+    save_steps: int = _f(50, help="Write a checkpoint (iter_N) every N optimizer steps, and at the end.")
+    save_total_limit: int = _f(2, help="Keep at most this many checkpoints (oldest deleted first); -1 keeps all.")
+    evaluation_freq: int = _f(50, help="Every N steps, answer evaluation_inputs (also before training and at the end); 0 disables.")
+    evaluation_inputs: list[str] = _f(help="Questions answered during training to watch the model learn.", factory=lambda: ["Who are you?", "What is the capital of France?", "你是谁？"])
+    evaluation_max_new_tokens: int = _f(48, help="Longest evaluation answer, in tokens.")
+    logging_steps: int = _f(1, help="Write a metrics line every N optimizer steps.")
+
+    # ------------------------------------------------------------------------
+    def validate(self, where: str = "config") -> "Config":
+        errors: list[str] = []
+        for f in dataclasses.fields(self):
+            _check_choice(self, f.name, where, errors)
+        positive = ["lora_r", "lora_alpha", "max_length", "batch_size", "accumulative_counts", "save_steps", "logging_steps", "evaluation_max_new_tokens"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                errors.append(f"{where}.{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_length < 16:
+            errors.append(f"{where}.max_length: must be at least 16, got {self.max_length}")
+        if self.max_steps is None and not (isinstance(self.max_epochs, (int, float)) and self.max_epochs > 0):
+            errors.append(f"{where}.max_epochs: must be > 0 when max_steps is not set, got {self.max_epochs!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            errors.append(f"{where}.max_steps: must be a positive integer or null, got {self.max_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            errors.append(f"{where}.lr: must be in (0, 1), got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.max_norm < 0:
+            errors.append(f"{where}: weight_decay and max_norm must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"{where}.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        if self.save_total_limit == 0 or self.save_total_limit < -1:
+            errors.append(f"{where}.save_total_limit: must be -1 (keep all) or >= 1, got {self.save_total_limit}")
+        if self.evaluation_freq < 0:
+            errors.append(f"{where}.evaluation_freq: must be >= 0, got {self.evaluation_freq}")
+        if not isinstance(self.lora_target_modules, (str, list)) or (isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear"):
+            errors.append(f"{where}.lora_target_modules: must be 'all-linear' or a list of module names, got {self.lora_target_modules!r}")
+        if not self.datasets:
+            errors.append(f"{where}.datasets: at least one data source is needed")
+        for i, src in enumerate(self.datasets):
+            errors += src.validate(f"{where}.datasets[{i}]")
+        if not all(isinstance(q, str) and q.strip() for q in self.evaluation_inputs):
+            errors.append(f"{where}.evaluation_inputs: must be a list of non-empty strings")
+        for name in ("assistant_name", "owner_name", "system", "name"):
+            if not isinstance(getattr(self, name), str):
+                errors.append(f"{where}.{name}: must be a string, got {getattr(self, name)!r}")
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return self
+
+    # ------------------------------------------------------------------------
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path("work_dirs") / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "Config":
+        data = dict(data or {})
+        if "data_path" in data:  # XTuner's single-file field
+            data.setdefault("datasets", [{"path": data.pop("data_path")}])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        if "datasets" in data:
+            data["datasets"] = [_source_from(d, f"{where}.datasets[{i}]") for i, d in enumerate(data["datasets"] or [])]
+        return cls(**_coerce_floats(cls, data)).validate(where)
+
+    def replace(self, **changes) -> "Config":
+        return Config.from_dict({**self.to_dict(), **changes})
+
+
+def _source_from(d: Any, where: str) -> DataSource:
+    if isinstance(d, DataSource):
+        return d
+    if isinstance(d, str):
+        return DataSource(path=d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must be a mapping with 'path' or 'generate', got {d!r}")
+    known = {f.name for f in dataclasses.fields(DataSource)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return DataSource(**_coerce_floats(DataSource, d))
+
+
+def _coerce_floats(cls, data: dict) -> dict:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it for float fields."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        v = out.get(f.name)
+        if isinstance(v, str) and "float" in str(f.type):
+            try:
+                out[f.name] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def _check_choice(obj, name: str, where: str, errors: list[str]) -> None:
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    choices = f.metadata.get("choices")
+    if choices and getattr(obj, name) not in choices:
+        shown = [c for c in choices if c is not None]
+        errors.append(f"{where}.{name}: must be one of {shown}, got {getattr(obj, name)!r}")
+
+
+# ---------------------------------------------------------------------------
+# YAML
+# ---------------------------------------------------------------------------
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a config YAML (a full one or a recipe's few fields), apply `key=value` overrides."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (list shipped recipes with `workbench list-cfg`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of field: value")
+    data.pop("_recipe_", None)
+    for item in overrides or []:
+        apply_override(data, item)
+    return Config.from_dict(data, where=str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `--cfg-options key=value` (value parsed as YAML; dotted keys reach into lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--cfg-options {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.split(".")
+    target: Any = data
+    for p in parts[:-1]:
+        if isinstance(target, list):
+            target = target[int(p)]
+        else:
+            if p == "datasets" and "datasets" not in target:
+                target["datasets"] = [dataclasses.asdict(s) for s in Config().datasets]
+            target = target.setdefault(p, {})
+    if isinstance(target, list):
+        target[int(parts[-1])] = value
+    else:
+        target[parts[-1]] = value
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """Every field with its help text as a comment, in dataclass order."""
+    lines = [f"# workbench config '{cfg.name}'. Every field is documented; edit and run `workbench train THIS_FILE`.", ""]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        lines.append(f"# {f.metadata['help']}")
+        if f.name == "datasets":
+            value = [_compact_source(s) for s in value]
+        dumped = yaml.safe_dump({f.name: value}, allow_unicode=True, sort_keys=False, width=100)
+        lines.append(dumped.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _compact_source(src: DataSource) -> dict:
+    """A data source without the fields left at their defaults (reloads to the same source)."""
+    defaults = DataSource()
+    return {k: v for k, v in dataclasses.asdict(src).items() if v != getattr(defaults, k) or k in ("path", "generate") and v is not None}
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    atomic_write_text(path, config_to_yaml(cfg))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------
+def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
+    """(name, description) of the shipped recipes, optionally filtered by a substring or glob."""
+    out = []
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        name = p.stem
+        if pattern and pattern.lower() not in name.lower() and not fnmatch.fnmatch(name, pattern):
+            continue
+        out.append((name, load_recipe(name).description))
+    return out
+
+
+def recipe_path(name: str) -> Path:
+    p = RECIPES_DIR / f"{name}.yaml"
+    if not p.exists():
+        known = ", ".join(n for n, _ in list_recipes())
+        raise ConfigError(f"no recipe named {name!r}; shipped recipes: {known}")
+    return p
+
+
+def load_recipe(name: str) -> Config:
+    cfg = load_config(recipe_path(name))
+    return cfg if cfg.name != "custom" else cfg.replace(name=name)
+
+
+def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A config file path, or the name of a shipped recipe."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_config(p, overrides)
+    return load_config(recipe_path(name_or_path), overrides)
+
+
+def copy_recipe(name: str, save_dir: str | os.PathLike) -> Path:
+    """Write the full, commented config of a recipe to SAVE_DIR/<name>_copy.yaml (as `xtuner copy-cfg`)."""
+    cfg = load_recipe(name)
+    target = Path(save_dir) / f"{name}_copy.yaml"
+    if target.exists():
+        raise ConfigError(f"{target} already exists; not overwriting it (delete it or choose another folder)")
+    return save_config(cfg, target)
+
+
+def resolve_path(p: str | os.PathLike) -> Path:
+    """A data or model path: absolute, relative to the current directory, or to the project root."""
+    p = Path(os.path.expanduser(str(p)))
+    if p.is_absolute() or p.exists():
+        return p
+    alt = PROJECT_ROOT / p
+    return alt if alt.exists() else p

