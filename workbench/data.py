@@ -60,6 +60,7 @@ KEY_FORMATS = (("conversation", "xtuner"), ("messages", "messages"), ("conversat
                ("input", "pairs"), ("output", "pairs"), ("question", "table"), ("answer", "table"), ("text", "text"))
 
 Columns = tuple[str, str, str | None]  # question, answer, system column
+DEFAULT_COLUMNS: Columns = ("question", "answer", "system")
 
 
 @dataclass
@@ -102,7 +103,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if kind != "json":
         return kind
     errors: list[DataError] = []
-    raw = _load_raw(path, kind, ("question", "answer", "system"), errors)
+    raw = _load_raw(path, kind, DEFAULT_COLUMNS, errors)
     return _format_from_records(path, raw, errors)
 
 
@@ -123,7 +124,7 @@ def _read(path: Path, format: str, columns: Columns) -> tuple[list[Sample], list
             raise DataError(path, 0, None, f"unknown format {format!r}; use auto or one of {list(FORMATS)}")
         kind = _file_kind(path)
         raw = _load_raw(path, kind, columns, errors)
-        fmt = _format_from_records(path, raw, errors) if format == "auto" else _check_format(path, kind, format)
+        fmt = _pick_format(path, kind, format, raw, errors)
     except DataError as e:
         return [], errors if e in errors else errors + [e]
     convert = _converter(fmt, columns)
@@ -134,10 +135,15 @@ def _read(path: Path, format: str, columns: Columns) -> tuple[list[Sample], list
         except _Bad as bad:
             errors.append(DataError(path, number, bad.field, bad.message))
             continue
-        samples.append(Sample(messages=[], text=content, source=str(path), record=number) if isinstance(content, str)
-                       else Sample(messages=content, source=str(path), record=number))
+        samples.append(_sample(content, path, number))
     errors.sort(key=lambda e: e.record)
     return samples, errors
+
+
+def _sample(content: list[dict] | str, path: Path, number: int) -> Sample:
+    if isinstance(content, str):
+        return Sample(messages=[], text=content, source=str(path), record=number)
+    return Sample(messages=content, source=str(path), record=number)
 
 
 def _file_kind(path: Path) -> str:
@@ -152,8 +158,10 @@ def _file_kind(path: Path) -> str:
     raise DataError(path, 0, None, f"unknown file type {suffix or '(no extension)'!r}; use one of {known}")
 
 
-def _check_format(path: Path, kind: str, format: str) -> str:
-    """An explicitly requested format, if the file type allows it (JSON files allow every format)."""
+def _pick_format(path: Path, kind: str, format: str, raw: list[tuple[int, Any]], errors: list[DataError]) -> str:
+    """The requested format if the file type allows it (JSON files allow every format); auto: detect it."""
+    if format == "auto":
+        return _format_from_records(path, raw, errors) if kind == "json" else kind
     if kind in ("table", "text") and format != kind:
         raise DataError(path, 0, None, f"format {format!r} cannot read a {path.suffix} file; use format: {kind} (or auto)")
     return format
@@ -640,7 +648,7 @@ def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, ma
 def _gather(path_or_config: str | os.PathLike | Config) -> tuple[Config, list[Sample], list[Exception]]:
     """The config, the samples it reads (mixed), and every error found on the way."""
     if not isinstance(path_or_config, Config) and Path(path_or_config).suffix.lower() not in (".yaml", ".yml"):
-        samples, errors = _read(resolve_path(path_or_config), "auto", ("question", "answer", "system"))
+        samples, errors = _read(resolve_path(path_or_config), "auto", DEFAULT_COLUMNS)
         return Config(), samples, list(errors)
     cfg = path_or_config if isinstance(path_or_config, Config) else load_config(path_or_config)
     loaded, errors = [], []
