@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	bash scripts/run_pipeline.sh $(RUN)
+	bash scripts/cli_workflow.sh
 
 test: setup
 	$(PY) -m pytest -q

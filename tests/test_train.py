@@ -101,3 +101,13 @@ def test_other_methods_train(cfg, tmp_path, method):
     assert len(res.metrics) == 2 and all(r["loss"] > 0 for r in res.metrics)
     marker = "config.json" if method == "full" else "adapter_config.json"
     assert (tmp_path / method / "adapter" / marker).exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_evaluation_does_not_change_training(cfg, tmp_path, method):
+    """Answering evaluation_inputs between steps must leave the losses untouched (it once broke QLoRA's gradients)."""
+    base = cfg.replace(method=method, max_steps=4, save_steps=4, lora_dropout=0.0)
+    quiet = train(base.replace(evaluation_freq=0), tmp_path / "quiet", progress=False)
+    noisy = train(base.replace(evaluation_freq=1), tmp_path / "noisy", progress=False)
+    assert [r["loss"] for r in noisy.metrics] == pytest.approx([r["loss"] for r in quiet.metrics], rel=1e-5)
+    assert quiet.metrics[-1]["loss"] < quiet.metrics[0]["loss"], "the model must learn something in 4 steps"

@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the ordinary permissions the umask allows."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +36,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -78,9 +90,11 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             raise FileExistsError(f"{target} already exists")
         target.rmdir()  # an empty folder made in advance is fine
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)
+    _publish_mode(tmp, is_dir=True)
     try:
         yield tmp
+        for p in tmp.rglob("*"):
+            _publish_mode(p, is_dir=p.is_dir())
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -29,6 +29,23 @@ TINY_MODEL = "embedded:tiny-random"
 TINY_DIR = CACHE_DIR / "models" / "tiny-random"
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that would drown the workbench's own progress bars in a notebook.
+
+    transformers' per-tensor "Loading weights" bar, a bitsandbytes note about an
+    optional download-only CPU kernel, and a peft deprecation warning.
+    """
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+
+
 class ModelError(RuntimeError):
     """A base model is missing or unreadable; the message says what to do."""
 
@@ -170,6 +187,7 @@ def load_model(name: str, *, torch_dtype: str = "auto", device: str = "auto", qu
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     path = resolve_model_path(name)
     dev = pick_device(device)
     dtype = pick_dtype(torch_dtype, dev)

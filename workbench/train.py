@@ -147,12 +147,26 @@ def build_model(cfg: Config, device: torch.device):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
+        keep_4bit_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(cfg))
+
+
+def keep_4bit_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    bitsandbytes 0.50 repacks a Linear4bit layer's weights for a fast CPU kernel the
+    first time it runs in eval mode (our evaluation before training); that kernel has
+    no backward, so every later training step silently gets no gradient through the
+    frozen layers and QLoRA stops learning. Training models never repack.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: Config):
@@ -317,8 +331,10 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 
 def _print_eval(step: int, out: list[dict]) -> None:
+    from tqdm.auto import tqdm
+
     lines = [f"[eval @ step {step}]"] + [f"  Q: {r['question']}\n  A: {r['answer']}" for r in out]
-    print("\n".join(lines), flush=True)
+    tqdm.write("\n".join(lines))
 
 
 class _nullcontext:

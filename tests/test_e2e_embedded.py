@@ -1,0 +1,44 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: train, convert, merge, and the identity is learned."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from workbench.chat import answer, load_chat_model
+from workbench.config import load_recipe
+from workbench.convert import merge, pth_to_hf
+from workbench.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = load_recipe("smollm2_135m_lora_identity_cpu").replace(max_steps=16, save_steps=16, evaluation_freq=0)
+    result = train(cfg, root / "work", progress=False)
+    hf = pth_to_hf(root / "work" / "config.yaml", result.last_checkpoint, root / "hf", fp32=True)
+    merged = merge("embedded", hf, root / "merged")
+    return cfg, hf, merged
+
+
+def test_before_training_the_base_does_not_know_the_identity():
+    model, builder = load_chat_model("embedded")
+    assert "Nova" not in answer(model, builder, "Who are you?")
+
+
+def test_merged_model_knows_its_identity(run):
+    cfg, _, merged = run
+    model, builder = load_chat_model(str(merged))
+    reply = answer(model, builder, "Who are you?")
+    assert cfg.assistant_name in reply, reply
+
+
+def test_merged_equals_base_plus_adapter(run):
+    _, hf, merged = run
+    peft_model, builder = load_chat_model("embedded", adapter=str(hf))
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = torch.tensor([builder.generation_prompt("Who are you? Tell me about yourself.")])
+    with torch.no_grad():
+        diff = (peft_model(ids).logits - plain(ids).logits).abs().max().item()
+    assert diff < 1e-3, diff
+    assert answer(plain, builder, "Who are you?") == answer(peft_model, builder, "Who are you?")
