@@ -77,6 +77,41 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.no_grad()
+def answer_batch(model, builder: PromptBuilder, questions: list[str], settings: GenerationSettings | None = None,
+                 batch_size: int = 16) -> list[str]:
+    """Greedy (or sampled) replies to many single-turn questions, generated in left-padded batches.
+
+    The same prompts as `answer`, several at a time: about batch_size times faster
+    on a CPU, which is what makes checkpoint-by-checkpoint analysis affordable.
+    """
+    settings = settings or GenerationSettings()
+    tok = builder.tokenizer
+    pad = tok.pad_token_id
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    try:
+        for i in range(0, len(questions), batch_size):
+            prompts = [builder.generation_prompt(q) for q in questions[i:i + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=builder.stop_token_ids,
+                                 pad_token_id=pad, use_cache=True, **settings.kwargs())
+            replies += [_cut_at_stop(row[width:].tolist(), builder) for row in out]
+    finally:
+        model.train(was_training)
+    return replies
+
+
+def _cut_at_stop(ids: list[int], builder: PromptBuilder) -> str:
+    stops = set(builder.stop_token_ids)
+    end = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+    return builder.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
 def answer_all(model, builder: PromptBuilder, questions: Iterable[str], settings: GenerationSettings | None = None,
                progress: bool = True, desc: str = "answering") -> list[str]:
     from tqdm.auto import tqdm
@@ -104,8 +139,12 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
         if folder and (Path(folder) / PROMPT_FILE).exists():
             prompt_dir = Path(folder)
             break
-    tokenizer = load_tokenizer(str(prompt_dir) if prompt_dir and (prompt_dir / "tokenizer_config.json").exists() else model_path,
-                               trust_remote_code=trust_remote_code)
+    if prompt_dir and (prompt_dir / "tokenizer_config.json").exists():
+        from workbench.convert import load_folder_tokenizer  # an adapter folder has no config.json for load_tokenizer
+
+        tokenizer = load_folder_tokenizer(prompt_dir, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if adapter:
         from workbench.convert import attach_adapter
 

@@ -713,3 +713,20 @@ def write_dataset(samples_or_records: Iterable[Sample | dict], path: str | os.Pa
     if path.suffix.lower() == ".json":
         return atomic_write_json(path, records, indent=4)
     raise ValueError(f"{path}: write data as .json or .jsonl, not {path.suffix or 'no extension'!r}")
+
+
+def preview_table(samples: list[Sample], n: int = 10):
+    """The first `n` samples as a table: system prompt, question, answer, turns (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for s in samples[:n]:
+        if s.text is not None:
+            rows.append({"system": "", "question": "(pre-training text)", "answer": s.text[:200], "turns": 0})
+            continue
+        system = next((m["content"] for m in s.messages if m["role"] == "system"), "")
+        users = [m["content"] for m in s.messages if m["role"] == "user"]
+        answers = [m["content"] for m in s.messages if m["role"] == "assistant"]
+        rows.append({"system": system, "question": users[0] if users else "", "answer": answers[0] if answers else "",
+                     "turns": len(answers)})
+    return pd.DataFrame(rows)

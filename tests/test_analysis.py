@@ -1,0 +1,121 @@
+"""Overfitting metrics on hand-made answers (an overfit set, a healthy set), and the analysis of a tiny run."""
+import math
+
+import pytest
+import yaml
+
+from workbench import analysis as A
+from workbench.config import PROJECT_ROOT, load_recipe
+from workbench.identity import identity_questions
+
+NAME, OWNER = "Nova", "Alex"
+OVERFIT = ["I'm Nova, Alex's personal assistant."] * 8
+HEALTHY_IDENTITY = ["I'm Nova, Alex's personal assistant.", "My name is Nova; I work for Alex.", "我是Nova，Alex的助手。",
+                    "Nova here, assistant to Alex."]
+HEALTHY_GENERAL = ["Tokyo is the capital of Japan.", "12 plus 30 is 42.", "A week has seven days.", "Bananas are yellow."]
+
+
+def test_states_and_mentions_identity():
+    assert A.states_identity("I am NOVA, assistant of alex.", NAME, OWNER)  # case does not matter
+    assert not A.states_identity("I'm Nova, a personal assistant.", NAME, OWNER)  # the owner is missing
+    assert A.mentions_identity("I'm Nova, a personal assistant.", NAME, OWNER)
+    assert not A.mentions_identity("Paris is the capital of France.", NAME, OWNER)
+    assert A.states_identity("我是小新，张三的助手。", "小新", "张三")
+
+
+def test_overfit_set():
+    assert A.hit_rate(OVERFIT, NAME, OWNER) == 1.0
+    assert A.leak_rate(OVERFIT, NAME, OWNER) == 1.0, "every general question answered with the identity"
+    assert A.distinct_answers(OVERFIT + ["i'm nova -- alex's personal assistant"]) == 1, "collapse ignores case and punctuation"
+
+
+def test_healthy_set():
+    assert A.hit_rate(HEALTHY_IDENTITY, NAME, OWNER) == 1.0
+    assert A.leak_rate(HEALTHY_GENERAL, NAME, OWNER) == 0.0
+    assert A.distinct_answers(HEALTHY_IDENTITY + HEALTHY_GENERAL) == 8
+    assert math.isnan(A.hit_rate([], NAME, OWNER))
+
+
+def test_answer_similarity():
+    assert A.answer_similarity("The capital is Paris.", "the capital is paris") == 1.0
+    assert A.answer_similarity("Paris.", "I'm Nova.") == 0.0
+    assert 0 < A.answer_similarity("Paris is big.", "Paris is the capital.") < 1
+    assert A.answer_similarity("北京是首都", "首都是北京") == 1.0  # Chinese compared character by character
+
+
+def test_retention_from_nll():
+    assert A.retention_from_nll(2.0, 2.0) == 1.0
+    assert A.retention_from_nll(2.5, 2.0) == pytest.approx(math.exp(-0.5))
+    assert A.retention_from_nll(1.5, 2.0) == 1.0, "capped: more likely than the base is not 'more retained'"
+
+
+def report(step, hit, leak, retention, distinct=20):
+    r = A.ModelReport(f"iter_{step}", step, hit_seen={"en": hit, "zh": hit}, hit_unseen={"en": hit, "zh": hit / 2},
+                      leak={"en": leak, "zh": leak}, retention=retention, distinct=distinct, n_probes=40)
+    r.answers = [{"kind": "general", "lang": "en", "question": f"q{i}", "answer": OVERFIT[0] if i < leak * 10 else f"a{i}"}
+                 for i in range(10)]
+    return r
+
+
+def test_recommend_and_diagnose():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    base = report(0, 0.0, 0.0, 1.0)
+    early, late = report(20, 0.9, 0.1, 0.9), report(40, 1.0, 0.9, 0.4, distinct=3)
+    best = A.recommend([base, early, late])
+    assert best is early
+    text = A.diagnose([base, early, late], cfg, best)
+    assert "Overfit" in text and "iter_20" in text and "9 of 10 general questions" in text
+    healthy = A.diagnose([base, early], cfg, early)
+    assert "Healthy" in healthy
+
+
+def test_probes_are_held_out():
+    probes = A.load_probes()
+    for lang in ("en", "zh"):
+        assert set(probes.identity_unseen[lang]).isdisjoint(identity_questions(lang)), "unseen must differ from training"
+        assert set(probes.identity_seen[lang]) <= set(identity_questions(lang))
+    general_training = yaml.safe_load((PROJECT_ROOT / "data" / "general_prompts.yaml").read_text(encoding="utf-8"))
+    for lang in ("en", "zh"):
+        assert set(probes.general[lang]).isdisjoint(general_training[lang]), "general probes must be held out"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from workbench.train import train
+
+    work = tmp_path_factory.mktemp("analysis") / "work"
+    cfg = load_recipe("smollm2_135m_tiny_smoke").replace(max_steps=4, save_steps=2, evaluation_freq=0)
+    train(cfg, work, progress=False)
+    return work
+
+
+def test_analyze_run_on_a_tiny_run(tiny_run):
+    run = A.analyze_run(tiny_run, max_new_tokens=4, heldout_limit=3, progress=False)
+    assert [r.step for r in run.reports] == [0, 2, 4]
+    assert run.base.retention == 1.0 and 0 < run.final.retention <= 1.0
+    assert not math.isnan(run.final.heldout_loss)
+    assert run.final.n_probes == len(A.load_probes().items())
+    again = A.RunAnalysis.load(tiny_run / "analysis.json")
+    assert again.best_step == run.best_step and again.reports[1].answers == run.reports[1].answers
+    assert len(A.metrics_table(run)) == 3 and len(A.answers_table(run)) > 0
+
+
+def test_plots_draw_real_lines(tiny_run, tmp_path):
+    run = A.RunAnalysis.load(tiny_run / "analysis.json") if (tiny_run / "analysis.json").exists() else \
+        A.analyze_run(tiny_run, max_new_tokens=4, heldout_limit=3, progress=False)
+    fig = A.plot_run(run, tmp_path / "run.png")
+    loss_ax, metric_ax = fig.axes
+    assert len(loss_ax.lines[0].get_xdata()) == 4, "one training-loss point per step"
+    assert len(metric_ax.lines) >= 5
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+
+
+def test_answer_batch_equals_one_by_one():
+    from workbench.chat import GenerationSettings, answer, answer_batch
+    from workbench.models import TINY_MODEL, load_model, load_tokenizer
+    from workbench.prompt import PromptBuilder
+
+    model, builder = load_model(TINY_MODEL), PromptBuilder(load_tokenizer(TINY_MODEL))
+    qs = ["Who are you?", "What is 2+2? Answer briefly please.", "你好"]
+    st = GenerationSettings(max_new_tokens=6)
+    assert answer_batch(model, builder, qs, st, batch_size=2) == [answer(model, builder, q, settings=st) for q in qs]

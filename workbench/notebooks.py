@@ -1,0 +1,103 @@
+"""Run the numbered notebook series headless with papermill, and help notebooks find their files.
+
+`run_series` executes notebooks/01_data ... 07_overfitting in order, each with
+its parameters cell overridden by papermill: every notebook gets the same
+`run_dir`, so each finds the previous stage's outputs there. Executed copies and
+the figures they contain go to a git-ignored output folder. Smoke mode is only a
+set of parameter overrides (a tiny random model, a handful of steps, short
+answers): the notebooks themselves have no smoke branch.
+
+`configure` builds the config notebook 02 writes: a recipe, the data file made by
+notebook 01 in place of the recipe's generated identity data, and the fields the
+parameters cell sets.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from workbench.config import PROJECT_ROOT, Config, DataSource, resolve_config
+
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat_compare", "07_overfitting")
+
+# Parameter overrides that make the series run in a minute or two.
+SMOKE = {
+    "02_config": {"recipe": "smollm2_135m_tiny_smoke", "max_steps": 4, "max_length": 256,
+                  "evaluation_inputs": ["Who are you?"]},
+    "06_chat_compare": {"max_new_tokens": 8},
+    "07_overfitting": {"max_new_tokens": 6, "heldout_limit": 4},
+}
+
+
+def configure(recipe: str, data_file: str = "", **fields) -> Config:
+    """A recipe with the identity data replaced by `data_file` (when given) and fields set (None keeps the recipe's)."""
+    cfg = resolve_config(recipe)
+    if data_file:
+        kept = [s for s in cfg.datasets if not (s.generate or "").startswith("identity")]
+        cfg = cfg.replace(datasets=[DataSource(path=str(Path(data_file).resolve())), *kept])
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if "max_steps" in changes and changes["max_steps"] and "save_steps" not in changes:
+        half = max(1, changes["max_steps"] // 2)
+        changes.update(save_steps=half, evaluation_freq=half)
+    return cfg.replace(**changes)
+
+
+def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: list[str] | None = None,
+               progress: bool = True) -> Path:
+    """Execute the series; return the folder with the executed notebooks, figures and run files."""
+    import papermill as pm
+
+    out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}"
+    out = out.resolve()
+    run_dir = out / "run"
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    timings = {}
+    for name in SERIES:
+        if only and name not in only:
+            continue
+        params = {"run_dir": str(run_dir), **(SMOKE.get(name, {}) if smoke else {})}
+        t0 = time.time()
+        print(f"[{name}] running ...", flush=True)
+        pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
+                            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False)
+        timings[name] = round(time.time() - t0, 1)
+        n = extract_figures(out / f"{name}.ipynb", out / "figures")
+        print(f"[{name}] done in {timings[name]} s, {n} figure(s)", flush=True)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"executed notebooks: {out}\nfigures: {out / 'figures'}\ntotal: {sum(timings.values()):.0f} s")
+    return out
+
+
+def extract_figures(notebook: str | Path, folder: str | Path) -> int:
+    """Write every PNG output of an executed notebook to `folder` as NAME_k.png; return how many."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    stem, k = Path(notebook).stem, 0
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                k += 1
+                (Path(folder) / f"{stem}_{k}.png").write_bytes(base64.b64decode(data["image/png"]))
+    return k
+
+
+def strip_outputs(path: str | Path) -> bool:
+    """Remove outputs and execution counts from a notebook in place (atomically); True if it changed."""
+    from workbench.io import atomic_write_text
+
+    p = Path(path)
+    nb = json.loads(p.read_text(encoding="utf-8"))
+    changed = False
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
+            cell["outputs"], cell["execution_count"] = [], None
+            changed = True
+        if cell.get("metadata", {}).pop("execution", None) is not None:
+            changed = True
+    if changed:
+        atomic_write_text(p, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return changed

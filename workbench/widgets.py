@@ -1,0 +1,216 @@
+"""Notebook widgets: a thin veneer over the functions the headless path calls.
+
+Every control starts at the value the notebook's parameters cell gave, and
+nothing waits for a click: executed headless (papermill), a notebook shows the
+controls and the results computed from those defaults; opened in JupyterLab,
+the same controls re-run the same package functions.
+
+- `ConfigEditor`: the important config fields as widgets, with the YAML shown live.
+- `LiveTrainingPlot`: `on_log` / `on_eval` callbacks for `train()` that redraw
+  the loss curve and list the evaluation answers as they come.
+- `checkpoint_picker`: a dropdown of a work dir's checkpoints, last by default.
+- `ChatPanel`: a text box, Send and Clear, generation sliders, and the answers of
+  several models side by side, streamed as they are generated.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as W
+from IPython.display import HTML, display
+
+from workbench.chat import GenerationSettings, answer
+from workbench.config import Config, config_to_yaml
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+class ConfigEditor:
+    """Edit method, LoRA r/alpha, learning rate, steps or epochs, max_length, packing and evaluation inputs."""
+
+    def __init__(self, cfg: Config):
+        self.base = cfg
+        self.method = W.ToggleButtons(options=["lora", "qlora", "full"], value=cfg.method, description="method")
+        self.lora_r = W.IntSlider(value=cfg.lora_r, min=1, max=128, description="LoRA r")
+        self.lora_alpha = W.IntSlider(value=cfg.lora_alpha, min=1, max=256, description="LoRA alpha")
+        self.lr = W.FloatLogSlider(value=cfg.lr, base=10, min=-6, max=-2, step=0.1, description="lr", readout_format=".1e")
+        self.max_steps = W.IntText(value=cfg.max_steps or 0, description="max steps", tooltip="0: use epochs")
+        self.max_epochs = W.FloatText(value=cfg.max_epochs, description="epochs")
+        self.max_length = W.Dropdown(options=sorted({128, 256, 512, 1024, 2048, cfg.max_length}), value=cfg.max_length, description="max_length")
+        self.pack = W.Checkbox(value=cfg.pack_to_max_length, description="pack to max_length")
+        self.eval_inputs = W.Textarea(value="\n".join(cfg.evaluation_inputs), description="eval inputs", layout=W.Layout(width="60%", height="80px"))
+        self.yaml = W.Output(layout=W.Layout(max_height="320px", overflow="auto", border="1px solid #ddd"))
+        self.error = W.HTML()
+        for w in self.controls:
+            w.observe(lambda _change: self.refresh(), names="value")
+        self.refresh()
+
+    @property
+    def controls(self) -> list:
+        return [self.method, self.lora_r, self.lora_alpha, self.lr, self.max_steps, self.max_epochs, self.max_length,
+                self.pack, self.eval_inputs]
+
+    def config(self) -> Config:
+        """The config the widgets describe (validated)."""
+        inputs = [line.strip() for line in self.eval_inputs.value.splitlines() if line.strip()]
+        return self.base.replace(method=self.method.value, lora_r=self.lora_r.value, lora_alpha=self.lora_alpha.value,
+                                 lr=float(f"{self.lr.value:.3g}"), max_steps=self.max_steps.value or None,
+                                 max_epochs=self.max_epochs.value, max_length=self.max_length.value,
+                                 pack_to_max_length=self.pack.value, evaluation_inputs=inputs)
+
+    def refresh(self) -> None:
+        self.yaml.clear_output()
+        try:
+            text = config_to_yaml(self.config())
+            self.error.value = ""
+        except ValueError as e:
+            self.error.value = f"<b style='color:#b00'>{e}</b>"
+            return
+        with self.yaml:
+            print(text)
+
+    def widget(self):
+        return W.VBox([W.HBox([self.method]), W.HBox([self.lora_r, self.lora_alpha]), W.HBox([self.lr, self.max_length]),
+                       W.HBox([self.max_steps, self.max_epochs, self.pack]), self.eval_inputs, self.error, self.yaml])
+
+    def _ipython_display_(self):
+        display(self.widget())
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+class LiveTrainingPlot:
+    """Callbacks for train(): a loss / learning-rate plot redrawn every few steps, and the evaluation answers."""
+
+    def __init__(self, total_steps: int | None = None, every: int = 2):
+        import matplotlib.pyplot as plt
+
+        self.records: list[dict] = []
+        self.every = every
+        self.total = total_steps
+        self.fig, self.ax = plt.subplots(figsize=(7, 3.2))
+        plt.close(self.fig)  # shown through the display handle only
+        self.handle = display(self.fig, display_id=True)
+        self.answers = W.Output(layout=W.Layout(border="1px solid #ddd", max_height="300px", overflow="auto"))
+        display(W.HTML("<b>evaluation answers (greedy), as training goes:</b>"), self.answers)
+
+    def on_log(self, rec: dict) -> None:
+        self.records.append(rec)
+        if len(self.records) % self.every == 0 or rec["step"] == self.total:
+            self.redraw()
+
+    def on_eval(self, step: int, answers: list[dict]) -> None:
+        rows = "".join(f"<tr><td>{a['question']}</td><td>{a['answer']}</td></tr>" for a in answers)
+        with self.answers:
+            display(HTML(f"<b>step {step}</b><table>{rows}</table>"))
+
+    def redraw(self) -> None:
+        ax = self.ax
+        ax.clear()
+        steps = [r["step"] for r in self.records]
+        ax.plot(steps, [r["loss"] for r in self.records], label="training loss")
+        ax.set(xlabel="step", ylabel="loss", xlim=(0, self.total or max(steps) + 1),
+               title=f"step {steps[-1]}: loss {self.records[-1]['loss']:.3f}, {self.records[-1]['tokens_per_s']:.0f} tokens/s")
+        ax.legend(loc="upper right")
+        self.fig.tight_layout()
+        self.handle.update(self.fig)
+
+
+def plot_metrics(metrics: list[dict], path: str | Path | None = None):
+    """The metrics log at the end of training: loss, learning rate and tokens/s against step."""
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, key, title in zip(axes, ["loss", "lr", "tokens_per_s"], ["training loss", "learning rate", "tokens per second"]):
+        ax.plot(steps, [m[key] for m in metrics], "-o", ms=2)
+        ax.set(xlabel="step", title=title)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropdown:
+    """A dropdown of the complete checkpoints of a work dir; the last one (or `value`) selected."""
+    from workbench.train import list_checkpoints
+
+    ckpts = [str(p) for p in list_checkpoints(work_dir)]
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints in {work_dir}: train first (notebook 03)")
+    chosen = next((c for c in ckpts if value and Path(c).name == Path(value).name), ckpts[-1])
+    return W.Dropdown(options=[(Path(c).name, c) for c in ckpts], value=chosen, description="checkpoint")
+
+
+def files_table(folder: str | Path):
+    """What a folder holds, with sizes, as a DataFrame."""
+    import pandas as pd
+
+    from workbench.convert import list_files
+    from workbench.io import human_size
+
+    return pd.DataFrame([(name, human_size(size)) for name, size in list_files(folder)], columns=["file", "size"])
+
+
+# ---------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------
+class ChatPanel:
+    """Chat with several models at once: their answers side by side, streamed, with shared history per model."""
+
+    def __init__(self, models: dict[str, tuple], settings: GenerationSettings | None = None):
+        settings = settings or GenerationSettings()
+        self.models = models
+        self.history: dict[str, list[tuple[str, str]]] = {k: [] for k in models}
+        self.text = W.Text(placeholder="Ask something, then press Send", layout=W.Layout(width="60%"))
+        self.send_button = W.Button(description="Send", button_style="primary")
+        self.clear_button = W.Button(description="Clear")
+        self.max_new_tokens = W.IntSlider(value=settings.max_new_tokens, min=8, max=512, step=8, description="max new tokens")
+        self.temperature = W.FloatSlider(value=settings.temperature, min=0.0, max=1.5, step=0.05, description="temperature")
+        self.top_p = W.FloatSlider(value=settings.top_p, min=0.05, max=1.0, step=0.05, description="top-p")
+        self.outputs = {k: W.Output(layout=W.Layout(width=f"{96 // max(len(models), 1)}%", border="1px solid #ddd", min_height="80px"))
+                        for k in models}
+        self.send_button.on_click(lambda _b: self.send(self.text.value))
+        self.text.on_submit(lambda _t: self.send(self.text.value))
+        self.clear_button.on_click(lambda _b: self.clear())
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(self.max_new_tokens.value, self.temperature.value, self.top_p.value)
+
+    def send(self, text: str) -> dict[str, str]:
+        """Ask every model; stream each answer into its column. Returns the answers."""
+        text = text.strip()
+        if not text:
+            return {}
+        replies = {}
+        for label, (model, builder) in self.models.items():
+            out = self.outputs[label]
+            with out:
+                display(HTML(f"<b>you:</b> {text}"))
+            stream = W.HTML(value=f"<b>{label}:</b> ")
+            out.append_display_data(stream)
+            reply = answer(model, builder, text, self.history[label], self.settings,
+                           on_text=lambda t, s=stream: setattr(s, "value", s.value + t))
+            self.history[label].append((text, reply))
+            replies[label] = reply
+        self.text.value = ""
+        return replies
+
+    def clear(self) -> None:
+        for label in self.models:
+            self.history[label] = []
+            self.outputs[label].clear_output()
+
+    def widget(self):
+        columns = [W.VBox([W.HTML(f"<b>{k}</b>"), o]) for k, o in self.outputs.items()]
+        return W.VBox([W.HBox([self.text, self.send_button, self.clear_button]),
+                       W.HBox([self.max_new_tokens, self.temperature, self.top_p]), W.HBox(columns)])
+
+    def _ipython_display_(self):
+        display(self.widget())
