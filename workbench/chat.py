@@ -139,12 +139,8 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
         if folder and (Path(folder) / PROMPT_FILE).exists():
             prompt_dir = Path(folder)
             break
-    if prompt_dir and (prompt_dir / "tokenizer_config.json").exists():
-        from workbench.convert import load_folder_tokenizer  # an adapter folder has no config.json for load_tokenizer
-
-        tokenizer = load_folder_tokenizer(prompt_dir, trust_remote_code=trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    has_tokenizer = prompt_dir is not None and (prompt_dir / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(str(prompt_dir) if has_tokenizer else model_path, trust_remote_code=trust_remote_code)
     if adapter:
         from workbench.convert import attach_adapter
 

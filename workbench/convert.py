@@ -119,18 +119,6 @@ def check_adapter_folder(adapter: str | os.PathLike) -> Path:
     return p
 
 
-def load_folder_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False):
-    """The tokenizer saved in an adapter folder (which has no config.json, so `load_tokenizer` refuses it)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - rewrap with a hint
-        raise ConvertError(f"cannot read the tokenizer saved in {folder}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
 
 def attach_adapter(model, adapter: str | os.PathLike):
     """A PeftModel of `model` with the adapter loaded; clear errors when it does not fit the base."""
@@ -160,8 +148,7 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
         print("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in full precision")
     model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     merged = attach_adapter(model, folder).merge_and_unload()
-    tokenizer = (load_folder_tokenizer(folder, trust_remote_code) if (folder / "tokenizer_config.json").exists()
-                 else load_tokenizer(base, trust_remote_code))
+    tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
     with atomic_dir(save_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

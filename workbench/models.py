@@ -166,7 +166,9 @@ def pick_dtype(torch_dtype: str = "auto", device: torch.device | str = "cpu") ->
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    folder = resolve_path(name)
+    # An adapter folder has a tokenizer but no config.json: read it directly.
+    path = str(folder) if (folder / "tokenizer_config.json").exists() else resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - rewrap with a hint
