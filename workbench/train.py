@@ -323,11 +323,29 @@ class TrainLoop:
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of the next-token cross-entropy over the trained tokens of a batch (float32)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    logits = logits[:, :-1].float()
+    """Sum of the next-token cross-entropy over the trained tokens of a batch (float32).
+
+    The output head (vocabulary x hidden) runs only at the positions whose next token
+    is trained: system and user tokens need no logits, which saves a large share of
+    the compute and memory of a chat fine-tune.
+    """
     targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    logits = _forward_logits(model, batch, keep).float()
+    targets = targets[:, keep]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def _forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions `keep` (models without `logits_to_keep` compute all and are sliced)."""
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if getattr(model, "_wb_no_logits_to_keep", False):
+        return model(**kwargs).logits[:, keep]
+    try:
+        return model(**kwargs, logits_to_keep=keep).logits
+    except TypeError:  # remote-code models that predate logits_to_keep
+        model._wb_no_logits_to_keep = True
+        return model(**kwargs).logits[:, keep]
 
 
 def _print_eval(step: int, out: list[dict]) -> None:
