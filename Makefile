@@ -6,11 +6,14 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run test test-fast clean-nb clean help
+.PHONY: setup run run-cli compare test test-fast clean-nb clean help
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
-	@echo "make run      - the whole workflow on the embedded model (train, convert, merge, chat before/after)"
+	@echo "make run      - notebooks 01-07 headless on the embedded model -> outputs/notebooks-<time>/"
+	@echo "make run-cli  - the same workflow from the command line (train, convert, merge, chat before/after)"
+	@echo "make compare  - the tutorial's recipe vs the mixed recipe, measured -> outputs/compare/"
+	@echo "make clean-nb - strip outputs from notebooks/*.ipynb before committing"
 	@echo "make test     - all tests (fast tests on a tiny random model + one end-to-end on the embedded model)"
 	@echo "make test-fast- only the fast tests"
 
@@ -25,7 +28,16 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 run: setup
+	$(PY) -m workbench.notebooks
+
+run-cli: setup
 	bash scripts/cli_workflow.sh
+
+compare: setup
+	$(PY) -m workbench.analysis
+
+clean-nb:
+	$(PY) -c "import sys, glob; from workbench.notebooks import strip_outputs; [print('stripped', p) for p in sorted(glob.glob('notebooks/*.ipynb')) if strip_outputs(p)]"
 
 test: setup
 	$(PY) -m pytest -q

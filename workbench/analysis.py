@@ -476,3 +476,16 @@ def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None):
     if path:
         fig.savefig(path, dpi=110)
     return fig
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train and compare recipes on the same base model: identity hit rate, leak, retention.")
+    parser.add_argument("recipes", nargs="*", default=list(COMPARE_RECIPES))
+    parser.add_argument("--out", default="outputs/compare")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    table, _ = compare_recipes(tuple(args.recipes), args.out, args.cfg_options)
+    print(table.to_string(index=False))
+    print(f"written: {args.out}/comparison.md, comparison.csv, comparison.png")

@@ -24,6 +24,12 @@ from workbench.config import PROJECT_ROOT, Config, DataSource, resolve_config
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat_compare", "07_overfitting")
 
+# Paths every run passes as absolute, so executed copies run from any folder (nbval re-runs them elsewhere).
+PATHS = {
+    "01_data": {"example_table": str(PROJECT_ROOT / "data" / "examples" / "qa_example.csv")},
+    "07_overfitting": {"compare_dir": str(PROJECT_ROOT / "outputs" / "compare")},
+}
+
 # Parameter overrides that make the series run in a minute or two.
 SMOKE = {
     "02_config": {"recipe": "smollm2_135m_tiny_smoke", "max_steps": 4, "max_length": 256,
@@ -59,7 +65,7 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     for name in SERIES:
         if only and name not in only:
             continue
-        params = {"run_dir": str(run_dir), **(SMOKE.get(name, {}) if smoke else {})}
+        params = {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
@@ -101,3 +107,13 @@ def strip_outputs(path: str | Path) -> bool:
     if changed:
         atomic_write_text(p, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return changed
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Execute notebooks 01-07 headless with papermill.")
+    parser.add_argument("--out", help="output folder (default: outputs/notebooks-<time>)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a handful of steps: a minute or two")
+    args = parser.parse_args()
+    run_series(args.out, smoke=args.smoke)

@@ -1,0 +1,104 @@
+"""The notebook series: committed clean, logic-free, and executable headless (smoke mode) with papermill and nbval."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import papermill as pm
+import pytest
+
+from workbench.config import PROJECT_ROOT
+from workbench.notebooks import NOTEBOOK_DIR, SERIES, run_series, strip_outputs
+
+NOTEBOOKS = [NOTEBOOK_DIR / f"{name}.ipynb" for name in SERIES]
+MAX_CELL_LINES = 6
+
+
+def cells(path, kind="code"):
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == kind]
+
+
+def source(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_the_series_is_complete_and_numbered():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    for cell in cells(path):
+        assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: run `make clean-nb`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_of_typed_commented_literals(path):
+    params = [c for c in cells(path) if "parameters" in c["metadata"].get("tags", [])]
+    assert len(params) == 1
+    tree = ast.parse(source(params[0]))
+    for node in tree.body:
+        assert isinstance(node, ast.AnnAssign), f"{path.name}: parameters must be annotated assignments"
+        ast.literal_eval(node.value)  # a literal, nothing computed
+    lines = [l for l in source(params[0]).splitlines() if l.strip()]
+    assert all("#" in l for l in lines), f"{path.name}: every parameter has a comment"
+    inspected = pm.inspect_notebook(str(path))
+    assert len(inspected) == len(tree.body) and all(p["inferred_type_name"] != "None" for p in inspected.values())
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_cells_hold_no_logic_and_stay_short(path):
+    for cell in cells(path):
+        src = source(cell)
+        tree = ast.parse(src)
+        banned = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.While, ast.If, ast.Lambda, ast.Try)
+        found = [type(n).__name__ for n in ast.walk(tree) if isinstance(n, banned)]
+        assert not found, f"{path.name}: {found} in a cell; logic belongs in the workbench package:\n{src}"
+        if "parameters" not in cell["metadata"].get("tags", []):
+            assert len([l for l in src.splitlines() if l.strip()]) <= MAX_CELL_LINES, f"{path.name}: cell too long:\n{src}"
+
+
+def test_strip_outputs(tmp_path):
+    nb = json.loads(NOTEBOOKS[0].read_text(encoding="utf-8"))
+    nb["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "x"}]
+    nb["cells"][2]["execution_count"] = 3
+    p = tmp_path / "nb.ipynb"
+    p.write_text(json.dumps(nb))
+    assert strip_outputs(p) and not strip_outputs(p)
+    assert all(not c.get("outputs") for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    return run_series(tmp_path_factory.mktemp("notebooks") / "smoke", smoke=True)
+
+
+def outputs_of(path):
+    return [o for c in cells(path) for o in c.get("outputs", [])]
+
+
+def test_smoke_series_runs_and_shows_results(executed):
+    for name in SERIES:
+        outs = outputs_of(executed / f"{name}.ipynb")
+        assert not [o for o in outs if o["output_type"] == "error"], name
+        assert outs, f"{name} shows nothing"
+    run = executed / "run"
+    for artifact in ["data/identity.json", "config.yaml", "work/last_checkpoint", "work/metrics.jsonl",
+                     "hf/adapter_config.json", "merged/config.json", "work/analysis.json"]:
+        assert (run / artifact).exists(), artifact
+    assert len(list((executed / "figures").glob("03_train_*.png"))) >= 2, "live loss plot and metrics plot"
+    assert list((executed / "figures").glob("07_overfitting_*.png")), "analysis plot"
+    html = json.dumps(outputs_of(executed / "06_chat_compare.ipynb"))
+    assert "fine-tuned" in html and "Who are you?" in html, "the before/after table"
+    merge_check = json.dumps(outputs_of(executed / "05_merge.ipynb"))
+    assert "same answer" in merge_check
+
+
+def test_nbval_reruns_the_deterministic_notebooks(executed):
+    """nbval re-executes 01 and 02 in a fresh kernel and compares the outputs tagged nbval-check-output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    targets = [str(executed / "01_data.ipynb"), str(executed / "02_config.ipynb")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider", *targets],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
