@@ -1,5 +1,6 @@
 """Shared test fixtures."""
 import pytest
+import torch
 
 from workbench.models import load_tokenizer
 
@@ -8,3 +9,12 @@ from workbench.models import load_tokenizer
 def tokenizer():
     """The embedded model's tokenizer (SmolLM2-135M-Instruct, ChatML template); loads in about a second."""
     return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for tiny-model tests: on a small shared CPU, two contending threads make them many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -16,13 +16,7 @@ QUESTION = "Who are you?"
 TRAINED_SYSTEM = "You are Nova, the assistant of Alex (chat test prompt)."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two threads contending with other jobs make tiny models 20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ VERBS = [["list-cfg"], ["copy-cfg"], ["show-cfg"], ["gen-data"], ["check-dataset
          ["convert"], ["convert", "pth_to_hf"], ["convert", "merge"], ["chat"], ["prepare-model"]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, two threads contending with other jobs make a tiny step 20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
