@@ -6,6 +6,8 @@
     workbench check-dataset PATH               validate a data file or a config's data
     workbench log-dataset CONFIG               show encoded samples with the trained part marked
     workbench train CONFIG                     train (lora / qlora / full)
+    workbench train CONFIG --launcher accelerate --accelerate-config accelerate_configs/X.yaml [--num-processes N]
+                                               the same on several processes / GPUs / machines
     workbench convert pth_to_hf CONFIG CKPT DIR
     workbench convert merge BASE ADAPTER DIR
     workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
@@ -30,11 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except KNOWN_ERRORS() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _rank_tag() -> str:
+    """' (process 3 of 4)' in a process started by accelerate launch / torchrun, except the first."""
+    import os
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (process {rank} of {world})" if rank not in ("", "0") else ""
 
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
@@ -94,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from the last checkpoint, or from CKPT (an iter_N folder)")
     s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config fields, e.g. lr=1e-4 max_steps=20")
+    g = s.add_argument_group("several processes", "re-run this command under `accelerate launch` (NPROC_PER_NODE=N does the same "
+                             "with N processes); or start it yourself: accelerate launch --config_file X -m workbench train CONFIG")
+    g.add_argument("--launcher", choices=("none", "accelerate"), default=None,
+                   help="accelerate: start the processes with accelerate launch; none: this process only (ignores NPROC_PER_NODE)")
+    g.add_argument("--accelerate-config", metavar="YAML", help="an accelerate config, e.g. accelerate_configs/ddp_1node.yaml "
+                   "(or just ddp_1node); implies --launcher accelerate")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in all (overrides the config's num_processes; "
+                   "default NPROC_PER_NODE); implies --launcher accelerate")
     s.set_defaults(func=cmd_train)
 
     conv = sub.add_parser("convert", help="pth_to_hf or merge", description="Convert a checkpoint, or merge an adapter.")
@@ -203,9 +221,12 @@ def cmd_log_dataset(args) -> int:
 
 def cmd_train(args) -> int:
     from workbench.config import resolve_config
+    from workbench.launch import launch, wants_launcher
     from workbench.train import train
 
     cfg = resolve_config(args.config, args.cfg_options)
+    if wants_launcher(args):
+        return launch(args, cfg)
     train(cfg, work_dir=args.work_dir, resume=args.resume)
     return 0
 

@@ -730,3 +730,10 @@ def preview_table(samples: list[Sample], n: int = 10):
         rows.append({"system": system, "question": users[0] if users else "", "answer": answers[0] if answers else "",
                      "turns": len(answers)})
     return pd.DataFrame(rows)
+
+
+def split_heldout(samples: list[Sample], every: int = 7) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out): every `every`-th sample is held out, deterministically, for measuring retention."""
+    held = [s for i, s in enumerate(samples) if i % every == every - 1]
+    train = [s for i, s in enumerate(samples) if i % every != every - 1]
+    return train, held

@@ -1,0 +1,267 @@
+"""Several processes: 2 CPU processes (gloo) train exactly as 1 process with twice the batch.
+
+The first tests start real processes with `accelerate launch --config_file
+accelerate_configs/cpu_2proc.yaml -m workbench train ...` on the tiny random
+model; the fast ones check the shipped accelerate configs against accelerate's
+own parser, the launcher's command line and the refused combinations.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from workbench import cli
+from workbench.config import load_recipe
+from workbench.io import read_jsonl
+from workbench.launch import (Strategy, UnsupportedSetup, check_supported, shipped_configs,
+                              strategy_of_accelerate_config)
+from workbench.train import list_checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "accelerate_configs"
+RECIPE = "smollm2_135m_tiny_smoke"
+# 4 steps of 2 micro-batches, checkpoints at 2 and 4, evaluation at 0, 2 and 4; dropout 0 for exact equality.
+OPTIONS = ["max_steps=4", "save_steps=2", "evaluation_freq=2", "evaluation_max_new_tokens=4", "lora_dropout=0",
+           "max_length=128", "accumulative_counts=2", "save_total_limit=-1"]
+N_QUESTIONS = len(load_recipe(RECIPE).evaluation_inputs)
+
+
+def run(cmd: list[str], timeout: int = 240) -> str:
+    """Run a launcher in its own process group; kill the whole group if it hangs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{cmd} did not finish in {timeout} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-5000:]}"
+    return out
+
+
+def accelerate_launch(*train_args: str) -> str:
+    exe = Path(sys.executable).with_name("accelerate")
+    launcher = [str(exe), "launch"] if exe.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    return run([*launcher, "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "-m", "workbench", "train", *train_args])
+
+
+def metrics(work: Path) -> list[dict]:
+    return read_jsonl(work / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """1 process, batch_size 2 (in this process)."""
+    work = tmp_path_factory.mktemp("one") / "w"
+    cfg = load_recipe(RECIPE).replace(**{k: yaml.safe_load(v) for k, v in (o.split("=") for o in OPTIONS)}, batch_size=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1)
+    try:
+        train(cfg, work, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return work
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """2 processes, batch_size 1 each, started by accelerate launch; returns the work dir and the output."""
+    work = tmp_path_factory.mktemp("two") / "w"
+    out = accelerate_launch(RECIPE, "--work-dir", str(work), "--cfg-options", *OPTIONS, "batch_size=1")
+    return work, out
+
+
+# ---------------------------------------------------------------------------
+# 2 real processes
+# ---------------------------------------------------------------------------
+def test_two_processes_match_one_process_with_twice_the_batch(one_process, two_processes):
+    one, two = metrics(one_process), metrics(two_processes[0])
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["trained_tokens"] for r in two] == [r["trained_tokens"] for r in one], "the same rows every step"
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one])
+
+
+def test_two_processes_write_everything_once(two_processes):
+    work, out = two_processes
+    assert [p.name for p in list_checkpoints(work)] == ["iter_2", "iter_4"]
+    for ckpt in list_checkpoints(work):
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"rng_0.pt", "rng_1.pt", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= names
+        assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    assert (work / "last_checkpoint").read_text().strip() == "iter_4"
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4, "one metrics line per step, written by the main process only"
+    evals = read_jsonl(work / "eval_log.jsonl")
+    assert [e["step"] for e in evals] == [0] * N_QUESTIONS + [2] * N_QUESTIONS + [4] * N_QUESTIONS
+    assert (work / "adapter" / "adapter_config.json").exists() and (work / "adapter" / "adapter_model.safetensors").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".")], "no temporary folder is left behind"
+    assert out.count("work dir:") == 1 and out.count("done. checkpoints") == 1 and out.count("records:") == 1
+    assert out.count("[eval @ step") == 3
+
+
+def test_two_process_resume_matches_the_uninterrupted_run(two_processes, tmp_path):
+    """Resume iter_2 of the 2-process run (through --launcher) and end with the same losses and logs."""
+    straight = two_processes[0]
+    work = tmp_path / "w"
+    shutil.copytree(straight, work)
+    shutil.rmtree(work / "iter_4")
+    shutil.rmtree(work / "adapter")
+    (work / "last_checkpoint").write_text("iter_2\n")
+    out = run([sys.executable, "-m", "workbench", "train", RECIPE, "--work-dir", str(work), "--resume",
+               "--launcher", "accelerate", "--accelerate-config", "cpu_2proc", "--cfg-options", *OPTIONS, "batch_size=1"])
+    assert out.count("launching DDP x 2 processes") == 1
+    assert out.count("resuming from") == 1, "printed by the main process only"
+    assert [r["step"] for r in metrics(work)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(work)] == pytest.approx([r["loss"] for r in metrics(straight)], rel=1e-6)
+    assert [e["step"] for e in read_jsonl(work / "eval_log.jsonl")] == [e["step"] for e in read_jsonl(straight / "eval_log.jsonl")]
+    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (work / "iter_4").iterdir()}
+    assert (work / "adapter" / "adapter_config.json").exists()
+
+
+def test_qlora_trains_on_two_processes(tmp_path):
+    work = tmp_path / "q"
+    accelerate_launch(RECIPE, "--work-dir", str(work), "--cfg-options", "method=qlora", "max_steps=2", "save_steps=2",
+                      "evaluation_freq=0", "max_length=96")
+    recs = metrics(work)
+    assert [r["step"] for r in recs] == [1, 2] and all(0 < r["loss"] < 100 and r["grad_norm"] > 0 for r in recs)
+    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (work / "iter_2").iterdir()}
+    assert (work / "adapter" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Configs, launcher and refusals (no processes started)
+# ---------------------------------------------------------------------------
+EXPECTED = {
+    "cpu_2proc.yaml": Strategy("ddp", 2), "ddp_1node.yaml": Strategy("ddp", 2), "ddp_2nodes.yaml": Strategy("ddp", 16),
+    "deepspeed_zero2.yaml": Strategy("deepspeed", 2, zero_stage=2),
+    "deepspeed_zero2_offload.yaml": Strategy("deepspeed", 2, zero_stage=2),
+    "deepspeed_zero3.yaml": Strategy("deepspeed", 2, zero_stage=3),
+    "deepspeed_zero3_offload.yaml": Strategy("deepspeed", 2, zero_stage=3),
+    "fsdp.yaml": Strategy("fsdp", 2, fsdp_version=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_accelerate_configs_are_valid(name):
+    """Each file parses with accelerate's own config loader and launcher checks, and documents its launch command."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = CONFIGS / name
+    text = path.read_text()
+    header = text.split("\ncompute_environment")[0]
+    assert text.startswith("# ") and "Pick it" in header
+    assert f"accelerate launch --config_file accelerate_configs/{name}" in header and "-m workbench train" in header
+    load_config_from_file(str(path))  # unknown keys raise
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "workbench", "train", RECIPE])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+        assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(EXPECTED[name].zero_stage)
+    else:
+        env = prepare_multi_gpu_env(args)
+        assert args.multi_gpu or env.get("ACCELERATE_USE_FSDP") == "true"
+    assert strategy_of_accelerate_config(path) == EXPECTED[name]
+    assert set(shipped_configs()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("method,strategy,words", [
+    ("qlora", Strategy("deepspeed", 2, zero_stage=3), "ZeRO-3"),
+    ("qlora", Strategy("fsdp", 2, fsdp_version=2), "FSDP"),
+    ("lora", Strategy("fsdp", 2, fsdp_version=1), "fsdp_version: 2"),
+])
+def test_unsupported_combinations_are_refused(method, strategy, words):
+    with pytest.raises(UnsupportedSetup, match=words):
+        check_supported(load_recipe(RECIPE).replace(method=method), strategy)
+
+
+@pytest.mark.parametrize("method,strategy", [
+    ("qlora", Strategy("ddp", 2)), ("qlora", Strategy("deepspeed", 2, zero_stage=2)),
+    ("lora", Strategy("deepspeed", 2, zero_stage=3)), ("full", Strategy("fsdp", 2, fsdp_version=2)),
+    ("full", Strategy("deepspeed", 4, zero_stage=3)),
+])
+def test_supported_combinations_pass(method, strategy):
+    check_supported(load_recipe(RECIPE).replace(method=method), strategy)
+
+
+def test_cli_refuses_qlora_with_zero3_cleanly(capsys, tmp_path):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--cfg-options", "method=qlora",
+                   "--launcher", "accelerate", "--accelerate-config", "accelerate_configs/deepspeed_zero3.yaml"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: method qlora cannot run under DeepSpeed ZeRO-3") and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_train_refuses_before_touching_the_work_dir(monkeypatch, tmp_path):
+    """Inside a launched process the same check runs on the accelerator's strategy (here a fake ZeRO-3 one)."""
+    import workbench.train as train_mod
+    from accelerate.utils import DistributedType
+
+    fake = SimpleNamespace(num_processes=2, state=SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                                                  deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    monkeypatch.setattr(train_mod, "make_accelerator", lambda cfg: fake)
+    with pytest.raises(UnsupportedSetup, match="ZeRO-3"):
+        train(load_recipe(RECIPE).replace(method="qlora"), tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture()
+def launched(monkeypatch):
+    """Capture the command the launcher would run."""
+    import workbench.launch as launch_mod
+
+    calls = []
+    monkeypatch.setattr(launch_mod.subprocess, "run", lambda cmd: calls.append(cmd) or SimpleNamespace(returncode=0))
+    for k in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    return calls
+
+
+def test_launcher_reexecutes_under_accelerate_launch(launched, tmp_path):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--launcher", "accelerate",
+                   "--accelerate-config", "cpu_2proc", "--num-processes", "3", "--cfg-options", "max_steps=1", "lr=1e-4"])
+    assert rc == 0 and len(launched) == 1
+    cmd = launched[0]
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(CONFIGS / "cpu_2proc.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "3"
+    assert cmd[cmd.index("-m", 3):] == ["-m", "workbench", "train", RECIPE, "--work-dir", str(tmp_path / "w"),
+                                        "--cfg-options", "max_steps=1", "lr=1e-4"]
+    assert not {"--launcher", "--accelerate-config", "--num-processes"} & set(cmd)
+
+
+def test_nproc_per_node_launches_like_xtuner(launched, monkeypatch, tmp_path):
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    assert cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--resume", "iter_2"]) == 0
+    cmd = launched[0]
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[-2:] == ["--resume", "iter_2"]
+
+
+def test_launcher_is_refused_inside_a_launched_process(launched, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--launcher", "accelerate", "--num-processes", "2"])
+    assert rc == 2 and "already started by a launcher" in capsys.readouterr().err and not launched
+
+
+def test_launcher_checks_the_work_dir_before_starting(launched, capsys, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "last_checkpoint").write_text("iter_1\n")
+    rc = cli.main(["train", RECIPE, "--work-dir", str(work), "--accelerate-config", "cpu_2proc"])
+    assert rc == 2 and "already holds a run" in capsys.readouterr().err and not launched
