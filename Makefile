@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast clean-nb clean help
+.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -16,6 +16,7 @@ help:
 	@echo "make clean-nb - strip outputs from notebooks/*.ipynb before committing"
 	@echo "make test     - all tests (fast tests on a tiny random model + one end-to-end on the embedded model)"
 	@echo "make test-fast- only the fast tests"
+	@echo "make bench    - workbench vs a plain PEFT+Trainer script: tokens/s, time, memory -> benchmarks/results/ (under 20 min on 2 cores; BENCH_ARGS=... for options)"
 
 setup: $(STAMP)
 	$(WB) prepare-model
@@ -28,13 +29,13 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m workbench.notebooks
+	$(WB) run-notebooks
 
 run-cli: setup
 	bash scripts/cli_workflow.sh
 
 compare: setup
-	$(PY) -m workbench.analysis
+	$(WB) compare
 
 clean-nb:
 	$(PY) -c "import sys, glob; from workbench.notebooks import strip_outputs; [print('stripped', p) for p in sorted(glob.glob('notebooks/*.ipynb')) if strip_outputs(p)]"
@@ -47,3 +48,8 @@ test-fast: setup
 
 clean:
 	rm -rf outputs work_dirs
+
+# Not part of `make test` (tests/test_bench_smoke.py smoke-tests it on the tiny model). Options: BENCH_ARGS="--steps 8 --repeats 3"
+BENCH_ARGS ?=
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)

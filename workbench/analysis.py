@@ -35,7 +35,7 @@ from workbench.config import PROJECT_ROOT, Config, load_config, resolve_config, 
 from workbench.io import atomic_write_json, atomic_write_text, read_jsonl
 
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
-HELDOUT_FILE = PROJECT_ROOT / "data" / "general_heldout.jsonl"
+HELDOUT_FILE = PROJECT_ROOT / "data" / "general_conversations_heldout.jsonl"
 LANGS = ("en", "zh")
 
 
@@ -417,7 +417,7 @@ def compare_recipes(recipes: tuple[str, ...] = COMPARE_RECIPES, out_dir: str | P
             print(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
         runs.append(analyze_run(work, probes, progress=progress))
     table = comparison_table(runs)
-    atomic_write_text(out / "comparison.md", table.to_markdown(index=False, floatfmt=".2f") + "\n")
+    atomic_write_text(out / "comparison.md", markdown_table(table))
     table.to_csv(out / "comparison.csv.tmp", index=False)
     Path(out / "comparison.csv.tmp").replace(out / "comparison.csv")
     plot_comparison(runs, out / "comparison.png")
@@ -439,6 +439,16 @@ def show_comparison(compare_dir: str | Path):
     if (out / "comparison.png").exists():
         display(Image(filename=str(out / "comparison.png")))
     return pd.read_csv(out / "comparison.csv")
+
+
+def markdown_table(df) -> str:
+    """A DataFrame as a GitHub markdown table, numbers with two decimals."""
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def comparison_table(runs: list[RunAnalysis]):
@@ -477,15 +487,3 @@ def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None):
         fig.savefig(path, dpi=110)
     return fig
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train and compare recipes on the same base model: identity hit rate, leak, retention.")
-    parser.add_argument("recipes", nargs="*", default=list(COMPARE_RECIPES))
-    parser.add_argument("--out", default="outputs/compare")
-    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    table, _ = compare_recipes(tuple(args.recipes), args.out, args.cfg_options)
-    print(table.to_string(index=False))
-    print(f"written: {args.out}/comparison.md, comparison.csv, comparison.png")

@@ -11,6 +11,9 @@
     workbench convert pth_to_hf CONFIG CKPT DIR
     workbench convert merge BASE ADAPTER DIR
     workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
+    workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
+    workbench compare [RECIPE ...]             train and compare recipes in one table
+    workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
     workbench prepare-model                    prepare the embedded base model (done by make setup)
 
 Known errors (bad config, bad data, missing model, unusable folder) print one
@@ -147,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_chat)
 
+    s = sub.add_parser("analyze", help="measure overfitting of a run, checkpoint by checkpoint",
+                       description="Identity hit rate (seen/unseen), leak rate, retention and collapse for the base model and each checkpoint.")
+    s.add_argument("work_dir")
+    s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
+                       description="Train (or reuse) each recipe on the same base model, analyze it, and write one comparison table and plot.")
+    s.add_argument("recipes", nargs="*", help="recipes or config files (default: the tutorial's and the mixed recipe)")
+    s.add_argument("--out", default="outputs/compare")
+    s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("run-notebooks", help="execute notebooks 01-07 headless (papermill)",
+                       description="Execute the notebook series in order; executed copies and figures go to an output folder.")
+    s.add_argument("--out", help="output folder (default: outputs/notebooks-<time>)")
+    s.add_argument("--smoke", action="store_true", help="tiny random model and a handful of steps")
+    s.set_defaults(func=cmd_run_notebooks)
+
     s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once).")
     s.add_argument("--force", action="store_true", help="convert again even if ready")
     s.set_defaults(func=cmd_prepare_model)
@@ -262,6 +285,32 @@ def cmd_chat(args) -> int:
             print()
         return 0
     chat_loop(model, builder, settings)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from workbench.analysis import analyze_run, load_probes, metrics_table, plot_run
+
+    run = analyze_run(args.work_dir, load_probes(args.probes), max_new_tokens=args.max_new_tokens)
+    print(metrics_table(run).to_string(index=False))
+    plot_run(run, Path(args.work_dir) / "analysis.png")
+    print(f"\n{run.diagnosis}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from workbench.analysis import COMPARE_RECIPES, compare_recipes
+
+    table, _ = compare_recipes(tuple(args.recipes or COMPARE_RECIPES), args.out, args.cfg_options)
+    print(table.to_string(index=False))
+    print(f"written: {args.out}/comparison.md, comparison.csv, comparison.png")
+    return 0
+
+
+def cmd_run_notebooks(args) -> int:
+    from workbench.notebooks import run_series
+
+    run_series(args.out, smoke=args.smoke)
     return 0
 
 

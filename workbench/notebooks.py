@@ -108,12 +108,3 @@ def strip_outputs(path: str | Path) -> bool:
         atomic_write_text(p, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return changed
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Execute notebooks 01-07 headless with papermill.")
-    parser.add_argument("--out", help="output folder (default: outputs/notebooks-<time>)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a handful of steps: a minute or two")
-    args = parser.parse_args()
-    run_series(args.out, smoke=args.smoke)

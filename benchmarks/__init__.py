@@ -1,0 +1,1 @@
+"""Benchmarks: the workbench's training path against a plain PEFT + Trainer script (see README.md)."""
