@@ -22,6 +22,7 @@ from pathlib import Path
 from workbench.config import PROJECT_ROOT, Config, DataSource, resolve_config
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
 SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat_compare", "07_overfitting")
 
 # Paths every run passes as absolute, so executed copies run from any folder (nbval re-runs them elsewhere).
@@ -69,7 +70,8 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
-                            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False)
+                            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False,
+                            execution_timeout=CELL_TIMEOUT_S)
         timings[name] = round(time.time() - t0, 1)
         n = extract_figures(out / f"{name}.ipynb", out / "figures")
         print(f"[{name}] done in {timings[name]} s, {n} figure(s)", flush=True)

@@ -60,15 +60,15 @@ class ConfigEditor:
                                  pack_to_max_length=self.pack.value, evaluation_inputs=inputs)
 
     def refresh(self) -> None:
-        self.yaml.clear_output()
+        # Widget state is set directly (no `with output:` capture), which also works headless.
+        self.yaml.outputs = ()
         try:
             text = config_to_yaml(self.config())
             self.error.value = ""
         except ValueError as e:
             self.error.value = f"<b style='color:#b00'>{e}</b>"
             return
-        with self.yaml:
-            print(text)
+        self.yaml.append_stdout(text)
 
     def widget(self):
         return W.VBox([W.HBox([self.method]), W.HBox([self.lora_r, self.lora_alpha]), W.HBox([self.lr, self.max_length]),
@@ -103,8 +103,7 @@ class LiveTrainingPlot:
 
     def on_eval(self, step: int, answers: list[dict]) -> None:
         rows = "".join(f"<tr><td>{a['question']}</td><td>{a['answer']}</td></tr>" for a in answers)
-        with self.answers:
-            display(HTML(f"<b>step {step}</b><table>{rows}</table>"))
+        self.answers.append_display_data(HTML(f"<b>step {step}</b><table>{rows}</table>"))
 
     def redraw(self) -> None:
         ax = self.ax
@@ -191,8 +190,7 @@ class ChatPanel:
         replies = {}
         for label, (model, builder) in self.models.items():
             out = self.outputs[label]
-            with out:
-                display(HTML(f"<b>you:</b> {text}"))
+            out.append_display_data(HTML(f"<b>you:</b> {text}"))
             stream = W.HTML(value=f"<b>{label}:</b> ")
             out.append_display_data(stream)
             reply = answer(model, builder, text, self.history[label], self.settings,
@@ -205,7 +203,7 @@ class ChatPanel:
     def clear(self) -> None:
         for label in self.models:
             self.history[label] = []
-            self.outputs[label].clear_output()
+            self.outputs[label].outputs = ()
 
     def widget(self):
         columns = [W.VBox([W.HTML(f"<b>{k}</b>"), o]) for k, o in self.outputs.items()]

@@ -1,0 +1,66 @@
+"""Notebook widgets work when used: edits change the config, Send/Clear drive the models, the plot follows training."""
+import pytest
+
+from workbench.config import load_recipe
+from workbench.models import TINY_MODEL, load_model, load_tokenizer
+from workbench.prompt import PromptBuilder
+from workbench.widgets import ChatPanel, ConfigEditor, LiveTrainingPlot, checkpoint_picker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def shown_text(output_widget) -> str:
+    return "".join(o.get("text", "") + str(o.get("data", "")) for o in output_widget.outputs)
+
+
+def test_config_editor_defaults_to_the_config_and_follows_edits():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    editor = ConfigEditor(cfg)
+    assert editor.config() == cfg
+    editor.method.value = "qlora"
+    editor.lora_r.value = 16
+    editor.eval_inputs.value = "Who are you?\n\nWhat is 2+2?\n"
+    edited = editor.config()
+    assert (edited.method, edited.lora_r, edited.evaluation_inputs) == ("qlora", 16, ["Who are you?", "What is 2+2?"])
+    assert "method: qlora" in shown_text(editor.yaml), "the YAML view follows the widgets"
+    editor.max_steps.value = 0  # 0 means "use epochs" ...
+    editor.max_epochs.value = 0  # ... and zero epochs is not a run
+    assert "max_epochs" in editor.error.value, "an invalid edit shows the validation message"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_model(TINY_MODEL), PromptBuilder(load_tokenizer(TINY_MODEL))
+
+
+def test_chat_panel_send_and_clear(pair):
+    panel = ChatPanel({"base": pair, "tuned": pair})
+    panel.max_new_tokens.value = 8
+    panel.text.value = "Who are you?"
+    panel.send_button.click()  # what a student's click does
+    assert [len(h) for h in panel.history.values()] == [1, 1]
+    assert all("Who are you?" in shown_text(o) for o in panel.outputs.values())
+    assert panel.text.value == "", "the text box is emptied after sending"
+    assert panel.settings.max_new_tokens == 8
+    panel.clear_button.click()
+    assert panel.history == {"base": [], "tuned": []} and all(o.outputs == () for o in panel.outputs.values())
+
+
+def test_live_plot_follows_training():
+    live = LiveTrainingPlot(total_steps=4, every=1)
+    for step in range(1, 5):
+        live.on_log({"step": step, "loss": 5.0 / step, "tokens_per_s": 100.0})
+    line = live.ax.lines[0]
+    assert list(line.get_xdata()) == [1, 2, 3, 4] and line.get_ydata()[-1] == pytest.approx(1.25)
+    live.on_eval(4, [{"question": "Who are you?", "answer": "Nova"}])
+    assert "Nova" in shown_text(live.answers)
+
+
+def test_checkpoint_picker_defaults_to_the_last(tmp_path):
+    for n in (2, 10):
+        (tmp_path / f"iter_{n}").mkdir()
+        (tmp_path / f"iter_{n}" / "state.json").write_text("{}")
+    assert checkpoint_picker(tmp_path).label == "iter_10"
+    assert checkpoint_picker(tmp_path, "iter_2").label == "iter_2"
+    with pytest.raises(FileNotFoundError, match="train first"):
+        checkpoint_picker(tmp_path / "nothing")
