@@ -315,18 +315,21 @@ def recommend(reports: list[ModelReport]) -> ModelReport:
 def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport) -> str:
     """A few sentences a student can act on."""
     final = reports[-1]
-    n_general = sum(1 for r in final.answers if r["kind"] == "general")
-    n_leaks = sum(1 for r in final.answers if r["kind"] == "general" and mentions_identity(r["answer"], cfg.assistant_name, cfg.owner_name))
+    leaks = {lang: [mentions_identity(r["answer"], cfg.assistant_name, cfg.owner_name)
+                    for r in final.answers if r["kind"] == "general" and r["lang"] == lang] for lang in LANGS}
+    n_leaks, n_general = sum(sum(v) for v in leaks.values()), sum(len(v) for v in leaks.values())
+    per_lang = ", ".join(f"{lang.upper()} {sum(v)}/{len(v)}" for lang, v in leaks.items() if v)
     hit = final.hit_unseen.get("en", float("nan"))
     lines = [f"Final checkpoint ({final.label}): states the identity on {hit:.0%} of unseen English identity questions "
              f"({final.hit_unseen.get('zh', float('nan')):.0%} in Chinese); answers {n_leaks} of {n_general} general "
-             f"questions with its identity; {final.distinct} distinct answers to {final.n_probes} probes; "
+             f"questions with its identity ({per_lang}); {final.distinct} distinct answers to {final.n_probes} probes; "
              f"retention {final.retention:.2f}."]
+    mixed = any(not (s.generate or "").startswith("identity") for s in cfg.datasets)
     if final.overall("leak") >= 0.3 or final.distinct <= final.n_probes // 4:
-        verdict = "Overfit: the identity has leaked into everyday answers."
         cure = f"use {best.label}" if best is not final and best.step > 0 else "train fewer steps"
-        lines.append(f"{verdict} Remedy: {cure}, or the mixed recipe (smollm2_135m_lora_identity_mixed_cpu), "
-                     "which mixes general conversations into training.")
+        more = ("mix in more general conversations in the leaking language" if mixed else
+                "or the mixed recipe (smollm2_135m_lora_identity_mixed_cpu), which mixes general conversations into training")
+        lines.append(f"Overfit: the identity has leaked into everyday answers. Remedy: {cure}, {more}.")
     elif hit < 0.5:
         lines.append("Under-trained: the identity is not learned yet on unseen questions. Train longer or raise lr.")
     else:
