@@ -40,8 +40,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bench_config, finish_result, run_header, runner_parser, sample_stream,  # noqa: E402
-                               set_threads, step_record, with_system, write_result)
+from benchmarks.common import (step_record, with_system, run_main)  # noqa: E402
 
 IGNORE = -100
 
@@ -194,20 +193,7 @@ def train_baseline(cfg, args, stream: list) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = runner_parser(__doc__.splitlines()[0]).parse_args(argv)
-    set_threads(args.threads)
-    cfg = bench_config(args.config, args.model, args.method, args.steps)
-    stream = sample_stream(cfg, args.steps * args.batch_size)
-    steps, extra = train_baseline(cfg, args, stream)
-    if len(steps) != args.steps:
-        raise RuntimeError(f"expected {args.steps} logged steps, got {len(steps)}")
-    header = run_header("baseline", cfg, args, extra.pop("device"), extra.pop("dtype"))
-    result = finish_result(header, steps, extra, STARTED)
-    write_result(args.out, result)
-    s = result["summary"]
-    print(f"baseline {cfg.name} {cfg.method}: {s['tokens_per_s']:.0f} real tokens/s, {s['step_time_s']:.2f} s/step, "
-          f"final loss {s['final_loss']:.4f}, peak RSS {result['peak_rss_mib']:.0f} MiB -> {args.out}")
-    return 0
+    return run_main("baseline", train_baseline, __doc__.splitlines()[0], STARTED, argv)
 
 
 if __name__ == "__main__":

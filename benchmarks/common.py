@@ -177,3 +177,21 @@ def write_result(path: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def run_main(side: str, train_fn, description: str, started: float, argv: list[str] | None = None) -> int:
+    """One measured run of `side` ("workbench" or "baseline"): parse, train, summarise, write the result JSON."""
+    args = runner_parser(description).parse_args(argv)
+    set_threads(args.threads)
+    cfg = bench_config(args.config, args.model, args.method, args.steps)
+    stream = sample_stream(cfg, args.steps * args.batch_size)
+    steps, extra = train_fn(cfg, args, stream)
+    if len(steps) != args.steps:
+        raise RuntimeError(f"expected {args.steps} logged steps, got {len(steps)}")
+    header = run_header(side, cfg, args, extra.pop("device"), extra.pop("dtype"))
+    result = finish_result(header, steps, extra, started)
+    write_result(args.out, result)
+    s = result["summary"]
+    print(f"{side} {cfg.name} {cfg.method}: {s['tokens_per_s']:.0f} real tokens/s, {s['step_time_s']:.2f} s/step, "
+          f"final loss {s['final_loss']:.4f}, peak RSS {result['peak_rss_mib']:.0f} MiB -> {args.out}")
+    return 0
