@@ -304,7 +304,7 @@ class TrainLoop:
         """
         if self.strategy.kind == "deepspeed":
             self.acc.sync_gradients = last
-        return self.acc.no_sync(self.model) if not last and self.acc.num_processes > 1 else _nullcontext()
+        return self.acc.no_sync(self.model) if not last and self.acc.num_processes > 1 else contextlib.nullcontext()
 
     def _loss_scale(self) -> float:
         """Undo the averaging the libraries do, so each process adds its share of the step's token sum.
@@ -472,13 +472,6 @@ def _print_eval(step: int, out: list[dict]) -> None:
     lines = [f"[eval @ step {step}]"] + [f"  Q: {r['question']}\n  A: {r['answer']}" for r in out]
     tqdm.write("\n".join(lines))
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------
