@@ -90,7 +90,7 @@ class CountingCollator:
 # ---------------------------------------------------------------------------
 # Model (tutorial step 3)
 # ---------------------------------------------------------------------------
-def load_base_model(path: str, method: str, dtype, device):
+def load_base_model(path: str, method: str, dtype, device, checkpointing: bool = False):
     """The base model (4-bit NF4 for QLoRA) and its memory footprint in bytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -104,7 +104,9 @@ def load_base_model(path: str, method: str, dtype, device):
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    if checkpointing:
+        model.enable_input_require_grads()  # as the tutorial does, for checkpointing through a frozen embedding
     return model, base_bytes
 
 
@@ -131,7 +133,8 @@ def training_arguments(cfg, args, out_dir: str, device, dtype):
         adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], max_grad_norm=cfg.max_norm, seed=cfg.seed,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
         bf16=half and dtype == torch.bfloat16, fp16=half and dtype == torch.float16,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True)
+        train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def step_timer():
@@ -176,7 +179,7 @@ def train_baseline(cfg, args, stream: list) -> tuple[list[dict], dict]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = tokenized_dataset(stream, tokenizer, cfg.system, cfg.max_length)
-    model, base_bytes = load_base_model(path, cfg.method, dtype, device)
+    model, base_bytes = load_base_model(path, cfg.method, dtype, device, cfg.gradient_checkpointing)
     model = add_lora(model, cfg)
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
     timer = step_timer()

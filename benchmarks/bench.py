@@ -3,10 +3,14 @@
     .venv/bin/python benchmarks/bench.py [--steps 12 --repeats 2 --datasets mixed,tutorial --methods lora,qlora]
 
 For every data set it runs the workbench (A, `run_workbench.py`) and the
-baseline (B, `baseline_peft.py`) in alternation, A B A B, each in a fresh
-process, on the same base model, samples, LoRA settings, samples per step and
-number of steps. QLoRA runs once per side (A B) on the first data set, to
-compare the memory of the loaded base model and the speed. It also measures
+baseline (B, `baseline_peft.py`: the tutorial's script as written, gradient
+checkpointing on) in alternation, A B A B, each in a fresh process, on the
+same base model, samples, LoRA settings, samples per step and number of steps.
+On the first data set a reference side C runs too (the baseline with
+checkpointing off: A B C A B C), which splits the speed-up into what
+checkpointing costs and what packing and the fast path gain. QLoRA runs once
+per side (A B) on the first data set, to compare the memory of the loaded base
+model and the speed. It also measures
 this machine's matmul throughput (before and after the runs) and turns the
 real tokens per second into achieved FLOP/s (4 x parameters per token for
 LoRA/QLoRA) as a share of it.
@@ -37,7 +41,22 @@ from benchmarks.common import DEFAULT_MODEL, ROOT, bench_config, check_stream, s
 
 HERE = Path(__file__).resolve().parent
 DATASETS = {"mixed": "smollm2_135m_lora_identity_mixed_cpu", "tutorial": "smollm2_135m_lora_identity_tutorial"}
-SIDES = {"workbench": HERE / "run_workbench.py", "baseline": HERE / "baseline_peft.py"}
+
+
+@dataclass(frozen=True)
+class Side:
+    script: str
+    args: tuple[str, ...]
+    label: str
+
+
+SIDES = {
+    "workbench": Side("run_workbench.py", (), "the workbench's default training path"),
+    "baseline": Side("baseline_peft.py", ("--gradient-checkpointing",),
+                     "the tutorial's PEFT + Trainer script as written (gradient checkpointing on)"),
+    "baseline_no_ckpt": Side("baseline_peft.py", (), "reference: the same script with gradient checkpointing off"),
+}
+REFERENCE = "baseline_no_ckpt"
 TARGET_SPEEDUP = 2.5
 TARGET_MATMUL_SHARE = 0.40
 LOSS_NOISE_FLOOR = 0.01  # final losses closer than this are equal for any practical purpose
@@ -64,7 +83,7 @@ class Job:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model for every run (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps of every LoRA run")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps of every LoRA run (16: the tutorial data reaches the loss threshold)")
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per data set (LoRA)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step, on both sides")
     p.add_argument("--datasets", default="mixed,tutorial",
@@ -74,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qlora-repeats", type=int, default=1, help="A B pairs for QLoRA")
     p.add_argument("--threshold", type=float, default=0.7, help="time to identity: first step whose training loss is below this")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads in every run (0: torch's default)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="leave out the reference side (the baseline with checkpointing off) on the first data set")
     p.add_argument("--matmul-seconds", type=float, default=2.0, help="length of each matmul throughput measurement")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for RESULTS.md, results.json and runs/")
     args = p.parse_args(argv)
@@ -104,7 +125,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     opts = ["--model", args.model, "--steps", args.steps, "--repeats", args.repeats, "--batch-size", args.batch_size,
             "--datasets", args.datasets, "--methods", args.methods, "--qlora-steps", args.qlora_steps,
             "--qlora-repeats", args.qlora_repeats, "--threshold", args.threshold, "--threads", args.threads,
-            "--matmul-seconds", args.matmul_seconds]
+            "--matmul-seconds", args.matmul_seconds] + (["--no-reference"] if args.no_reference else [])
     return ".venv/bin/python benchmarks/bench.py " + " ".join(shlex.quote(str(o)) for o in opts)
 
 
@@ -112,23 +133,26 @@ def reproduce_command(args: argparse.Namespace) -> str:
 # Jobs
 # ---------------------------------------------------------------------------
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
-    """LoRA: A B A B per data set; then QLoRA: A B on the first data set."""
+    """LoRA: A B (C) A B (C) per data set, C on the first one; then QLoRA: A B on the first data set."""
+    pair = ["workbench", "baseline"]
     jobs = []
     if "lora" in args.method_list:
-        for name, config in args.dataset_specs:
-            jobs += [Job(name, config, "lora", args.steps, r, side) for r in range(args.repeats) for side in SIDES]
+        for i, (name, config) in enumerate(args.dataset_specs):
+            sides = pair + [REFERENCE] if i == 0 and not args.no_reference else pair
+            jobs += [Job(name, config, "lora", args.steps, r, side) for r in range(args.repeats) for side in sides]
     if "qlora" in args.method_list:
         name, config = args.dataset_specs[0]
-        jobs += [Job(name, config, "qlora", args.qlora_steps, r, side) for r in range(args.qlora_repeats) for side in SIDES]
+        jobs += [Job(name, config, "qlora", args.qlora_steps, r, side) for r in range(args.qlora_repeats) for side in pair]
     return jobs
 
 
 def run_job(job: Job, args: argparse.Namespace, runs_dir: Path) -> dict:
     """One run in a fresh process; its result JSON (raises with the log's tail when it fails)."""
     out, log = runs_dir / f"{job.name}.json", runs_dir / f"{job.name}.log"
-    cmd = [sys.executable, str(SIDES[job.side]), "--config", job.config, "--model", args.model, "--method", job.method,
+    side = SIDES[job.side]
+    cmd = [sys.executable, str(HERE / side.script), "--config", job.config, "--model", args.model, "--method", job.method,
            "--steps", str(job.steps), "--batch-size", str(args.batch_size), "--threshold", str(args.threshold),
-           "--threads", str(args.threads), "--out", str(out)]
+           "--threads", str(args.threads), *side.args, "--out", str(out)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     with log.open("w", encoding="utf-8") as f:
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
@@ -269,21 +293,25 @@ def loss_comparison(wb: dict, base: dict) -> dict:
 
 
 def summarize_all(results: list[dict], flops: dict, gflops: float) -> dict:
-    """{dataset/method: {workbench, baseline, ratio, loss, matmul share of each side}}."""
+    """{dataset/method: {sides: {name: summary}, ratio, loss, and the reference's ratio where it ran}}."""
     out = {}
     keys = dict.fromkeys((r["job"]["dataset"], r["job"]["method"]) for r in results)
     for dataset, method in keys:
         runs = {side: [r for r in results if r["job"]["dataset"] == dataset and r["job"]["method"] == method
                        and r["job"]["side"] == side] for side in SIDES}
-        if not all(runs.values()):
+        runs = {side: rs for side, rs in runs.items() if rs}
+        if not {"workbench", "baseline"} <= set(runs):
             continue
         sides = {side: group_summary(rs) for side, rs in runs.items()}
         for s in sides.values():
             s["achieved_gflops"] = flops["flops_per_token"] * s["tokens_per_s"] / 1e9
             s["matmul_share"] = s["achieved_gflops"] / gflops
-        out[f"{dataset}/{method}"] = {"dataset": dataset, "method": method, "config": runs["workbench"][0]["config"],
-                                      **sides, "ratio": pair_ratios(runs["workbench"], runs["baseline"]),
-                                      "loss": loss_comparison(sides["workbench"], sides["baseline"])}
+        entry = {"dataset": dataset, "method": method, "config": runs["workbench"][0]["config"], "sides": sides,
+                 "ratio": pair_ratios(runs["workbench"], runs["baseline"]),
+                 "loss": loss_comparison(sides["workbench"], sides["baseline"])}
+        if REFERENCE in runs:
+            entry["reference_ratio"] = pair_ratios(runs["workbench"], runs[REFERENCE])
+        out[f"{dataset}/{method}"] = entry
     return out
 
 
@@ -292,7 +320,7 @@ def targets(summary: dict, first_dataset: str) -> list[dict]:
     main = summary.get(f"{first_dataset}/lora")
     if not main:
         return []
-    speed, loss, share = main["ratio"]["tokens_per_s"], main["loss"], main["workbench"]["matmul_share"]
+    speed, loss, share = main["ratio"]["tokens_per_s"], main["loss"], main["sides"]["workbench"]["matmul_share"]
     return [
         {"target": f"workbench >= {TARGET_SPEEDUP}x baseline real tokens/s ({first_dataset}, LoRA)",
          "measured": f"{speed:.2f}x", "met": speed >= TARGET_SPEEDUP},
@@ -333,13 +361,22 @@ def pair_table(entry: dict, threshold: float) -> list[str]:
     head = ["side", "real tokens/s", "s/step", "samples/step", "real tokens/step", "computed tokens/step",
             f"time to loss < {threshold:g}", "final loss", "peak RSS MiB", "peak GPU MiB",
             "achieved GFLOP/s (of matmul)", "setup s"]
-    return [f"### {entry['dataset']} ({entry['config']}), {entry['method']}", "",
-            "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            side_row("workbench", entry["workbench"]), side_row("baseline", entry["baseline"]), "",
-            f"workbench / baseline real tokens/s: **{r['tokens_per_s']:.2f}x** (median; each pair: {each}); "
-            f"baseline / workbench time per step {r['step_time_base_over_wb']:.2f}x; peak RSS ratio {r['peak_rss']:.2f}; "
-            f"final loss difference {entry['loss']['difference']:+.4f} (noise {entry['loss']['noise']:.4f}, "
-            f"{'within' if entry['loss']['within_noise'] else 'NOT within'} noise).", ""]
+    lines = [f"### {entry['dataset']} ({entry['config']}), {entry['method']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [side_row(SIDE_NAMES[name], s) for name, s in entry["sides"].items()]
+    lines += ["", f"workbench / baseline real tokens/s: **{r['tokens_per_s']:.2f}x** (median; each pair: {each}); "
+              f"baseline / workbench time per step {r['step_time_base_over_wb']:.2f}x; peak RSS ratio {r['peak_rss']:.2f}; "
+              f"final loss difference {entry['loss']['difference']:+.4f} (noise {entry['loss']['noise']:.4f}, "
+              f"{'within' if entry['loss']['within_noise'] else 'NOT within'} noise)."]
+    if "reference_ratio" in entry:
+        ref = entry["reference_ratio"]
+        lines += ["", f"Against the reference (the same script with checkpointing off): **{ref['tokens_per_s']:.2f}x** "
+                  f"(each: {', '.join(f'{x:.2f}x' for x in ref['tokens_per_s_each'])}); peak RSS ratio {ref['peak_rss']:.2f}. "
+                  "The rest of the speed-up is what the tutorial's checkpointing costs."]
+    return lines + [""]
+
+
+SIDE_NAMES = {"workbench": "workbench", "baseline": "baseline", REFERENCE: "baseline, no checkpointing"}
 
 
 def memory_table(summary: dict) -> list[str]:
@@ -348,9 +385,8 @@ def memory_table(summary: dict) -> list[str]:
             "trainable params"]
     lines = ["## Base model memory: LoRA vs QLoRA", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in rows:
-        for side in SIDES:
-            s = e[side]
-            lines.append("| " + " | ".join([e["dataset"], e["method"], side, fmt(s["base_model_mib"]),
+        for side, s in e["sides"].items():
+            lines.append("| " + " | ".join([e["dataset"], e["method"], SIDE_NAMES[side], fmt(s["base_model_mib"]),
                                             fmt(s["tokens_per_s"], ".0f"), fmt(s["peak_rss_mib"], ".0f"),
                                             fmt(s["peak_gpu_mib"], ".0f"), f"{s['trainable_params']:,}"]) + " |")
     return lines + ["", "Base model memory is `model.get_memory_footprint()` right after loading (weights and buffers)."
@@ -402,6 +438,10 @@ def render_markdown(report: dict) -> str:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
         lines += ["", "The targets are meant for a quiet machine; a busy one lowers both sides' rates and the matmul share.", ""]
+    lines += ["## Sides", "", "| side | what runs |", "|---|---|"]
+    lines += [f"| {SIDE_NAMES[name]} | {side['label']} (`{' '.join([side['script'], *side['args']])}`) |"
+              for name, side in st["sides"].items()]
+    lines += ["", "Both baseline sides are the same script; only the tutorial's `gradient_checkpointing=True` differs.", ""]
     lines += ["## Workbench (A) vs baseline (B)", ""]
     for entry in sorted(report["summary"].values(), key=lambda e: e["method"] != "lora"):
         lines += pair_table(entry, st["threshold"])
@@ -453,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     flops = flops_per_token(args)
     summary = summarize_all(results, flops, matmul["gflops"])
     settings = {k: getattr(args, k) for k in ("model", "steps", "repeats", "batch_size", "datasets", "methods",
-                                              "qlora_steps", "qlora_repeats", "threshold", "threads")}
+                                              "qlora_steps", "qlora_repeats", "threshold", "threads", "no_reference")}
+    settings["sides"] = {name: {"script": side.script, "args": list(side.args), "label": side.label}
+                         for name, side in SIDES.items()}
     report = {"command": reproduce_command(args), "finished": dt.datetime.now().isoformat(timespec="seconds"),
               "wall_minutes": (time.perf_counter() - started) / 60, "settings": settings, "machine": machine,
               "matmul": matmul, "flops": flops, "summary": summary,

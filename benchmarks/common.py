@@ -43,17 +43,23 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step (the same on both sides)")
     p.add_argument("--threshold", type=float, default=0.7, help="time to identity: first step whose training loss is below this")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (the tutorial's TrainingArguments set it)")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="workbench: transformers' and peft's plain attention and dropout (config fast_path: false)")
     p.add_argument("--out", required=True, help="result JSON to write")
     return p
 
 
-def bench_config(config: str, model: str | None = None, method: str = "lora", steps: int = 12):
+def bench_config(config: str, model: str | None = None, method: str = "lora", steps: int = 12,
+                 gradient_checkpointing: bool = False, fast_path: bool = True):
     """The recipe with the benchmark's settings: no evaluation, no checkpoints but the last, one row per step."""
     from workbench.config import resolve_config
 
     cfg = resolve_config(config)
     changes = dict(method=method, max_steps=steps, batch_size=1, accumulative_counts=1, evaluation_freq=0,
-                   save_steps=10**9, save_total_limit=1, logging_steps=1, gradient_checkpointing=False)
+                   save_steps=10**9, save_total_limit=1, logging_steps=1, gradient_checkpointing=gradient_checkpointing,
+                   fast_path=fast_path)
     if model:
         changes["pretrained_model_name_or_path"] = model
     return cfg.replace(**changes)
@@ -183,7 +189,8 @@ def run_main(side: str, train_fn, description: str, started: float, argv: list[s
     """One measured run of `side` ("workbench" or "baseline"): parse, train, summarise, write the result JSON."""
     args = runner_parser(description).parse_args(argv)
     set_threads(args.threads)
-    cfg = bench_config(args.config, args.model, args.method, args.steps)
+    cfg = bench_config(args.config, args.model, args.method, args.steps, args.gradient_checkpointing,
+                       not args.no_fast_path)
     stream = sample_stream(cfg, args.steps * args.batch_size)
     steps, extra = train_fn(cfg, args, stream)
     if len(steps) != args.steps:

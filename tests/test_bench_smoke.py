@@ -60,14 +60,15 @@ def test_results_markdown_has_rows_and_columns(bench_out):
                    "time to loss < 0.7", "final loss", "peak RSS MiB", "achieved GFLOP/s", "base model in memory MiB"):
         assert column in md
     assert md.count("| workbench |") >= 3 and md.count("| baseline |") >= 3
-    assert "workbench / baseline real tokens/s" in md
+    assert md.count("| baseline, no checkpointing |") >= 1 and "## Sides" in md
+    assert "workbench / baseline real tokens/s" in md and "Against the reference" in md
     assert "benchmarks/bench.py --model embedded:tiny-random --steps 2" in md
     assert "CPU" in md and "torch threads" in md
 
 
 def test_every_run_is_there_and_sane(report):
     jobs = [(r["job"]["dataset"], r["job"]["method"], r["job"]["side"]) for r in report["runs"]]
-    assert jobs == [("mixed", "lora", "workbench"), ("mixed", "lora", "baseline"),
+    assert jobs == [("mixed", "lora", "workbench"), ("mixed", "lora", "baseline"), ("mixed", "lora", "baseline_no_ckpt"),
                     ("tutorial", "lora", "workbench"), ("tutorial", "lora", "baseline"),
                     ("mixed", "qlora", "workbench"), ("mixed", "qlora", "baseline")]
     for run in report["runs"]:
@@ -90,6 +91,9 @@ def test_both_sides_train_the_same_samples_and_tokens(report):
             assert (a["samples"], a["tokens"], a["trained_tokens"]) == (b["samples"], b["tokens"], b["trained_tokens"])
             assert a["positions"] == a["tokens"] <= b["positions"]
         assert wb["steps_log"][0]["loss"] == pytest.approx(base["steps_log"][0]["loss"], rel=1e-4)
+    ref, base = runs["mixed", "lora", "baseline_no_ckpt"], runs["mixed", "lora", "baseline"]
+    for a, b in zip(ref["steps_log"], base["steps_log"]):  # checkpointing recomputes, it does not change the maths
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert wb["trainable_params"] == base["trainable_params"]
     mixed = runs["mixed", "lora", "baseline"]["summary"]
     assert mixed["padding_share"] > 0.05  # varied lengths: the baseline computes padding
@@ -98,8 +102,20 @@ def test_both_sides_train_the_same_samples_and_tokens(report):
 def test_qlora_base_is_smaller(report):
     s = report["summary"]
     for side in ("workbench", "baseline"):
-        assert s["mixed/qlora"][side]["base_model_mib"] < s["mixed/lora"][side]["base_model_mib"]
+        assert s["mixed/qlora"]["sides"][side]["base_model_mib"] < s["mixed/lora"]["sides"][side]["base_model_mib"]
 
 
 def test_smoke_is_quick(bench_out):
     assert bench_out[1] < 120, f"the benchmark smoke took {bench_out[1]:.0f} s"
+
+
+def test_profile_step_prints_where_the_time_goes():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--model", "embedded:tiny-random",
+           "--config", "smollm2_135m_lora_identity_tutorial", "--repeats", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("| matmul: base weights |", "| matmul: LoRA (rank r) |", "| matmul: output head |", "| attention |",
+                "| dropout |", "| softmax + cross-entropy |", "| **total** |"):
+        assert row in out
+    assert "workbench, plain path ms (share)" in out and "top operators, baseline" in out

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from workbench import fastpath
 from workbench.config import Config, load_config, save_config
 from workbench.io import atomic_dir, folder_is_nonempty
 from workbench.prompt import PROMPT_FILE, PromptBuilder
@@ -41,6 +42,7 @@ def export_trained(model, builder: PromptBuilder, cfg: Config, save_dir: str | o
     dtype = torch.float32 if fp32 else torch.float16
     with atomic_dir(save_dir, overwrite=overwrite) as tmp:
         if cfg.method == "full":
+            fastpath.disable_packed_attention(model)  # the saved config names a standard attention
             state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
             model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
         else:

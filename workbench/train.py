@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from workbench import fastpath
 from workbench.config import Config, ConfigError, save_config
 from workbench.io import append_jsonl, atomic_dir, atomic_write_jsonl, atomic_write_text, read_jsonl
 from workbench.packing import StepPlan, collate, pack, row_length, row_trained_tokens, unpacked
@@ -88,7 +89,7 @@ def train(cfg: Config, work_dir: str | os.PathLike | None = None, resume: bool |
         print(fallback_note(strategy))
     set_seed(cfg.seed)
     tokenizer, builder, rows = prepare_data(cfg, work, accelerator.is_main_process)
-    model = build_model(cfg, accelerator.device)
+    model = build_model(cfg, accelerator.device, strategy)
     optimizer, scheduler, plan = make_optimizer(cfg, model, rows, accelerator.num_processes)
     if start_ckpt:
         check_same_plan(start_ckpt, plan)
@@ -195,7 +196,7 @@ def prepare_data(cfg: Config, work: Path, is_main: bool):
     return tokenizer, builder, rows
 
 
-def build_model(cfg: Config, device: torch.device):
+def build_model(cfg: Config, device: torch.device, strategy=None):
     """The base model, with LoRA adapters for lora/qlora; only the weights to train have requires_grad."""
     from workbench.models import load_model
 
@@ -206,7 +207,7 @@ def build_model(cfg: Config, device: torch.device):
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
+        return with_fast_path(model, cfg, strategy)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
@@ -216,7 +217,21 @@ def build_model(cfg: Config, device: torch.device):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(cfg))
+    return with_fast_path(get_peft_model(model, lora_config(cfg)), cfg, strategy)
+
+
+def with_fast_path(model, cfg: Config, strategy=None):
+    """The speed-ups of workbench/fastpath.py, unless cfg.fast_path is off.
+
+    The lean LoRA forward reads the weights directly, so it is left out where each
+    process holds only a shard of them (ZeRO-3, FSDP gather weights in module hooks).
+    """
+    if cfg.fast_path:
+        fastpath.enable_packed_attention(model)
+        fastpath.use_fast_lora_dropout(model)
+        if strategy is None or not strategy.shards_weights:
+            fastpath.use_lean_lora_forward(model)
+    return model
 
 
 def keep_4bit_trainable(model) -> None:
@@ -457,6 +472,8 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 def _forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     """Logits at positions `keep` (models without `logits_to_keep` compute all and are sliced)."""
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if fastpath.uses_packed_attention(model):
+        kwargs.update(fastpath.packed_kwargs(batch["position_ids"]))
     if getattr(model, "_wb_no_logits_to_keep", False):
         return model(**kwargs).logits[:, keep]
     try:

@@ -1,0 +1,204 @@
+"""The training fast path (workbench/fastpath.py) computes the same thing as the plain path.
+
+Packed attention: same loss and same gradients as transformers' masked SDPA on a
+packed batch with several rows and padding, generation unchanged; fast LoRA
+dropout: an inverted dropout with the right rate, scale, mean and gradient.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from workbench import fastpath
+from workbench.config import Config
+from workbench.models import TINY_MODEL, load_model, load_tokenizer
+from workbench.packing import collate, pack
+from workbench.prompt import PromptBuilder
+from workbench.train import build_model, token_loss_sum, trainable_state_dict
+
+QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
+      ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
+      ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")]
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return PromptBuilder(load_tokenizer("embedded"))
+
+
+@pytest.fixture(scope="module")
+def batch(builder):
+    samples = [builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    rows = pack(samples, max_length=80)
+    assert len(rows) >= 2 and len({sum(len(s) for s in r) for r in rows}) > 1, "rows of different widths: padding"
+    assert max(len(r) for r in rows) >= 2, "a row with several conversations"
+    return collate(rows, builder.tokenizer.pad_token_id)
+
+
+def tiny_lora(fast: bool, dropout: float = 0.0):
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=dropout, fast_path=fast, device="cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # non-zero LoRA B, so the adapters take part in the gradients
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_attention_same_loss_and_gradients(batch, one_torch_thread):
+    plain, fast = tiny_lora(fast=False), tiny_lora(fast=True)
+    assert not fastpath.uses_packed_attention(plain) and fastpath.uses_packed_attention(fast)
+    loss_p, grads_p = loss_and_grads(plain, batch)
+    loss_f, grads_f = loss_and_grads(fast, batch)
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 0
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_packed_attention_equals_sdpa_per_conversation(builder, one_torch_thread):
+    """Each conversation of a packed row gets exactly the logits it gets alone."""
+    model = tiny_lora(fast=True)
+    samples = [builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA[:3]]
+    row = collate([samples], builder.tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                       **fastpath.packed_kwargs(row["position_ids"])).logits[0]
+        start = 0
+        for s in samples:
+            alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(s)], alone, rtol=1e-4, atol=1e-5)
+            start += len(s)
+
+
+def test_packed_kwargs_mark_every_conversation_and_the_padding(batch):
+    kw = fastpath.packed_kwargs(batch["position_ids"])
+    cu = kw["cu_seq_lens_q"].tolist()
+    flat = batch["position_ids"].reshape(-1).tolist()
+    assert cu[0] == 0 and cu[-1] == len(flat) and cu == sorted(set(cu))
+    assert all(flat[i] == 0 for i in cu[:-1])
+    assert kw["max_length_q"] == max(b - a for a, b in zip(cu, cu[1:]))
+    width = batch["position_ids"].shape[1]
+    assert all(a // width == (b - 1) // width for a, b in zip(cu, cu[1:])), "no segment crosses a row"
+
+
+def test_generation_is_unchanged_by_packed_attention(builder, one_torch_thread):
+    """Without segment boundaries the packed attention is transformers' SDPA, padding mask included."""
+    plain, fast = tiny_lora(fast=False).eval(), tiny_lora(fast=True).eval()
+    pad = builder.tokenizer.pad_token_id
+    ids = [builder.generation_prompt(q) for q in ("Hi", "Tell me a long story about a dragon.")]
+    width = max(map(len, ids))
+    enc = {"input_ids": torch.tensor([[pad] * (width - len(i)) + i for i in ids]),  # left-padded: the mask matters
+           "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])}
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        assert fast.generate(**enc, **kw).tolist() == plain.generate(**enc, **kw).tolist()
+
+
+def test_models_without_sdpa_keep_their_attention():
+    model = load_model(TINY_MODEL)
+    model.set_attn_implementation("eager")
+    assert fastpath.enable_packed_attention(model) is False
+    assert model.config._attn_implementation == "eager"
+    assert fastpath.enable_packed_attention(nn.Linear(2, 2)) is False
+
+
+def test_full_model_export_names_a_standard_attention(tmp_path, builder):
+    from workbench.convert import export_trained
+
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, method="full", device="cpu")
+    model = build_model(cfg, torch.device("cpu"))
+    assert fastpath.uses_packed_attention(model)
+    export_trained(model, builder, cfg, tmp_path / "out", fp32=True)
+    assert fastpath.PACKED_ATTENTION not in (tmp_path / "out" / "config.json").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Fast dropout
+# ---------------------------------------------------------------------------
+def test_fast_dropout_rate_scale_and_mean():
+    torch.manual_seed(0)
+    drop = fastpath.FastDropout(0.05).train()
+    assert drop.effective_p == pytest.approx(0.05, abs=1 / 32768)
+    x = torch.full((1000, 1001), 2.0)  # an odd element count: the last random word is cut
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    n = x.numel()
+    assert abs(dropped - drop.effective_p) < 5 * math.sqrt(drop.effective_p * (1 - drop.effective_p) / n)
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 * drop.scale))
+    assert y.mean().item() == pytest.approx(2.0, rel=3e-3)
+    # neighbouring elements (lanes of one random word) are independent
+    a, b = (y[:, 0:-1:2] == 0).float(), (y[:, 1::2] == 0).float()
+    assert (a * b).mean().item() == pytest.approx(dropped**2, abs=1e-3)
+
+
+def test_fast_dropout_gradient_is_the_mask():
+    torch.manual_seed(0)
+    drop = fastpath.FastDropout(0.2).train()
+    x = torch.randn(64, 96, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    expected = torch.where(y == 0, 0.0, drop.scale)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_fast_dropout_is_off_in_eval_and_for_p_zero():
+    x = torch.randn(8, 8)
+    assert fastpath.FastDropout(0.3).eval()(x) is x
+    assert fastpath.FastDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError):
+        fastpath.FastDropout(1.0)
+
+
+def test_fast_dropout_follows_the_seed():
+    drop = fastpath.FastDropout(0.1).train()
+    x = torch.ones(300, 7)
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)
+
+
+def test_lora_layers_get_fast_dropout_and_the_adapter_is_unchanged():
+    fast, plain = tiny_lora(fast=True, dropout=0.1), tiny_lora(fast=False, dropout=0.1)
+    fast_drops = [m for m in fast.modules() if isinstance(m, fastpath.FastDropout)]
+    plain_drops = [m for m in plain.modules() if isinstance(m, nn.Dropout) and m.p == 0.1]
+    assert len(fast_drops) == len(plain_drops) > 0 and all(d.p == 0.1 for d in fast_drops)
+    assert trainable_state_dict(fast).keys() == trainable_state_dict(plain).keys()
+
+
+# ---------------------------------------------------------------------------
+# Lean LoRA forward
+# ---------------------------------------------------------------------------
+def test_lean_lora_forward_same_output_and_gradients(batch, one_torch_thread):
+    model = tiny_lora(fast=False)
+    plain = loss_and_grads(model, batch)
+    assert fastpath.use_lean_lora_forward(model) == 14  # 2 layers x 7 linear modules
+    lean = loss_and_grads(model, batch)
+    assert lean[0] == pytest.approx(plain[0], rel=1e-6)
+    for k in plain[1]:
+        torch.testing.assert_close(lean[1][k], plain[1][k], rtol=1e-5, atol=1e-7, msg=k)
+    fastpath.use_peft_lora_forward(model)
+    assert not any("forward" in vars(m) for m in model.modules() if hasattr(m, "lora_A"))
+
+
+def test_lean_lora_forward_leaves_other_cases_to_peft(batch, one_torch_thread):
+    """Adapters disabled (the base model's answer) and merged weights go through peft's own forward."""
+    model = tiny_lora(fast=True).eval()
+    with torch.no_grad():
+        lean = model(input_ids=batch["input_ids"]).logits
+        with model.disable_adapter():
+            base_lean = model(input_ids=batch["input_ids"]).logits
+        fastpath.use_peft_lora_forward(model)
+        with model.disable_adapter():
+            base_plain = model(input_ids=batch["input_ids"]).logits
+        assert torch.equal(base_lean, base_plain) and not torch.allclose(lean, base_plain)
