@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DEFAULT_MODEL, ROOT, bench_config, check_stream, set_threads  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DATASETS = {"mixed": "smollm2_135m_lora_identity_mixed_cpu", "tutorial": "smollm2_135m_lora_identity_tutorial"}
+DATASETS = {"mixed": "smollm2_135m_lora_identity_mixed_cpu", "tutorial": "smollm2_135m_lora_identity_tutorial",
+            "default": "smollm2_135m_lora_identity_cpu"}
 
 
 @dataclass(frozen=True)
