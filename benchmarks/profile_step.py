@@ -33,22 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KINDS = ("matmul: base weights", "matmul: LoRA (rank r)", "matmul: output head", "attention", "dropout",
          "softmax + cross-entropy", "everything else")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
-DROPOUT = {"aten::bernoulli_", "aten::random_", "aten::bitwise_and_", "aten::lt", "aten::where", "aten::native_dropout"}
-SOFTMAX = {"aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward", "aten::nll_loss_backward"}
+DROPOUT = {"aten::bernoulli_", "aten::native_dropout",  # torch's dropout; FastDropout's draws and zeroing:
+           "aten::uniform_", "aten::log1p_", "aten::floor_", "aten::cumsum_", "aten::searchsorted",
+           "aten::_index_put_impl_", "_DropAt", "_DropAtBackward", "_DroppedLinear", "_DroppedLinearBackward"}
+SOFTMAX = {"aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward", "aten::nll_loss_backward",
+           "_CrossEntropySum", "_CrossEntropySumBackward"}
 
 
 def kind_of(name: str, shapes, rank: int, vocab: int) -> str:
+    dims = {d for shape in shapes if shape for d in shape}
     if name in MATMULS:
-        dims = {d for shape in shapes if shape for d in shape}
         if vocab in dims:
             return "matmul: output head"
         return "matmul: LoRA (rank r)" if rank in dims else "matmul: base weights"
+    if name in SOFTMAX or vocab in dims:  # any other pass over the (tokens x vocabulary) logits
+        return "softmax + cross-entropy"
     if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
     if name in DROPOUT:
         return "dropout"
-    if name in SOFTMAX:
-        return "softmax + cross-entropy"
     return "everything else"
 
 
@@ -97,9 +100,11 @@ def steps(cfg, batch_size: int, step: int):
             fastpath.enable_packed_attention(model)
             fastpath.use_fast_lora_dropout(model)
             fastpath.use_lean_lora_forward(model)
+            fastpath.use_fused_loss(model)
         else:
             fastpath.disable_packed_attention(model)
             fastpath.use_peft_lora_forward(model)
+            fastpath.stop_fused_loss(model)
             for d, k, plain in drops:
                 d[k] = plain
 

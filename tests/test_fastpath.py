@@ -2,12 +2,14 @@
 
 Packed attention: same loss and same gradients as transformers' masked SDPA on a
 packed batch with several rows and padding, generation unchanged; fast LoRA
-dropout: an inverted dropout with the right rate, scale, mean and gradient.
+dropout: an inverted dropout with the right rate, scale, mean and gradient; fused
+loss: torch's cross-entropy and its gradient.
 """
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench import fastpath
@@ -128,17 +130,46 @@ def test_full_model_export_names_a_standard_attention(tmp_path, builder):
 def test_fast_dropout_rate_scale_and_mean():
     torch.manual_seed(0)
     drop = fastpath.FastDropout(0.05).train()
-    assert drop.effective_p == pytest.approx(0.05, abs=1 / 32768)
-    x = torch.full((1000, 1001), 2.0)  # an odd element count: the last random word is cut
+    x = torch.full((1000, 1001), 2.0)
     y = drop(x)
     dropped = (y == 0).float().mean().item()
     n = x.numel()
-    assert abs(dropped - drop.effective_p) < 5 * math.sqrt(drop.effective_p * (1 - drop.effective_p) / n)
-    assert torch.allclose(y[y != 0], torch.tensor(2.0 * drop.scale))
+    assert abs(dropped - 0.05) < 5 * math.sqrt(0.05 * 0.95 / n)
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 / 0.95))
     assert y.mean().item() == pytest.approx(2.0, rel=3e-3)
-    # neighbouring elements (lanes of one random word) are independent
+    # neighbouring elements are independent
     a, b = (y[:, 0:-1:2] == 0).float(), (y[:, 1::2] == 0).float()
     assert (a * b).mean().item() == pytest.approx(dropped**2, abs=1e-3)
+
+
+def test_fast_dropout_gaps_are_geometric(monkeypatch):
+    """P(gap = k) = (1-p)^(k-1) p, also when the first batch of gaps falls short of n and more are drawn."""
+    p, n = 0.2, 400_000
+    monkeypatch.setattr(fastpath, "_GAP_HEADROOM", -0.9)  # draw about a tenth of the gaps at a time
+    torch.manual_seed(0)
+    idx = fastpath.FastDropout(p).dropped(n)
+    assert int(idx[-1]) < n and bool((idx[1:] > idx[:-1]).all())
+    assert abs(len(idx) / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    gaps = (idx[1:] - idx[:-1]).float()
+    for k in (1, 2, 5):
+        want = (1 - p) ** (k - 1) * p
+        assert (gaps == k).float().mean().item() == pytest.approx(want, abs=5 * math.sqrt(want / len(gaps)))
+
+
+def test_fast_dropout_linear_is_linear_of_the_dropout():
+    """`drop.linear(x, A)` (the sparse correction) equals `F.linear(drop(x), A)` with the same draw, gradients too."""
+    drop = fastpath.FastDropout(0.3).train()
+    torch.manual_seed(0)
+    x, a = torch.randn(2, 30, 48, requires_grad=True), torch.randn(8, 48, requires_grad=True)
+    torch.manual_seed(7)
+    fused = drop.linear(x, a)
+    torch.manual_seed(7)
+    plain = F.linear(drop(x), a)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(plain)
+    for got, want in zip(torch.autograd.grad(fused, (x, a), g), torch.autograd.grad(plain, (x, a), g)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(drop.eval().linear(x, a), F.linear(x, a))
 
 
 def test_fast_dropout_gradient_is_the_mask():
@@ -202,3 +233,41 @@ def test_lean_lora_forward_leaves_other_cases_to_peft(batch, one_torch_thread):
         with model.disable_adapter():
             base_plain = model(input_ids=batch["input_ids"]).logits
         assert torch.equal(base_lean, base_plain) and not torch.allclose(lean, base_plain)
+
+
+@pytest.mark.parametrize("rows, vocab", [(7, 11), (37, 1000)])
+def test_fused_cross_entropy_equals_torch(rows, vocab):
+    """Value and gradient, with ignored rows, an upstream gradient other than 1 and rows of large logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab) * 4
+    logits[1] += 80.0  # exp would overflow without the max shift
+    targets = torch.randint(0, vocab, (rows,))
+    targets[::3] = -100
+    plain, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    want = F.cross_entropy(plain, targets, ignore_index=-100, reduction="sum")
+    want.backward(torch.tensor(0.37))
+    got = fastpath.cross_entropy_sum(fused * 1.0, targets, ignore_index=-100)  # * 1.0: a non-leaf, as model logits are
+    got.backward(torch.tensor(0.37))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-5, atol=1e-6)  # softmax - 1 rounds differently
+    assert torch.all(fused.grad[::3] == 0)
+
+
+def test_fused_loss_same_loss_and_gradients_on_a_model(batch, one_torch_thread):
+    model = tiny_lora(fast=False)
+    plain = loss_and_grads(model, batch)
+    assert fastpath.use_fused_loss(model) and fastpath.uses_fused_loss(model)
+    fused = loss_and_grads(model, batch)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6)
+    for k in plain[1]:
+        torch.testing.assert_close(fused[1][k], plain[1][k], rtol=1e-4, atol=1e-6, msg=k)
+    fastpath.stop_fused_loss(model)
+    assert not fastpath.uses_fused_loss(model)
+
+
+def test_fused_loss_is_left_out_where_the_model_reuses_its_logits():
+    """Soft-capped logits (Gemma) are kept by tanh for its backward: the in-place gradient would corrupt them."""
+    model = tiny_lora(fast=False)
+    fastpath._transformers_model(model).config.final_logit_softcapping = 30.0
+    assert not fastpath.use_fused_loss(model) and not fastpath.uses_fused_loss(model)
+    assert fastpath.uses_fused_loss(tiny_lora(fast=True))

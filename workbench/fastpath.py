@@ -1,4 +1,4 @@
-"""Training speed-ups that keep the maths: attention per packed conversation, and a faster LoRA dropout.
+"""Training speed-ups that keep the maths: per-conversation attention, fast LoRA dropout and forward, a fused loss.
 
 Found by profiling one training step of the embedded model on a 2-core CPU
 (`benchmarks/README.md`, "Where the time goes"). Each is switched on by
@@ -17,31 +17,40 @@ Found by profiling one training step of the embedded model on a 2-core CPU
 
 * **Fast LoRA dropout** (`use_fast_lora_dropout`). peft draws one Bernoulli
   number per input element for each LoRA layer's dropout; on a CPU that RNG
-  took 13% of a step. `FastDropout` draws one 64-bit random word per four
-  elements and compares 15-bit lanes with the threshold: the same inverted
-  dropout (each element kept independently, kept values scaled by 1/(1-p)),
-  with p rounded to a multiple of 1/32768 (0.05 -> 0.04999). 3-4x faster on
-  CPU, and like torch's own dropout it keeps a one-byte mask for the backward.
-  On GPUs torch's fused dropout is already fast and is kept.
+  took 13% of a step. `FastDropout` draws only the positions it drops (the gaps
+  between them are geometric: about n * p random numbers, not n) and zeroes
+  them in a copy scaled by 1/(1-p): the same inverted dropout, each element
+  dropped independently with probability p. Inside the lean forward it keeps x
+  and the dropped positions for the backward, not the dropped copy (one x is
+  shared by the q, k and v adapters), and scales the rank-r side of the
+  products. On GPUs torch's fused dropout is already fast and is kept.
 
 * **Lean LoRA forward** (`use_lean_lora_forward`). peft computes a LoRA layer
   as `base(x) + B(A(dropout(x))) * scaling`: the rank-r product is written
   out, scaled in a second pass and added in a third (and the backward repeats
   the scaling). The lean forward adds the scaled product into the base output
-  inside one `addmm`. Same sum, fewer passes over the (tokens x out_features)
+  in place, inside one `addmm_`. Same sum, fewer passes over the (tokens x out_features)
   activations. Only for the plain case (one active adapter, no DoRA or other
   variant, not merged, float base layer, one dtype); anything else keeps
   peft's forward.
+
+* **Fused loss** (`cross_entropy_sum`, used by `train.token_loss_sum` when
+  `use_fused_loss` marked the model). torch's cross-entropy writes the
+  log-softmax of the (tokens x vocabulary) logits, a zero gradient of the same
+  size and the log-softmax gradient: three more such matrices per step. The fused
+  loss keeps only each row's log-sum-exp, and its backward turns the logits,
+  which nothing else needs any more, into the gradient in place.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PACKED_ATTENTION = "workbench_packed_sdpa"
-_LANE_BITS = 15
-_LANES = 1 << _LANE_BITS
+_GAP_HEADROOM = 8.0  # FastDropout draws the expected number of gaps plus this many standard deviations
 
 
 # ---------------------------------------------------------------------------
@@ -144,47 +153,107 @@ def _transformers_model(model):
 # Fast LoRA dropout
 # ---------------------------------------------------------------------------
 class FastDropout(nn.Module):
-    """Inverted dropout with 15-bit random lanes, four per 64-bit random word (see the module docstring)."""
+    """Inverted dropout that draws only the positions it drops (see the module docstring)."""
 
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout p must be in [0, 1), got {p}")
         self.p = p
-        self.threshold = round(p * _LANES)
-        self.scale = 1.0 / (1.0 - self.threshold / _LANES)
+        self.scale = 1.0 / (1.0 - p)
 
-    @property
-    def effective_p(self) -> float:
-        return self.threshold / _LANES
+    def _active(self, x: torch.Tensor) -> bool:
+        return self.training and self.p > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0:
+        if not self._active(x):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # [0, 2^63): 63 random bits each
-        lanes = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(_LANES - 1)
-        return _KeepAndScale.apply(x, lanes >= self.threshold, self.scale)
+        return _DropAt.apply(x, self.dropped(x.numel()), self.scale)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(self(x), weight)`, keeping x, not a dropped copy of it, for the backward (on a CPU)."""
+        if not self._active(x) or x.device.type != "cpu":
+            return F.linear(self(x), weight)
+        return _DroppedLinear.apply(x, weight, self.dropped(x.numel()), self.scale)
+
+    def dropped(self, n: int) -> torch.Tensor:
+        """Sorted flat indices of the dropped elements among n, each dropped independently with probability p.
+
+        The gaps between consecutive dropped positions of a Bernoulli(p) sequence are
+        independent Geometric(p) draws, floor(log(1 - U) / log(1 - p)) + 1 with U
+        uniform on [0, 1): about n * p random numbers instead of n, from torch's
+        seeded generator.
+        """
+        log_keep = math.log1p(-self.p)
+        parts, last = [], -1
+        while True:
+            expected = (n - 1 - last) * self.p
+            draws = max(16, int(expected + _GAP_HEADROOM * math.sqrt(expected) + 16))  # rarely too few: then loop
+            gaps = torch.rand(draws, dtype=torch.float64).neg_().log1p_().div_(log_keep).floor_().add_(1)
+            positions = gaps.cumsum_(0).add_(last).to(torch.int64)
+            if int(positions[-1]) >= n:
+                parts.append(positions[:int(torch.searchsorted(positions, n))])
+                return torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts.append(positions)
+            last = int(positions[-1])
 
     def extra_repr(self) -> str:
-        return f"p={self.p} (effective {self.effective_p:.5f})"
+        return f"p={self.p}"
 
 
-class _KeepAndScale(torch.autograd.Function):
-    """x where keep, times scale, else 0; saves only the boolean mask for the backward (1 byte per element)."""
+class _DropAt(torch.autograd.Function):
+    """x times scale, zero at the given flat indices; the backward does the same to the gradient."""
 
     @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
+    def forward(ctx, x, dropped, scale):
+        ctx.save_for_backward(dropped)
         ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
+        return _scaled_and_zeroed(x, dropped, scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+        (dropped,) = ctx.saved_tensors
+        return _scaled_and_zeroed(grad, dropped, ctx.scale), None, None
+
+
+def _scaled_and_zeroed(x: torch.Tensor, flat_zero: torch.Tensor, scale: float) -> torch.Tensor:
+    """A contiguous copy of x times scale, zero at the flat (row-major) indices."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if scale == 1.0:
+        out.copy_(x)
+    else:
+        torch.mul(x, scale, out=out)
+    out.view(-1)[flat_zero] = 0
+    return out
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """dropout(x) @ weight.T, keeping x and the dropped indices for the backward instead of a dropped copy of x.
+
+    The scale 1/(1-p) is applied to the small (rank-r) side of each product. The
+    dropped copy is made again in the backward, for the weight gradient only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, dropped, scale):
+        ctx.save_for_backward(x, weight, dropped)
+        ctx.scale = scale
+        return _scaled_and_zeroed(x, dropped, 1.0) @ (weight.t() * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, dropped = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            grad_x.view(-1)[dropped] = 0
+        if ctx.needs_input_grad[1]:
+            kept = _scaled_and_zeroed(x, dropped, 1.0).reshape(-1, x.shape[-1])
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ kept
+        return grad_x, grad_w, None, None
 
 
 def use_fast_lora_dropout(model) -> int:
@@ -215,9 +284,10 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not (x.dtype == a.dtype == b.dtype == base.weight.dtype) or base.weight.numel() == 0:  # 0: a ZeRO-3 shard
         return type(self).forward(self, x, *args, **kwargs)
     out = F.linear(x, base.weight, base.bias)
-    xa = F.linear(self.lora_dropout[name](x), a)
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling[name])
-    return flat.view(out.shape)
+    drop = self.lora_dropout[name]
+    xa = drop.linear(x, a) if isinstance(drop, FastDropout) else F.linear(drop(x), a)
+    out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling[name])
+    return out
 
 
 def use_lean_lora_forward(model) -> int:
@@ -240,3 +310,84 @@ def use_peft_lora_forward(model) -> None:
     for module in model.modules():
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) is lean_lora_forward:
             del module.forward
+
+
+# ---------------------------------------------------------------------------
+# Fused loss
+# ---------------------------------------------------------------------------
+_FUSED_LOSS = "_wb_fused_loss"
+_ROWS_PER_CHUNK = 16  # rows of logits per pass: a 16 x 49k float32 chunk stays in cache
+
+
+def use_fused_loss(model) -> bool:
+    """Mark a transformers model's loss for `cross_entropy_sum`; False where its logits are not the head's output.
+
+    Models that transform the logits after the head and keep the result for their
+    own backward (Gemma's soft-capping) must keep torch's loss: the fused backward
+    overwrites the logits.
+    """
+    base = _transformers_model(model)
+    if base is None:
+        return False
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(config, "final_logit_softcapping", None):
+        return False
+    setattr(base, _FUSED_LOSS, True)
+    return True
+
+
+def stop_fused_loss(model) -> None:
+    """Back to torch's cross-entropy (undo use_fused_loss)."""
+    base = _transformers_model(model)
+    if base is not None and hasattr(base, _FUSED_LOSS):
+        delattr(base, _FUSED_LOSS)
+
+
+def uses_fused_loss(model) -> bool:
+    base = _transformers_model(model)
+    return bool(getattr(base, _FUSED_LOSS, False))
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy of (N, V) float logits against (N,) targets; rows whose target is ignore_index count 0.
+
+    Equal to `F.cross_entropy(logits, targets, ignore_index=..., reduction="sum")`,
+    and so is its gradient, but the backward overwrites `logits` with it: call it
+    only on logits that nothing else keeps for a backward.
+    """
+    return _CrossEntropySum.apply(logits, targets, ignore_index)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        valid = targets != ignore_index
+        picked = targets.clamp(min=0)
+        lse = _logsumexp_rows(logits)
+        loss = ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
+        ctx.save_for_backward(logits, picked, valid, lse)
+        ctx.mark_non_differentiable(targets)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, picked, valid, lse = ctx.saved_tensors
+        scale = grad * valid.to(logits.dtype)
+        for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):  # softmax x grad, in place, a chunk at a time
+            rows = slice(start, start + _ROWS_PER_CHUNK)
+            logits[rows].sub_(lse[rows, None]).exp_().mul_(scale[rows, None])
+        logits.scatter_add_(1, picked[:, None], -scale[:, None])
+        return logits, None, None
+
+
+def _logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of a 2-D tensor, a cache-sized chunk of rows at a time (no full-size temporary)."""
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    work = torch.empty((min(_ROWS_PER_CHUNK, x.shape[0]), x.shape[1]), dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
+        chunk = x[start:start + _ROWS_PER_CHUNK]
+        top = chunk.amax(1, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)  # rows of -inf stay finite
+        shifted = torch.sub(chunk, top, out=work[:chunk.shape[0]])
+        out[start:start + chunk.shape[0]] = shifted.exp_().sum(1).log_().add_(top.squeeze(1))
+    return out
+

@@ -229,6 +229,7 @@ def with_fast_path(model, cfg: Config, strategy=None):
     if cfg.fast_path:
         fastpath.enable_packed_attention(model)
         fastpath.use_fast_lora_dropout(model)
+        fastpath.use_fused_loss(model)
         if strategy is None or not strategy.shards_weights:
             fastpath.use_lean_lora_forward(model)
     return model
@@ -465,8 +466,10 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
     logits = _forward_logits(model, batch, keep).float()
-    targets = targets[:, keep]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
+    if fastpath.uses_fused_loss(model):
+        return fastpath.cross_entropy_sum(logits, targets, ignore_index=IGNORE)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 
 def _forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
