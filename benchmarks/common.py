@@ -46,7 +46,7 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (the tutorial's TrainingArguments set it)")
     p.add_argument("--no-fast-path", action="store_true",
-                   help="workbench: transformers' and peft's plain attention, dropout and LoRA forward (config fast_path: false)")
+                   help="workbench: transformers', peft's and torch's plain attention, dropout, LoRA forward and loss (config fast_path: false)")
     p.add_argument("--out", required=True, help="result JSON to write")
     return p
 

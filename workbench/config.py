@@ -96,7 +96,7 @@ class Config:
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
-    fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a faster LoRA dropout on CPU, and a lean LoRA forward. Off: transformers' and peft's plain path, for comparison.")
+    fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy. Off: transformers' and peft's plain path, for comparison.")
     # --- data ---------------------------------------------------------------
     datasets: list[DataSource] = _f(help="Training data sources (XTuner's data_path), mixed together. Each has path or generate, plus format, repeat or fraction.", factory=lambda: [DataSource(generate="identity")])
     assistant_name: str = _f("Nova", help="The assistant's name, used by generated identity data and by the identity metrics.")

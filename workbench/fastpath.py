@@ -274,7 +274,7 @@ def use_fast_lora_dropout(model) -> int:
 # Lean LoRA forward
 # ---------------------------------------------------------------------------
 def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """base(x) + scaling * B(A(dropout(x))), the last product added inside one addmm (peft's forward otherwise)."""
+    """base(x) + scaling * B(A(dropout(x))), the last product added in place by one addmm_ (else peft's forward)."""
     adapters = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] in self.lora_variant \
             or adapters[0] not in self.lora_A:
@@ -283,11 +283,11 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     if not (x.dtype == a.dtype == b.dtype == base.weight.dtype) or base.weight.numel() == 0:  # 0: a ZeRO-3 shard
         return type(self).forward(self, x, *args, **kwargs)
-    out = F.linear(x, base.weight, base.bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = F.linear(flat, base.weight, base.bias)  # 2-D: adding in place to a view would cost autograd two copies
     drop = self.lora_dropout[name]
-    xa = drop.linear(x, a) if isinstance(drop, FastDropout) else F.linear(drop(x), a)
-    out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling[name])
-    return out
+    xa = drop.linear(flat, a) if isinstance(drop, FastDropout) else F.linear(drop(flat), a)
+    return out.addmm_(xa, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], out.shape[-1])
 
 
 def use_lean_lora_forward(model) -> int:
