@@ -217,7 +217,7 @@ def test_lean_lora_forward_same_output_and_gradients(batch, one_torch_thread):
     lean = loss_and_grads(model, batch)
     assert lean[0] == pytest.approx(plain[0], rel=1e-6)
     for k in plain[1]:
-        torch.testing.assert_close(lean[1][k], plain[1][k], rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(lean[1][k], plain[1][k], rtol=1e-5, atol=1e-6, msg=k)  # gradients up to ~4: rounding
     fastpath.use_peft_lora_forward(model)
     assert not any("forward" in vars(m) for m in model.modules() if hasattr(m, "lora_A"))
 
