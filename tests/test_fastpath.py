@@ -38,8 +38,9 @@ def batch(builder):
     return collate(rows, builder.tokenizer.pad_token_id)
 
 
-def tiny_lora(fast: bool, dropout: float = 0.0):
-    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=dropout, fast_path=fast, device="cpu")
+def tiny_lora(fast: bool, dropout: float = 0.0, checkpointing: bool = False):
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=dropout, fast_path=fast, device="cpu",
+                 gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
     torch.manual_seed(1)
@@ -197,6 +198,19 @@ def test_fast_dropout_follows_the_seed():
     a = drop(x)
     torch.manual_seed(3)
     assert torch.equal(drop(x), a)
+
+
+def test_fast_dropout_under_gradient_checkpointing(batch, one_torch_thread):
+    """The recomputed forward draws the same dropped positions: the same loss and gradients as without checkpointing."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_lora(fast=True, dropout=0.2, checkpointing=checkpointing).train()
+        torch.manual_seed(11)
+        results.append(loss_and_grads(model, batch))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
+    for k in grads_plain:
+        torch.testing.assert_close(grads_ckpt[k], grads_plain[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_lora_layers_get_fast_dropout_and_the_adapter_is_unchanged():

@@ -162,11 +162,12 @@ class FastDropout(nn.Module):
         self.p = p
         self.scale = 1.0 / (1.0 - p)
 
-    def _active(self, x: torch.Tensor) -> bool:
+    @property
+    def _active(self) -> bool:
         return self.training and self.p > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._active(x):
+        if not self._active:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
@@ -174,7 +175,7 @@ class FastDropout(nn.Module):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(self(x), weight)`, keeping x, not a dropped copy of it, for the backward (on a CPU)."""
-        if not self._active(x) or x.device.type != "cpu":
+        if not self._active or x.device.type != "cpu":
             return F.linear(self(x), weight)
         return _DroppedLinear.apply(x, weight, self.dropped(x.numel()), self.scale)
 
@@ -359,6 +360,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 
 class _CrossEntropySum(torch.autograd.Function):
+    """See cross_entropy_sum: saves the logits and each row's log-sum-exp; the backward reuses the logits' memory."""
+
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         valid = targets != ignore_index
@@ -366,7 +369,6 @@ class _CrossEntropySum(torch.autograd.Function):
         lse = _logsumexp_rows(logits)
         loss = ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
         ctx.save_for_backward(logits, picked, valid, lse)
-        ctx.mark_non_differentiable(targets)
         return loss
 
     @staticmethod
@@ -390,4 +392,3 @@ def _logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
         shifted = torch.sub(chunk, top, out=work[:chunk.shape[0]])
         out[start:start + chunk.shape[0]] = shifted.exp_().sum(1).log_().add_(top.squeeze(1))
     return out
-

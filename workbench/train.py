@@ -206,7 +206,7 @@ def build_model(cfg: Config, device: torch.device, strategy=None):
     if cfg.method == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return with_fast_path(model, cfg, strategy)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -215,7 +215,7 @@ def build_model(cfg: Config, device: torch.device, strategy=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return with_fast_path(get_peft_model(model, lora_config(cfg)), cfg, strategy)
 
