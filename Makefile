@@ -6,11 +6,12 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench
+.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
 	@echo "make run      - notebooks 01-07 headless on the embedded model -> outputs/notebooks-<time>/"
+	@echo "make lab      - JupyterLab from the venv at notebooks/ (127.0.0.1, the kernel finds the workbench package)"
 	@echo "make run-cli  - the same workflow from the command line (train, convert, merge, chat before/after)"
 	@echo "make compare  - the tutorial's recipe vs the mixed recipe, measured -> outputs/compare/"
 	@echo "make clean-nb - strip outputs from notebooks/*.ipynb before committing"
@@ -30,6 +31,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: setup
 	$(WB) run-notebooks
+
+# JupyterLab from the venv: its default kernel is the venv's Python, which has the workbench package.
+LAB_PORT ?= 8888
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT)
 
 run-cli: setup
 	bash scripts/cli_workflow.sh
