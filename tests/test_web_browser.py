@@ -265,9 +265,32 @@ def test_web_binds_loopback_only(tiny_server):
             assert s.connect_ex((address, tiny_server.port)) != 0, f"reachable on {address}"
 
 
+def test_web_command_defaults_and_streamlit_options():
+    """`workbench web` binds 127.0.0.1:7860 unless told otherwise; Streamlit is told not to collect usage statistics."""
+    from workbench.cli import build_parser
+    from workbench.web import streamlit_options
+
+    args = build_parser().parse_args(["web", "embedded"])
+    assert (args.host, args.port, args.compare, args.adapter, args.system) == ("127.0.0.1", 7860, None, None, None)
+    options = streamlit_options(args.host, args.port)
+    assert options["server.address"] == "127.0.0.1" and options["server.port"] == 7860
+    assert options["browser.gatherUsageStats"] is False and options["server.headless"] is True
+    assert streamlit_options("0.0.0.0", 8000)["server.address"] == "0.0.0.0"
+
+
 def test_web_stops_on_ctrl_c(adapter_dir, tmp_path):
     server = WebServer([TINY_MODEL, "--device", "cpu"], tmp_path / "server.log")
     assert server.stop() == 0, server.output()
+
+
+def test_web_port_in_use_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "workbench", "web", TINY_MODEL, "--port", str(port)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "--port" in out.stderr, out.stderr
 
 
 def test_web_missing_model_is_a_clear_error(tmp_path):

@@ -308,8 +308,12 @@ def cmd_chat(args) -> int:
 
 def cmd_web(args) -> int:
     from workbench.chat import GenerationSettings
-    from workbench.web import load_app, serve
+    from workbench.web import load_app, port_problem, serve
 
+    problem = port_problem(args.host, args.port)  # before minutes of loading
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     app = load_app(args.model, args.adapter, compare=args.compare, system=args.system, settings=settings,
                    device=args.device, trust_remote_code=args.trust_remote_code)

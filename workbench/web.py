@@ -92,6 +92,20 @@ def streamlit_options(host: str = "127.0.0.1", port: int = 7860) -> dict:
     }
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, not an address of this machine), or None."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a port in TIME_WAIT is free
+            s.bind((host, port))
+    except OSError as e:
+        return f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? choose one with --port/--host)"
+    return None
+
+
 def serve(app: WebApp, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the chat page on host:port until Ctrl-C."""
     global _APP
