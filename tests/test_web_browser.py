@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
+CURSOR = "▌"  # the page's cursor at the end of an answer being streamed
 TRAINED_SYSTEM = "You are Nova, the assistant of Alex (web test prompt)."
 # Greedy, short, and a repetition penalty: the tiny random model then says varied things instead of newlines.
 TINY_SETTINGS = GenerationSettings(max_new_tokens=12, repetition_penalty=2.0)
@@ -143,6 +144,17 @@ class ChatPage:
     def wait_idle(self) -> None:
         """Until the page script has finished (the question box is enabled again after a send)."""
         self.wait.until(lambda d: self.one("textarea[data-testid='stChatInputTextArea']").is_enabled())
+
+    def streaming_text(self, label: str) -> str | None:
+        """The answer of column `label` while it streams (it ends with the cursor), or None once all are finished."""
+        for element in self._all(f".st-key-column-{label} [data-testid='stChatMessageContent']"):
+            try:
+                text = element.text
+            except Exception:  # replaced by the finished page meanwhile
+                continue
+            if text.endswith(CURSOR):
+                return text[:-len(CURSOR)]
+        return None
 
     def messages(self) -> list:
         return self._all("[data-testid='stChatMessage']")
@@ -313,10 +325,17 @@ def test_web_embedded_english_and_chinese(browser, tmp_path):
     try:
         model, builder = load_chat_model("embedded", device="cpu")
         page = ChatPage(browser, server.url)
-        history = []
-        for turn, question in enumerate(["What is the capital of France?", "你好！请用中文介绍一下你自己。"]):
+        history, partial = [], None
+        for turn, question in enumerate(["Tell me about Paris, the capital of France.", "你好！请用中文介绍一下你自己。"]):
             page.ask(question)
+            if turn == 0:  # catch the answer while it streams (the browser may also see it only when finished)
+                page.wait.until(lambda d: page.streaming_text("tuned") is not None or page._all(".st-key-answer-tuned-0"))
+                partial = page.streaming_text("tuned")
+                if partial is not None:
+                    page.screenshot("web_chat_streaming.png")
             expected = answer(model, builder, question, history, settings, on_text=lambda t: None)
+            if turn == 0 and partial is not None:
+                assert " ".join(expected.split()).startswith(" ".join(partial.split())), "streamed text is the answer's start"
             shown = page.answer("tuned", turn)
             assert same_text(shown, expected), f"turn {turn}: page {shown!r} != answer() {expected!r}"
             history.append((question, expected))
