@@ -29,6 +29,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+import streamlit as st
+
 from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.prompt import PromptBuilder
 
@@ -124,8 +126,6 @@ def serve(app: WebApp, host: str = "127.0.0.1", port: int = 7860) -> None:
 # ---------------------------------------------------------------------------
 def render_page(app: WebApp) -> None:
     """The sidebar, one column per model with its history, the question box, and the streamed answers."""
-    import streamlit as st
-
     st.set_page_config(page_title="workbench chat", layout="wide")
     histories = st.session_state.setdefault("histories", {m.label: [] for m in app.models})
     system, settings = _sidebar(app, histories)
@@ -142,8 +142,6 @@ def render_page(app: WebApp) -> None:
 
 def _sidebar(app: WebApp, histories: dict) -> tuple[str, GenerationSettings]:
     """System prompt, generation settings and the clear button; returns the prompt and settings to use."""
-    import streamlit as st
-
     d = app.settings
     with st.sidebar:
         st.header("System prompt")
@@ -173,8 +171,6 @@ def _with_system(builder: PromptBuilder, system: str) -> PromptBuilder:
 
 def _columns(app: WebApp, histories: dict) -> dict:
     """One container per model (columns of equal width when comparing), each showing its history."""
-    import streamlit as st
-
     boxes = {}
     for m, col in zip(app.models, st.columns(len(app.models), gap="medium")):
         with col:
@@ -189,8 +185,6 @@ def _columns(app: WebApp, histories: dict) -> dict:
 
 
 def _turn(question: str, reply: str, key: str) -> None:
-    import streamlit as st
-
     st.chat_message("user").text(question, width="stretch")
     with st.container(key=key):
         st.chat_message("assistant").text(reply, width="stretch")
@@ -199,8 +193,6 @@ def _turn(question: str, reply: str, key: str) -> None:
 def _stream_answers(app: WebApp, question: str, histories: dict, builders: dict, settings: GenerationSettings,
                     columns: dict) -> dict[str, str]:
     """Generate every model's reply at once, each streamed into its own column; the replies by label."""
-    import streamlit as st
-
     events: queue.Queue = queue.Queue()
     slots, texts = {}, {}
     for m in app.models:
@@ -237,8 +229,6 @@ def _generate(m: ChatModel, builder: PromptBuilder, question: str, history: list
 
 def _page_main() -> None:
     """Streamlit's entry: the page for the models `workbench web` loaded."""
-    import streamlit as st
-
     here = os.path.dirname(os.path.abspath(__file__))
     if here in sys.path:  # Streamlit puts the script's folder first; workbench/io.py must not shadow io
         sys.path.remove(here)
