@@ -12,6 +12,7 @@ chromium-driver fonts-noto-cjk); skipped with that message where they are missin
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
 CURSOR = "▌"  # the page's cursor at the end of an answer being streamed
 TRAINED_SYSTEM = "You are Nova, the assistant of Alex (web test prompt)."
+OTHER_SYSTEM = "You are a pirate. Answer like one."
 # Greedy, short, and a repetition penalty: the tiny random model then says varied things instead of newlines.
 TINY_SETTINGS = GenerationSettings(max_new_tokens=12, repetition_penalty=2.0)
 STARTUP_S, ANSWER_S = 240, 240  # generous limits on a busy 2-core machine (not timings: the test never measures speed)
@@ -162,6 +164,23 @@ class ChatPage:
     def system_prompt(self) -> str:
         return self.one(".st-key-system textarea").get_attribute("value")
 
+    def set_system_prompt(self, text: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.one(".st-key-system textarea")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(text)
+        box.send_keys(Keys.CONTROL, Keys.ENTER)  # Streamlit applies a text area on Ctrl+Enter
+        self.wait.until(lambda d: self.system_prompt() == text)
+
+    def set_number(self, key: str, value: int) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.one(f".st-key-{key} input")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(value), Keys.ENTER)
+        self.wait.until(lambda d: self.one(f".st-key-{key} input").get_attribute("value") == str(value))
+
     def clear(self) -> None:
         self.one(".st-key-clear button").click()
         self.wait.until(lambda d: not self.messages())
@@ -262,9 +281,19 @@ def test_web_chat_in_chromium(tiny_server, browser, adapter_dir, one_torch_threa
 
     page.clear()
     assert not page.messages(), "Clear chat empties the history"
-    page.ask(questions[1])  # after clearing, the model is asked without the previous turns
-    expected = answer(*tuned, questions[1], None, TINY_SETTINGS, on_text=lambda t: None)
-    assert same_text(page.answer("tuned", 0), expected)
+    # An edited system prompt and max new tokens apply to both models; after clearing there are no previous turns.
+    page.set_system_prompt(OTHER_SYSTEM)
+    page.set_number("max_new_tokens", 6)
+    page.ask(questions[1])
+    settings = dataclasses.replace(TINY_SETTINGS, max_new_tokens=6)
+    differs = []
+    for label, (model, builder) in (("tuned", tuned), ("base", base)):
+        expected = answer(model, dataclasses.replace(builder, system=OTHER_SYSTEM), questions[1], None, settings,
+                          on_text=lambda t: None)
+        assert same_text(page.answer(label, 0), expected), label
+        differs.append(expected != answer(model, builder, questions[1], None, settings, on_text=lambda t: None))
+    assert any(differs), "the system prompt changes an answer: the check above can tell which prompt was used"
+    assert len(page.messages()) == 2 * 2
     page.wait_idle()
 
 
