@@ -247,7 +247,7 @@ def browser():
     driver.quit()
 
 
-def test_web_chat_in_chromium(tiny_server, browser, adapter_dir, one_torch_thread):
+def test_web_chat_in_chromium(browser, tiny_server, adapter_dir, one_torch_thread):
     """Two turns in both columns equal `answer` with history; equal columns; the trained system prompt; clear."""
     tuned = load_chat_model(TINY_MODEL, str(adapter_dir), device="cpu")
     base = load_chat_model(TINY_MODEL, device="cpu", system=TRAINED_SYSTEM)  # the page asks both with one system prompt
