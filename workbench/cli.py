@@ -11,6 +11,7 @@
     workbench convert pth_to_hf CONFIG CKPT DIR
     workbench convert merge BASE ADAPTER DIR
     workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
+    workbench web MODEL [--compare BASE]       chat in the browser (Streamlit), before/after side by side
     workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
     workbench compare [RECIPE ...]             train and compare recipes in one table
     workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
@@ -150,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_chat)
 
+    s = sub.add_parser("web", help="chat in the browser (Streamlit), before/after side by side",
+                       description="A chat page in the browser: streamed answers, history with a clear button, the system prompt "
+                                   "and generation settings in the sidebar; with --compare BASE the base model answers beside it.")
+    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
+    s.add_argument("--adapter", help="an adapter folder to apply")
+    s.add_argument("--compare", metavar="BASE", help="also answer every question with BASE (the model before training), side by side")
+    s.add_argument("--system", help="system prompt (default: the one saved with the adapter or model, else the workbench default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--max-new-tokens", type=int, default=256, help="the sidebar's starting value")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the sidebar's starting value)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_web)
+
     s = sub.add_parser("analyze", help="measure overfitting of a run, checkpoint by checkpoint",
                        description="Identity hit rate (seen/unseen), leak rate, retention and collapse for the base model and each checkpoint.")
     s.add_argument("work_dir")
@@ -285,6 +303,21 @@ def cmd_chat(args) -> int:
             print()
         return 0
     chat_loop(model, builder, settings)
+    return 0
+
+
+def cmd_web(args) -> int:
+    from workbench.chat import GenerationSettings
+    from workbench.web import load_app, port_problem, serve
+
+    problem = port_problem(args.host, args.port)  # before minutes of loading
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+    app = load_app(args.model, args.adapter, compare=args.compare, system=args.system, settings=settings,
+                   device=args.device, trust_remote_code=args.trust_remote_code)
+    serve(app, args.host, args.port)
     return 0
 
 
