@@ -9,7 +9,7 @@ import torch
 
 from workbench.cli import main
 from workbench.config import RECIPES_DIR, list_recipes, load_config, load_recipe
-from workbench.data import read_records
+from workbench.readers import read_records
 from workbench.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

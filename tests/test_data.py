@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 from workbench.config import Config, ConfigError, DataSource, save_config
-from workbench.data import (FORMATS, DataError, DatasetReport, Sample, check_dataset, detect_format, encode_samples,
-                            load_source, mix_sources, read_records, to_xtuner_json, write_dataset)
+from workbench.encoding import DatasetReport, check_dataset, encode_samples
+from workbench.formats import FORMATS
+from workbench.mixing import load_source, mix_sources
+from workbench.readers import detect_format, read_records
+from workbench.samples import DataError, Sample, to_xtuner_json, write_dataset
 from workbench.prompt import PromptBuilder
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "data", "examples")
@@ -281,7 +284,7 @@ def test_empty_file(tmp_path, content):
 def test_table_missing_column(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("q,a\nx,y\n", encoding="utf-8")
-    raises_at(p, 0, "question", "column missing", "['q', 'a']")
+    raises_at(p, 0, "question", "column missing", "['q', 'a']", question_column="question")
 
 
 def test_table_empty_cell(tmp_path):

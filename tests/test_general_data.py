@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.data import read_records
+from workbench.readers import read_records
 from workbench.identity import QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
