@@ -90,7 +90,8 @@ class DatasetReport:
             return []
         line = f"files: {self.n_files} read (" + ", ".join(f"{k}: {v} files" for k, v in self.files.items()) + ")"
         if self.skipped:
-            line += f"; {len(self.skipped)} files of other types skipped, e.g. {self.skipped[0]}"
+            n = len(self.skipped)
+            line += f"; {n} file{'s' if n > 1 else ''} of other types skipped, e.g. {self.skipped[0]}"
         return [line]
 
     def _column_lines(self) -> list[str]:

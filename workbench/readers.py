@@ -245,7 +245,7 @@ def _json_records(path: Path, text: str, errors: list[DataError]) -> list[tuple[
     except _TooDeep as deep:
         if path.suffix.lower() == ".jsonl" or _first_line_is_json(text):
             return _jsonl_records(path, text, errors)
-        raise DataError(path, deep.record, None, f"{deep} (line {deep.line})") from None
+        raise DataError(path, deep.record, None, deep.message(with_line=True)) from None
     if isinstance(top, list):
         return list(enumerate(top, 1))
     if isinstance(top, dict):
@@ -272,7 +272,7 @@ def _jsonl_records(path: Path, text: str, errors: list[DataError]) -> list[tuple
         except json.JSONDecodeError as e:
             errors.append(DataError(path, number, None, f"not valid JSON: {e.msg} at column {e.colno}"))
         except _TooDeep as deep:
-            errors.append(DataError(path, number, None, str(deep)))
+            errors.append(DataError(path, number, None, deep.message(with_line=False)))
     return records
 
 
@@ -280,9 +280,11 @@ class _TooDeep(Exception):
     """JSON nested too deeply for Python's parser; where: the record (its place in a top-level list) and the line."""
 
     def __init__(self, record: int, line: int, depth: int):
-        super().__init__(f"nested too deeply: {depth} levels of lists/objects (a record is an object of strings, "
-                         "or of lists of such objects)")
+        super().__init__(f"nested too deeply: {depth} levels of lists/objects")
         self.record, self.line = record, line
+
+    def message(self, with_line: bool) -> str:
+        return f"{self}{f' at line {self.line}' if with_line else ''} (a data record nests a few levels at most)"
 
 
 def _parse_json(text: str) -> Any:
