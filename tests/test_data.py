@@ -726,3 +726,16 @@ def test_python_m_workbench_check_dataset_on_deep_json(tmp_path):
     assert done.returncode == 1 and "Traceback" not in out and "RecursionError" not in out
     assert "deep.jsonl: record 2: nested too deeply: 5001 levels" in out and "records: 1 read" in out
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_json_records_in_table_form_detect_or_report_per_record(tmp_path):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"question": "q1", "answer": "a1"}, {"question": "q2"}])
+    raises_at(p, 2, "answer", "missing")
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"q": "q1", "a": "a1"}])
+    [s] = read_records(p, format="table")
+    assert s.messages == [user("q1"), assistant("a1")]
+    assert read_source(p, format="table").columns == {str(p): "question 'q', answer 'a' (detected)"}
+
+
+def test_missing_folder_or_file_without_extension(tmp_path):
+    raises_at(tmp_path / "MATH", 0, None, "no such file or folder")

@@ -86,6 +86,8 @@ def data_files(path: Path) -> tuple[list[Path], list[str]]:
         found, what = _walk(path), "under this folder"
     elif not path.exists() and any(c in str(path) for c in GLOB_CHARS):
         found, what = _glob(path), "match this pattern"
+    elif not path.exists() and not path.suffix:
+        raise DataError(path, 0, None, "no such file or folder")
     else:
         return [path], []
     files = [f for f in found if f.suffix.lower() in SUFFIXES]
@@ -152,12 +154,15 @@ def _columns(path: Path, kind: str, fmt: str, raw: list[tuple[int, Any]], availa
     """The question/answer/system columns for table records (given, or detected), noted in `reading`."""
     if fmt != "table":
         return wanted
-    if kind != "table":  # JSON records in table form: the fields of the first one; a record lacking one says so
-        first = raw[0][1] if raw else None
-        if not isinstance(first, dict):
+    if kind == "table":
+        columns, note = pick_columns(path, available, wanted)
+    else:  # JSON records in table form: columns from the first record's fields, when they tell
+        first = raw[0][1] if raw else {}
+        try:
+            columns, note = pick_columns(path, [str(k) for k in first] if isinstance(first, dict) else [], wanted,
+                                         check_given=False)
+        except DataError:  # they do not: each record missing a field will say so
             return wanted[0] or "question", wanted[1] or "answer", wanted[2]
-        available = [str(k) for k in first]
-    columns, note = pick_columns(path, available, wanted, check_given=kind == "table")
     reading.columns[str(path)] = note
     return columns
 
