@@ -432,8 +432,8 @@ def main(argv: list[str] | None = None) -> Summary:
     from tqdm.auto import tqdm
 
     from workbench.chat import GenerationSettings, answer, load_chat_model
-    from workbench.samples import Sample, write_dataset
     from workbench.io import append_jsonl
+    from workbench.samples import Sample, write_dataset
 
     t0 = time.time()
     model, builder = load_chat_model(args.model, device=args.device, torch_dtype=args.dtype)

@@ -739,3 +739,8 @@ def test_json_records_in_table_form_detect_or_report_per_record(tmp_path):
 
 def test_missing_folder_or_file_without_extension(tmp_path):
     raises_at(tmp_path / "MATH", 0, None, "no such file or folder")
+
+
+def test_check_dataset_on_a_recipe_name(tokenizer):
+    report = check_dataset("smollm2_135m_tiny_smoke", tokenizer=tokenizer)
+    assert report.ok and report.n_samples > 0 and "generated:identity" in "".join(report.per_source)

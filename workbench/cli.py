@@ -53,9 +53,9 @@ def _rank_tag() -> str:
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
     from workbench.config import ConfigError
     from workbench.convert import ConvertError
-    from workbench.samples import DataError
     from workbench.models import ModelError
     from workbench.prompt import TemplateError
+    from workbench.samples import DataError
 
     return ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from workbench.config import Config, ConfigError, load_config, resolve_path
+from workbench.config import RECIPES_DIR, Config, ConfigError, resolve_config, resolve_path
 from workbench.mixing import mix, read_configured
 from workbench.prompt import Encoded, PromptBuilder, builder_for
 from workbench.readers import Reading, read_source
@@ -178,11 +178,11 @@ def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, ma
 
 def _gather(path_or_config: str | os.PathLike | Config):
     """The config, the samples it reads (mixed), every error found on the way, and (readings, their sources)."""
-    if not isinstance(path_or_config, Config) and Path(path_or_config).suffix.lower() not in (".yaml", ".yml"):
+    if not isinstance(path_or_config, Config) and not _names_config(path_or_config):
         path = resolve_path(path_or_config)
         reading = read_source(path)
         return Config(), reading.samples, list(reading.errors), ([reading], [str(path)])
-    cfg = path_or_config if isinstance(path_or_config, Config) else load_config(path_or_config)
+    cfg = path_or_config if isinstance(path_or_config, Config) else resolve_config(str(path_or_config))
     readings = [read_configured(src, cfg) for src in cfg.datasets]
     sources = [str(resolve_path(src.path)) for src in cfg.datasets if not src.generate]
     file_readings = [r for r, src in zip(readings, cfg.datasets) if not src.generate]
@@ -192,6 +192,14 @@ def _gather(path_or_config: str | os.PathLike | Config):
         return cfg, mix(loaded, cfg), errors, (file_readings, sources)
     except ConfigError as e:
         return cfg, [s for samples in loaded for s in samples], errors + [e], (file_readings, sources)
+
+
+def _names_config(path: str | os.PathLike) -> bool:
+    """A config YAML, or the name of a shipped recipe that is no data file or folder here."""
+    p = Path(path)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        return True
+    return not p.suffix and not resolve_path(p).exists() and (RECIPES_DIR / f"{p}.yaml").exists()
 
 
 def _tokenizer(tokenizer, cfg: Config):
