@@ -57,13 +57,15 @@ class DatasetReport:
         if len(self.errors) < MAX_ERRORS_SHOWN:
             self.errors.append(str(error))
 
-    def add_readings(self, readings: list[Reading], sources: list[str]) -> None:
+    def add_readings(self, readings: list[Reading]) -> None:
         """Count files, skipped files and table columns from what the readers saw (files whose records all failed too)."""
         self.n_files, self.files, self.skipped, self.columns = 0, {}, [], {}
-        for reading, source in zip(readings, sources):
+        for reading in readings:
+            if not reading.source:  # generated data
+                continue
             self.n_files += len(reading.files)
-            if reading.files != [source]:
-                self.files[source] = len(reading.files)
+            if reading.files != [reading.source]:
+                self.files[reading.source] = len(reading.files)
             self.skipped += reading.skipped
             self.columns.update(reading.columns)
 
@@ -167,7 +169,7 @@ def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, ma
     cfg, samples, errors, readings = _gather(path_or_config)
     builder = builder_for(cfg, _tokenizer(tokenizer, cfg))
     _, report = encode_samples(samples, builder, max_length or cfg.max_length, cfg.loss_on)
-    report.add_readings(*readings)
+    report.add_readings(readings)
     for error in errors:
         report.add_error(error)
     if strict and report.n_dropped:
@@ -176,22 +178,19 @@ def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, ma
     return report
 
 
-def _gather(path_or_config: str | os.PathLike | Config):
-    """The config, the samples it reads (mixed), every error found on the way, and (readings, their sources)."""
+def _gather(path_or_config: str | os.PathLike | Config) -> tuple[Config, list[Sample], list[Exception], list[Reading]]:
+    """The config, the samples it reads (mixed), every error found on the way, and what each source's reading gave."""
     if not isinstance(path_or_config, Config) and not _names_config(path_or_config):
-        path = resolve_path(path_or_config)
-        reading = read_source(path)
-        return Config(), reading.samples, list(reading.errors), ([reading], [str(path)])
+        reading = read_source(resolve_path(path_or_config))
+        return Config(), reading.samples, list(reading.errors), [reading]
     cfg = path_or_config if isinstance(path_or_config, Config) else resolve_config(str(path_or_config))
     readings = [read_configured(src, cfg) for src in cfg.datasets]
-    sources = [str(resolve_path(src.path)) for src in cfg.datasets if not src.generate]
-    file_readings = [r for r, src in zip(readings, cfg.datasets) if not src.generate]
     errors: list[Exception] = [e for r in readings for e in r.errors]
     loaded = [r.samples for r in readings]
     try:
-        return cfg, mix(loaded, cfg), errors, (file_readings, sources)
+        return cfg, mix(loaded, cfg), errors, readings
     except ConfigError as e:
-        return cfg, [s for samples in loaded for s in samples], errors + [e], (file_readings, sources)
+        return cfg, [s for samples in loaded for s in samples], errors + [e], readings
 
 
 def _names_config(path: str | os.PathLike) -> bool:

@@ -44,6 +44,7 @@ GLOB_CHARS = "*?["
 class Reading:
     """What reading one source gave."""
 
+    source: str = ""  # the file, folder or pattern read ("" for generated data)
     samples: list[Sample] = dataclasses.field(default_factory=list)  # every valid record
     errors: list[DataError] = dataclasses.field(default_factory=list)  # every problem, in file and record order
     files: list[str] = dataclasses.field(default_factory=list)  # the data files read
@@ -66,7 +67,7 @@ def read_records(path: str | os.PathLike, format: str = "auto", question_column:
 def read_source(path: str | os.PathLike, format: str = "auto", question_column: str | None = None,
                 answer_column: str | None = None, system_column: str | None = "system") -> Reading:
     """Every valid sample of a file, folder or glob pattern, and every error found in it."""
-    reading = Reading()
+    reading = Reading(source=str(path))
     try:
         if format != "auto" and format not in FORMATS:
             raise DataError(path, 0, None, f"unknown format {format!r}; use auto or one of {list(FORMATS)}")
