@@ -456,7 +456,7 @@ def render_markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------
 def preflight(args: argparse.Namespace) -> None:
     """Read every data set once before spending time on runs (a missing file fails here)."""
-    from workbench.data import DataError
+    from workbench.samples import DataError
 
     for name, config in args.dataset_specs:
         cfg = bench_config(config, args.model, "lora", args.steps)

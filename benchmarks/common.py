@@ -82,7 +82,7 @@ def sample_stream(cfg, n: int) -> list:
     (which trains the last answer, as the tutorial does) and the workbench
     (which trains every answer) train exactly the same tokens.
     """
-    from workbench.data import mix_sources
+    from workbench.mixing import mix_sources
 
     pool = [s for s in mix_sources(cfg) if single_answer(s)]
     if not pool:

@@ -42,7 +42,7 @@ from benchmarks.common import (step_record, run_main)  # noqa: E402
 # ---------------------------------------------------------------------------
 def stream_rows(cfg, stream: list, batch_size: int):
     """(tokenizer, builder, rows by step): every B consecutive samples of the stream packed into one row."""
-    from workbench.data import encode_samples
+    from workbench.encoding import encode_samples
     from workbench.models import load_tokenizer
     from workbench.prompt import builder_for
 

@@ -51,7 +51,7 @@ made the shipped file was rambling nonsense whose first sentence or two
 happened to pass the other checks.
 
 Output: XTuner records {"conversation": [{"input": prompt, "output": answer}]},
-one per line, UTF-8, written atomically with `workbench.data.write_dataset`.
+one per line, UTF-8, written atomically with `workbench.samples.write_dataset`.
 No record has a system field: the training config's system prompt is applied.
 An existing output file is never overwritten without --overwrite.
 
@@ -378,6 +378,13 @@ class Summary:
         ])
 
 
+def split_heldout(samples: list, every: int = 7) -> tuple[list, list]:
+    """(train, held-out): every `every`-th sample is held out, deterministically, for measuring retention."""
+    held = [s for i, s in enumerate(samples) if i % every == every - 1]
+    train = [s for i, s in enumerate(samples) if i % every != every - 1]
+    return train, held
+
+
 def _load_cache(path: str | None, setup: dict) -> dict[str, dict]:
     """Answers saved by earlier runs with the same model and generation settings, by prompt."""
     if not path:
@@ -425,8 +432,8 @@ def main(argv: list[str] | None = None) -> Summary:
     from tqdm.auto import tqdm
 
     from workbench.chat import GenerationSettings, answer, load_chat_model
-    from workbench.data import Sample, write_dataset
     from workbench.io import append_jsonl
+    from workbench.samples import Sample, write_dataset
 
     t0 = time.time()
     model, builder = load_chat_model(args.model, device=args.device, torch_dtype=args.dtype)
@@ -474,8 +481,6 @@ def main(argv: list[str] | None = None) -> Summary:
         samples.append(Sample(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": verdict.text}],
                               source=SOURCE, record=len(samples) + 1))
     if args.heldout_every:
-        from workbench.data import split_heldout
-
         samples, heldout = split_heldout(samples, args.heldout_every)
         heldout_out = args.heldout_out or out.with_name(f"{out.stem}_heldout.jsonl")
         write_dataset(heldout, heldout_out)

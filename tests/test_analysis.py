@@ -77,7 +77,7 @@ def test_probes_are_held_out():
     general_training = yaml.safe_load((PROJECT_ROOT / "data" / "general_prompts.yaml").read_text(encoding="utf-8"))
     for lang in ("en", "zh"):
         assert set(probes.general[lang]).isdisjoint(general_training[lang]), "general probes must be held out"
-    from workbench.data import read_records
+    from workbench.readers import read_records
 
     handwritten_zh = {s.messages[0]["content"] for s in read_records(PROJECT_ROOT / "data" / "general_conversations_zh.jsonl")}
     assert set(probes.general["zh"]).isdisjoint(handwritten_zh)

@@ -9,8 +9,8 @@ import torch
 
 from workbench.cli import main
 from workbench.config import RECIPES_DIR, list_recipes, load_config, load_recipe
-from workbench.data import read_records
 from workbench.io import read_jsonl
+from workbench.readers import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKBENCH = ROOT / ".venv" / "bin" / "workbench"

@@ -74,3 +74,41 @@ def test_cfg_options_override_nested_fields():
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ConfigError, match="shipped recipes: .*smollm2_135m_lora_identity_cpu"):
         load_recipe("nope")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n", "---\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the config file is empty"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("just words\n", "str"), ("3\n", "int")])
+def test_config_whose_top_level_is_not_a_mapping_is_refused(tmp_path, text, kind):
+    p = tmp_path / "c.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"c.yaml: a config must be a YAML mapping of field: value, got {kind}"):
+        load_config(p)
+
+
+def test_train_on_an_empty_config_exits_2_and_writes_nothing(tmp_path, capsys):
+    from workbench.cli import main
+
+    p = tmp_path / "empty.yaml"
+    p.write_text("# TODO\n", encoding="utf-8")
+    rc = main(["train", str(p), "--work-dir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {p}: the config file is empty" in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == [p]
+
+
+def test_table_columns_default_to_detection_and_old_explicit_columns_reload(tmp_path):
+    assert (DataSource().question_column, DataSource().answer_column) == (None, None)
+    p = tmp_path / "old.yaml"
+    p.write_text("datasets:\n  - path: qa.csv\n    question_column: question\n    answer_column: answer\n", encoding="utf-8")
+    src = load_config(p).datasets[0]
+    assert (src.question_column, src.answer_column, src.system_column) == ("question", "answer", "system")
+    cfg = Config(datasets=[DataSource(path="qa.csv")])
+    again = load_config(save_config(cfg, tmp_path / "new.yaml"))
+    assert again == cfg and again.datasets[0].question_column is None

@@ -2,17 +2,24 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from workbench.config import Config, ConfigError, DataSource, save_config
-from workbench.data import (FORMATS, DataError, DatasetReport, Sample, check_dataset, detect_format, encode_samples,
-                            load_source, mix_sources, read_records, to_xtuner_json, write_dataset)
+from workbench.encoding import DatasetReport, check_dataset, encode_samples
+from workbench.formats import FORMATS
+from workbench.mixing import load_source, mix_sources
 from workbench.prompt import PromptBuilder
+from workbench.readers import detect_format, read_records, read_source
+from workbench.samples import DataError, Sample, to_xtuner_json, write_dataset
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "data", "examples")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_json(path, obj):
@@ -281,7 +288,7 @@ def test_empty_file(tmp_path, content):
 def test_table_missing_column(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("q,a\nx,y\n", encoding="utf-8")
-    raises_at(p, 0, "question", "column missing", "['q', 'a']")
+    raises_at(p, 0, "question", "column missing", "['q', 'a']", question_column="question")
 
 
 def test_table_empty_cell(tmp_path):
@@ -473,3 +480,267 @@ def test_write_dataset_layout_utf8_and_atomic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["d.json", "d.jsonl"]  # no temporary files left behind
     with pytest.raises(ValueError, match=".json or .jsonl"):
         write_dataset(records, tmp_path / "d.csv")
+
+
+# ---------------------------------------------------------------------------
+# Folders and glob patterns (the MATH data set: folders of folders, one problem per JSON file)
+# ---------------------------------------------------------------------------
+@pytest.fixture()
+def math_tree(tmp_path):
+    """MATH as downloaded: MATH/{train,test}/<subject>/<n>.json, each one object; plus files that are not data."""
+    root = tmp_path / "MATH"
+    problems = {}
+    for split in ("train", "test"):
+        for subject in ("algebra", "geometry"):
+            for n in (1, 2):
+                folder = root / split / subject
+                folder.mkdir(parents=True, exist_ok=True)
+                problem = f"{split} {subject} problem {n}"
+                write_json(folder / f"{n}.json", {"problem": problem, "level": "Level 2", "type": subject.title(),
+                                                  "solution": f"The answer is $\\boxed{{{n}}}$."})
+                problems[str(folder / f"{n}.json")] = problem
+    (root / "README.md").write_text("the MATH data set", encoding="utf-8")
+    (root / ".DS_Store").write_bytes(b"\0\1")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    write_json(root / "train" / ".ipynb_checkpoints" / "1-checkpoint.json", {"problem": "copy", "solution": "copy"})
+    return root, problems
+
+
+def test_folder_reads_every_data_file_under_it(math_tree):
+    root, problems = math_tree
+    samples = read_records(root)
+    assert len(samples) == len(problems) == 8
+    assert {s.file: s.messages[0]["content"] for s in samples} == problems
+    assert all(s.source == str(root) and s.record == 1 for s in samples)
+    assert [s.file for s in samples] == sorted(problems, key=lambda f: Path(f).parts)  # a stable order
+    assert samples[0].messages == [user("test algebra problem 1"), assistant("The answer is $\\boxed{1}$.")]
+    reading = read_source(root)
+    assert len(reading.files) == 8 and reading.skipped == [str(root / "README.md")]
+
+
+def test_folder_errors_name_the_file_and_record(math_tree):
+    root, _ = math_tree
+    bad = root / "test" / "geometry" / "2.json"
+    write_json(bad, {"problem": "p", "solution": ""})
+    with pytest.raises(DataError) as info:
+        read_records(root)
+    assert (info.value.path, info.value.record, info.value.field) == (str(bad), 1, "solution")
+    reading = read_source(root)
+    assert len(reading.samples) == 7 and [e.path for e in reading.errors] == [str(bad)]
+
+
+@pytest.mark.parametrize("pattern, n", [("MATH/**/*.json", 8), ("MATH/train/*/*.json", 4), ("MATH/test/algebra", 2),
+                                        ("MATH/*/geometry", 4)])
+def test_glob_pattern(math_tree, pattern, n):
+    root, _ = math_tree
+    path = root.parent / pattern
+    samples = read_records(path)
+    assert len(samples) == n and all(s.source == str(path) for s in samples)
+    assert len({s.file for s in samples}) == n
+
+
+def test_folder_or_pattern_without_data_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    raises_at(tmp_path / "empty", 0, None, "no data files under this folder", ".jsonl")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text("x", encoding="utf-8")
+    raises_at(tmp_path / "docs", 0, None, "no data files under this folder", "it has only .md")
+    raises_at(tmp_path / "*.json", 0, None, "no data files match this pattern")
+
+
+def test_config_source_may_be_a_folder_or_a_pattern(math_tree, tmp_path, tokenizer):
+    root, _ = math_tree
+    cfg = Config(datasets=[DataSource(path=str(root)), DataSource(path=str(root / "train" / "**" / "*.json"), repeat=2)])
+    mixed = mix_sources(cfg)
+    assert Counter(s.source for s in mixed) == {str(root): 8, str(root / "train" / "**" / "*.json"): 8}
+    report = check_dataset(save_config(cfg, tmp_path / "math.yaml"), tokenizer=tokenizer)
+    assert report.ok and (report.n_records, report.n_files) == (16, 12)
+    assert report.files == {str(root): 8, str(root / "train" / "**" / "*.json"): 4}
+
+
+def test_report_counts_files_as_well_as_records(math_tree, tokenizer):
+    root, _ = math_tree
+    write_json(root / "test" / "geometry" / "2.json", {"problem": "p", "solution": ""})
+    report = check_dataset(root, tokenizer=tokenizer)
+    assert (report.n_records, report.n_files, report.n_errors) == (7, 8, 1)  # the file whose record failed is counted
+    text = str(report)
+    assert f"files: 8 read ({root}: 8 files); 1 file of other types skipped, e.g. {root / 'README.md'}" in text
+    assert f"per source: {root} 7" in text and "2.json: record 1: field 'solution': empty answer" in text
+
+
+def test_report_of_a_single_file_has_no_files_line(tmp_path, tokenizer):
+    p = write_json(tmp_path / "x.json", [{"input": "q", "output": "a"}])
+    report = check_dataset(p, tokenizer=tokenizer)
+    assert report.n_files == 1 and report.files == {} and "files:" not in str(report)
+
+
+# ---------------------------------------------------------------------------
+# Table columns: detected from common names unless given
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("question, answer", [("q", "a"), ("Question", "ANSWER"), ("prompt", "response"),
+                                              ("instruction", "output"), ("问题", "答案")])
+def test_table_columns_are_detected(tmp_path, question, answer):
+    p = tmp_path / "t.csv"
+    pd.DataFrame({"id": [1, 2], question: ["Why?", "How?"], answer: ["Because.", "Like this."]}).to_csv(p, index=False)
+    reading = read_source(p)
+    assert [s.messages for s in reading.samples] == [[user("Why?"), assistant("Because.")],
+                                                     [user("How?"), assistant("Like this.")]]
+    assert reading.columns == {str(p): f"question '{question}', answer '{answer}' (detected)"}
+
+
+def test_career_coach_spreadsheet_with_q_and_a(tmp_path, tokenizer):
+    """The tutorial's xlsx: columns q and a, Chinese text; read as it is, and the report says which columns."""
+    p = tmp_path / "career_coach.xlsx"
+    pd.DataFrame({"q": ["我总是担心找不到工作，怎么办？", "面试前很紧张"],
+                  "a": ["先把担心写下来，再一件件拆解。", "提前演练几次会好很多。"]}).to_excel(p, index=False)
+    a, b = read_records(p)
+    assert a.messages == [user("我总是担心找不到工作，怎么办？"), assistant("先把担心写下来，再一件件拆解。")]
+    assert (a.record, b.record) == (1, 2)
+    report = check_dataset(p, tokenizer=tokenizer)
+    assert report.ok and report.n_samples == 2
+    assert f"columns: question 'q', answer 'a' (detected) in {p}" in str(report)
+
+
+def test_ambiguous_or_unknown_table_columns_are_errors_listing_them(tmp_path):
+    both = tmp_path / "both.csv"
+    both.write_text("q,a,question,answer\n1,2,3,4\n", encoding="utf-8")
+    raises_at(both, 0, None, "several known pairs (q/a, question/answer)", "['q', 'a', 'question', 'answer']",
+              "Set question_column and answer_column")
+    neither = tmp_path / "neither.xlsx"
+    pd.DataFrame({"ask": ["x"], "reply": ["y"]}).to_excel(neither, index=False)
+    raises_at(neither, 0, None, "no question and answer columns", "['ask', 'reply']", "q/a, question/answer")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("Q,q,a\n1,2,3\n", encoding="utf-8")
+    raises_at(twice, 0, None, "several known pairs (Q/a, q/a)")
+
+
+def test_given_columns_win_over_detection(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("q,a,question,answer\nq1,a1,question1,answer1\n", encoding="utf-8")
+    [s] = read_records(p, question_column="question", answer_column="answer")
+    assert s.messages == [user("question1"), assistant("answer1")]
+    [s] = read_records(p, question_column="a", answer_column="q")  # any columns, even odd ones
+    assert s.messages == [user("a1"), assistant("q1")]
+    assert read_source(p, question_column="question", answer_column="a").columns == {
+        str(p): "question 'question', answer 'a' (given)"}
+    with pytest.raises(DataError, match="several known pairs"):  # one side given: the other is detected, here twice
+        read_records(p, answer_column="a")
+    p.write_text("Prompt,reply\nq1,a1\n", encoding="utf-8")
+    [s] = read_records(p, answer_column="reply")
+    assert s.messages == [user("q1"), assistant("a1")]
+
+
+def test_config_columns_default_to_detection_and_explicit_ones_still_work(tmp_path):
+    p = tmp_path / "coach.csv"
+    p.write_text("q,a,system\nWhy?,Because.,Be kind.\n", encoding="utf-8")
+    assert (DataSource().question_column, DataSource().answer_column, DataSource().system_column) == (None, None, "system")
+    [s] = mix_sources(Config(datasets=[DataSource(path=str(p))]))
+    assert s.messages == [system("Be kind."), user("Why?"), assistant("Because.")]
+    old = tmp_path / "old.csv"
+    old.write_text("question,answer,q\nWhy?,Because.,x\n", encoding="utf-8")
+    cfg = Config.from_dict({"datasets": [{"path": str(old), "question_column": "question", "answer_column": "answer"}]})
+    [s] = mix_sources(cfg)
+    assert s.messages == [user("Why?"), assistant("Because.")]
+
+
+# ---------------------------------------------------------------------------
+# Deeply nested JSON: a clear error, never a RecursionError
+# ---------------------------------------------------------------------------
+def deep(levels):
+    return "[" * levels + "]" * levels
+
+
+def test_deeply_nested_json_list_names_the_record(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text('[{"input": "q", "output": "a"},\n {"input": ' + deep(5000) + ', "output": "a"}]', encoding="utf-8")
+    raises_at(p, 2, None, "nested too deeply", "5002 levels", "line 2")  # list, record, 5000
+
+
+def test_deeply_nested_single_object_and_jsonl(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text('{"problem": ' + deep(100_000) + "}", encoding="utf-8")
+    raises_at(one, 1, None, "nested too deeply")
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"input": "q", "output": "a"}\n{"input": "q", "output": "a"}\n{"x": ' + deep(3000) + "}\n",
+                     encoding="utf-8")
+    raises_at(lines, 3, None, "nested too deeply", "3001 levels")
+    reading = read_source(lines)
+    assert len(reading.samples) == 2 and len(reading.errors) == 1
+
+
+def test_nesting_a_parser_can_read_is_an_ordinary_field_error(tmp_path):
+    p = write_json(tmp_path / "x.json", [{"input": json.loads(deep(50)), "output": "a"}])
+    raises_at(p, 1, "input", "must be a string, got a list")
+
+
+# ---------------------------------------------------------------------------
+# The command: workbench check-dataset PATH (exit status and message, nothing written)
+# ---------------------------------------------------------------------------
+def check_dataset_cli(capsys, path, cwd):
+    """`workbench check-dataset PATH` in-process, run in `cwd`: (exit status, output); writes nothing, no traceback."""
+    from workbench.cli import main
+
+    before = sorted(str(p) for p in Path(cwd).rglob("*"))
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        capsys.readouterr()
+        rc = main(["check-dataset", str(path), "--model", "embedded:tiny-random"])
+    finally:
+        os.chdir(old)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert sorted(str(p) for p in Path(cwd).rglob("*")) == before, "check-dataset writes nothing"
+    return rc, out + err
+
+
+def test_cli_check_dataset_on_folders_patterns_and_tables(math_tree, tmp_path, capsys):
+    pd.DataFrame({"Q": ["Why?"], "A": ["Because."]}).to_excel(tmp_path / "coach.xlsx", index=False)
+    (tmp_path / "both.csv").write_text("q,a,prompt,response\n1,2,3,4\n", encoding="utf-8")
+    (tmp_path / "run.yaml").write_text("pretrained_model_name_or_path: embedded:tiny-random\ndatasets:\n  - path: MATH/train\n"
+                                       "  - path: 'MATH/test/**/*.json'\n  - path: coach.xlsx\n", encoding="utf-8")
+    rc, out = check_dataset_cli(capsys, "MATH", tmp_path)
+    assert rc == 0 and "records: 8 read" in out and "files: 8 read (MATH: 8 files)" in out
+    rc, out = check_dataset_cli(capsys, "MATH/**/*.json", tmp_path)
+    assert rc == 0 and "files: 8 read (MATH/**/*.json: 8 files)" in out
+    rc, out = check_dataset_cli(capsys, "coach.xlsx", tmp_path)
+    assert rc == 0 and "columns: question 'Q', answer 'A' (detected) in coach.xlsx" in out
+    rc, out = check_dataset_cli(capsys, "run.yaml", tmp_path)
+    assert rc == 0 and "files: 9 read (MATH/train: 4 files, MATH/test/**/*.json: 4 files)" in out
+    assert "per source: MATH/train 4, MATH/test/**/*.json 4, coach.xlsx 1" in out
+    rc, out = check_dataset_cli(capsys, "both.csv", tmp_path)
+    assert rc == 1 and "both.csv: cannot tell the question and answer columns" in out
+    assert "['q', 'a', 'prompt', 'response']" in out
+    rc, out = check_dataset_cli(capsys, "MATH/*.parquet", tmp_path)
+    assert rc == 1 and "MATH/*.parquet: no data files match this pattern" in out
+
+
+def test_python_m_workbench_check_dataset_on_deep_json(tmp_path):
+    """The real command in its own process: exit status 1, the file and record named, no traceback, nothing written."""
+    (tmp_path / "deep.jsonl").write_text('{"input": "q", "output": "a"}\n{"x": ' + deep(5000) + "}\n", encoding="utf-8")
+    before = sorted(tmp_path.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "workbench", "check-dataset", "deep.jsonl", "--model", "embedded:tiny-random"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out and "RecursionError" not in out
+    assert "deep.jsonl: record 2: nested too deeply: 5001 levels" in out and "records: 1 read" in out
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_json_records_in_table_form_detect_or_report_per_record(tmp_path):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"question": "q1", "answer": "a1"}, {"question": "q2"}])
+    raises_at(p, 2, "answer", "missing")
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"q": "q1", "a": "a1"}])
+    [s] = read_records(p, format="table")
+    assert s.messages == [user("q1"), assistant("a1")]
+    assert read_source(p, format="table").columns == {str(p): "question 'q', answer 'a' (detected)"}
+
+
+def test_missing_folder_or_file_without_extension(tmp_path):
+    raises_at(tmp_path / "MATH", 0, None, "no such file or folder")
+
+
+def test_check_dataset_on_a_recipe_name(tokenizer):
+    report = check_dataset("smollm2_135m_tiny_smoke", tokenizer=tokenizer)
+    assert report.ok and report.n_samples > 0 and "generated:identity" in "".join(report.per_source)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.data import read_records
+from workbench.readers import read_records
 from workbench.identity import QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +187,9 @@ def test_script_end_to_end_on_tiny_model(script, tmp_path, capsys):
     with pytest.raises(SystemExit, match="already exists"):
         script.main(["--model", "embedded:tiny-random", "--limit", "1", "--out", str(out), "--quiet"])
     assert out.read_bytes() == before
+
+
+def test_split_heldout_holds_out_every_nth_sample(script):
+    train, held = script.split_heldout(list(range(15)), every=7)
+    assert held == [6, 13] and train == [i for i in range(15) if i not in (6, 13)]
+    assert script.split_heldout(list(range(15)), every=7) == (train, held)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from workbench.data import detect_format, read_records
+from workbench.readers import detect_format, read_records
 from workbench.identity import (ANSWERS, QUESTIONS, generate_identity, generate_tutorial_identity, identity_questions,
                                 write_identity_dataset)
 

@@ -167,8 +167,8 @@ class ModelReport:
 @torch.no_grad()
 def answer_nll(model, builder, questions: list[str], answers: list[str]) -> float:
     """Mean per-token negative log-likelihood of `answers` to `questions` under `model`."""
-    from workbench.data import Sample
     from workbench.packing import collate
+    from workbench.samples import Sample
     from workbench.train import token_loss_sum
 
     samples = [Sample([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in zip(questions, answers)]
@@ -258,7 +258,7 @@ class RunAnalysis:
 
 
 def load_heldout(path: str | Path | None = None, limit: int = 24):
-    from workbench.data import read_records
+    from workbench.readers import read_records
 
     p = resolve_path(path) if path else HELDOUT_FILE
     return read_records(p)[:limit] if Path(p).exists() else []

@@ -54,9 +54,9 @@ def _rank_tag() -> str:
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
     from workbench.config import ConfigError
     from workbench.convert import ConvertError
-    from workbench.data import DataError
     from workbench.models import ModelError
     from workbench.prompt import TemplateError
+    from workbench.samples import DataError
 
     return ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
 
@@ -236,7 +236,7 @@ def cmd_gen_data(args) -> int:
 
 
 def cmd_check_dataset(args) -> int:
-    from workbench.data import check_dataset
+    from workbench.encoding import check_dataset
     from workbench.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model) if args.model else None
@@ -247,7 +247,8 @@ def cmd_check_dataset(args) -> int:
 
 def cmd_log_dataset(args) -> int:
     from workbench.config import resolve_config
-    from workbench.data import encode_samples, mix_sources
+    from workbench.encoding import encode_samples
+    from workbench.mixing import mix_sources
     from workbench.models import load_tokenizer
     from workbench.prompt import builder_for
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +54,13 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None =
 class DataSource:
     """One source of training data, as listed under `datasets:` in a config."""
 
-    path: str | None = _f(None, help="Data file (JSON, JSONL, CSV, XLSX or TXT). Relative paths are looked up from the current directory, then from the project root.")
+    path: str | None = _f(None, help="Data file (JSON, JSONL, CSV, TSV, XLSX or TXT), a folder (every such file under it, recursively) or a glob pattern (data/*.jsonl, data/MATH/**/*.json). Relative paths are looked up from the current directory, then from the project root.")
     generate: str | None = _f(None, help="Instead of a file, generate the data: 'identity' (diverse bilingual identity Q&A) or 'identity_tutorial' (the tutorial's two pairs repeated).", choices=(None, "identity", "identity_tutorial"))
     format: str = _f("auto", help="How to read the file: auto (detect), xtuner, pairs, alpaca, messages, problem_solution, table (CSV/XLSX), text (plain text, pre-training).", choices=("auto", "xtuner", "pairs", "alpaca", "messages", "problem_solution", "table", "text"))
     repeat: float = _f(1.0, help="Repeat factor: 3 uses every record three times; 0.5 uses half of them (sampled with the seed).")
     fraction: float | None = _f(None, help="Alternatively, the share of the final mixture this source should make up (0-1). Overrides repeat.")
-    question_column: str = _f("question", help="Tables only: the column holding the user's question.")
-    answer_column: str = _f("answer", help="Tables only: the column holding the answer.")
+    question_column: str | None = _f(None, help="Tables only: the column holding the user's question; null detects the pair of columns q/a, question/answer, prompt/response, instruction/output or 问题/答案 (any case).")
+    answer_column: str | None = _f(None, help="Tables only: the column holding the answer; null detects it (see question_column).")
     system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
 
@@ -240,11 +241,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.exists():
         raise ConfigError(f"{path}: config file not found (list shipped recipes with `workbench list-cfg`)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the config file is empty; give at least the fields that differ from the defaults "
+                          "(start from a recipe: `workbench copy-cfg NAME .`)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping of field: value")
+        raise ConfigError(f"{path}: a config must be a YAML mapping of field: value, got {type(data).__name__} at the top level")
     data.pop("_recipe_", None)
     for item in overrides or []:
         apply_override(data, item)
@@ -342,9 +348,14 @@ def copy_recipe(name: str, save_dir: str | os.PathLike) -> Path:
 
 
 def resolve_path(p: str | os.PathLike) -> Path:
-    """A data or model path: absolute, relative to the current directory, or to the project root."""
+    """A data or model path (or a glob pattern of data files): absolute, relative to the current directory, or to the project root."""
     p = Path(os.path.expanduser(str(p)))
-    if p.is_absolute() or p.exists():
+    if p.is_absolute() or _found(p):
         return p
     alt = PROJECT_ROOT / p
-    return alt if alt.exists() else p
+    return alt if _found(alt) else p
+
+
+def _found(p: Path) -> bool:
+    """The path exists, or it is a glob pattern (data/*.jsonl) that matches something."""
+    return p.exists() or any(c in str(p) for c in "*?[") and next(glob.iglob(str(p), recursive=True), None) is not None

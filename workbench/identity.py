@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 
 from workbench.config import Config
-from workbench.data import Sample, to_messages_json, to_xtuner_json, write_dataset
+from workbench.samples import Sample, to_messages_json, to_xtuner_json, write_dataset
 
 LANGUAGES = ("en", "zh")
 IDENTITY_SOURCE = "generated:identity"

@@ -178,7 +178,9 @@ def prepare_work_dir(work: Path, cfg: Config, fresh: bool) -> None:
 
 def prepare_data(cfg: Config, work: Path, is_main: bool):
     """Tokenizer, prompt builder and the packed (or single-sample) rows of the run."""
-    from workbench.data import encode_samples, mix_sources, write_dataset
+    from workbench.encoding import encode_samples
+    from workbench.mixing import mix_sources
+    from workbench.samples import write_dataset
     from workbench.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template)

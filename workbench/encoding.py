@@ -1,0 +1,211 @@
+"""Encoding: samples become token rows for training, with a report of what that gives.
+
+`encode_samples` encodes each sample with the prompt builder (loss on the
+assistant turns, or on every token of a text document), truncates to
+`max_length` and drops samples with nothing left to train. Its
+`DatasetReport` counts records, files, tokens, truncated and dropped samples,
+per source, with the table columns used and the errors found.
+`check_dataset` reads a data file, folder, pattern or a config's whole
+mixture, encodes it and reports every problem, writing nothing
+(`workbench check-dataset`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from workbench.config import RECIPES_DIR, Config, ConfigError, resolve_config, resolve_path
+from workbench.mixing import mix, read_configured
+from workbench.prompt import Encoded, PromptBuilder, builder_for
+from workbench.readers import Reading, read_source
+from workbench.samples import Sample
+
+MAX_ERRORS_SHOWN = 20
+MAX_DROPPED_SHOWN = 5
+
+
+@dataclass
+class DatasetReport:
+    """What encoding a data set gives: sizes, truncation, drops, per-source counts and errors."""
+
+    n_records: int = 0  # samples given to encode_samples (after mixing)
+    n_samples: int = 0  # encoded samples kept for training
+    n_truncated: int = 0  # kept samples longer than max_length, cut to it
+    n_dropped: int = 0  # samples with nothing trainable left after truncation (not kept)
+    n_tokens: int = 0  # tokens of the kept samples
+    n_trained_tokens: int = 0  # of those, tokens with a loss
+    max_len: int = 0  # longest kept sample in tokens (after truncation)
+    per_source: dict[str, int] = dataclasses.field(default_factory=dict)  # samples given, by source
+    errors: list[str] = dataclasses.field(default_factory=list)  # the first MAX_ERRORS_SHOWN errors
+    n_errors: int = 0  # all errors, shown or not
+    max_length: int | None = None
+    dropped: list[str] = dataclasses.field(default_factory=list)  # where the first dropped samples came from
+    n_files: int = 0  # data files read (a file source counts one)
+    files: dict[str, int] = dataclasses.field(default_factory=dict)  # data files per folder or glob source
+    skipped: list[str] = dataclasses.field(default_factory=list)  # files of other types under a folder or pattern
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # table file -> the columns used
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add_error(self, error: Exception | str) -> None:
+        self.n_errors += 1
+        if len(self.errors) < MAX_ERRORS_SHOWN:
+            self.errors.append(str(error))
+
+    def add_readings(self, readings: list[Reading]) -> None:
+        """Count files, skipped files and table columns from what the readers saw (files whose records all failed too)."""
+        self.n_files, self.files, self.skipped, self.columns = 0, {}, [], {}
+        for reading in readings:
+            if not reading.source:  # generated data
+                continue
+            self.n_files += len(reading.files)
+            if reading.files != [reading.source]:
+                self.files[reading.source] = len(reading.files)
+            self.skipped += reading.skipped
+            self.columns.update(reading.columns)
+
+    def __str__(self) -> str:
+        share = 100 * self.n_trained_tokens / self.n_tokens if self.n_tokens else 0.0
+        limit = f" (max_length {self.max_length})" if self.max_length else ""
+        lines = [f"records: {self.n_records} read, {self.n_samples} kept for training, {self.n_dropped} dropped"]
+        lines += self._file_lines()
+        lines += [f"tokens: {self.n_tokens:,} in all, {self.n_trained_tokens:,} trained ({share:.0f}%)",
+                  f"longest sample: {self.max_len} tokens{limit}"]
+        if self.n_truncated:
+            lines.append(f"truncated: {self.n_truncated} samples were longer than max_length and were cut")
+        if self.n_dropped:
+            lines.append(f"dropped: {self.n_dropped} samples had nothing left to train after truncation, "
+                         f"e.g. {'; '.join(self.dropped)}")
+        lines.append("per source: " + (", ".join(f"{k} {v}" for k, v in self.per_source.items()) or "none"))
+        lines += self._column_lines()
+        lines += self._error_lines()
+        return "\n".join(lines)
+
+    def _file_lines(self) -> list[str]:
+        """A files line when a source is a folder or pattern (a report of file sources stays as it was)."""
+        if not self.files and not self.skipped:
+            return []
+        line = f"files: {self.n_files} read (" + ", ".join(f"{k}: {v} files" for k, v in self.files.items()) + ")"
+        if self.skipped:
+            n = len(self.skipped)
+            line += f"; {n} file{'s' if n > 1 else ''} of other types skipped, e.g. {self.skipped[0]}"
+        return [line]
+
+    def _column_lines(self) -> list[str]:
+        """Which table columns were read, one line per choice (a folder of like tables gives one line)."""
+        by_choice: dict[str, list[str]] = {}
+        for file, note in self.columns.items():
+            by_choice.setdefault(note, []).append(file)
+        return [f"columns: {note} in " + (files[0] if len(files) == 1 else f"{len(files)} files, e.g. {files[0]}")
+                for note, files in by_choice.items()]
+
+    def _error_lines(self) -> list[str]:
+        total = max(self.n_errors, len(self.errors))
+        if not total:
+            return ["errors: none"]
+        lines = [f"errors: {total}"] + [f"  {e}" for e in self.errors]
+        if total > len(self.errors):
+            lines.append(f"  ... and {total - len(self.errors)} more")
+        return lines
+
+
+def encode_samples(samples: Iterable[Sample], builder: PromptBuilder, max_length: int,
+                   loss_on: str = "all_turns") -> tuple[list[Encoded], DatasetReport]:
+    """Encode samples for training; samples with no trained token left are dropped and counted."""
+    report = DatasetReport(max_length=max_length)
+    encoded: list[Encoded] = []
+    cache: dict = {}
+    files: dict[str, set[str]] = {}
+    for sample in samples:
+        report.n_records += 1
+        report.per_source[sample.source] = report.per_source.get(sample.source, 0) + 1
+        if sample.file:
+            files.setdefault(sample.source, set()).add(sample.file)
+        enc = _encode_cached(sample, builder, max_length, loss_on, cache)
+        if enc.n_trained == 0:
+            report.n_dropped += 1
+            if len(report.dropped) < MAX_DROPPED_SHOWN:
+                report.dropped.append(sample.where)
+            continue
+        encoded.append(enc)
+        _count(report, enc)
+    report.n_files = sum(len(f) for f in files.values())
+    report.files = {source: len(f) for source, f in files.items() if f != {source}}
+    return encoded, report
+
+
+def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss_on: str, cache: dict) -> Encoded:
+    """Encode once per distinct sample (repeated data is common); each caller gets its own copy."""
+    key = sample.text if sample.text is not None else tuple((m["role"], m["content"]) for m in sample.messages)
+    if key not in cache:
+        cache[key] = (builder.encode_text(sample.text, max_length) if sample.text is not None
+                      else builder.encode(sample.messages, max_length, loss_on))
+    enc = cache[key]
+    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated)
+
+
+def _count(report: DatasetReport, enc: Encoded) -> None:
+    report.n_samples += 1
+    report.n_truncated += enc.truncated
+    report.n_tokens += len(enc)
+    report.n_trained_tokens += enc.n_trained
+    report.max_len = max(report.max_len, len(enc))
+
+
+def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, max_length: int | None = None,
+                  strict: bool = True) -> DatasetReport:
+    """Read, validate and encode a data file, folder, pattern or a config's data mixture; report every problem.
+
+    Writes nothing. tokenizer: a tokenizer, a model name, or None for the
+    config's model (the embedded model for bare data). max_length: None for
+    the config's. strict: samples that would be dropped (nothing trainable
+    after truncation) count as an error too, so `report.ok` is False.
+    """
+    cfg, samples, errors, readings = _gather(path_or_config)
+    builder = builder_for(cfg, _tokenizer(tokenizer, cfg))
+    _, report = encode_samples(samples, builder, max_length or cfg.max_length, cfg.loss_on)
+    report.add_readings(readings)
+    for error in errors:
+        report.add_error(error)
+    if strict and report.n_dropped:
+        report.add_error(f"{report.n_dropped} samples would be dropped: their prompt fills max_length={report.max_length}, "
+                         f"so no answer token is left to train (e.g. {report.dropped[0]}); raise max_length or shorten them")
+    return report
+
+
+def _gather(path_or_config: str | os.PathLike | Config) -> tuple[Config, list[Sample], list[Exception], list[Reading]]:
+    """The config, the samples it reads (mixed), every error found on the way, and what each source's reading gave."""
+    if not isinstance(path_or_config, Config) and not _names_config(path_or_config):
+        reading = read_source(resolve_path(path_or_config))
+        return Config(), reading.samples, list(reading.errors), [reading]
+    cfg = path_or_config if isinstance(path_or_config, Config) else resolve_config(str(path_or_config))
+    readings = [read_configured(src, cfg) for src in cfg.datasets]
+    errors: list[Exception] = [e for r in readings for e in r.errors]
+    loaded = [r.samples for r in readings]
+    try:
+        return cfg, mix(loaded, cfg), errors, readings
+    except ConfigError as e:
+        return cfg, [s for samples in loaded for s in samples], errors + [e], readings
+
+
+def _names_config(path: str | os.PathLike) -> bool:
+    """A config YAML, or the name of a shipped recipe that is no data file or folder here."""
+    p = Path(path)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        return True
+    return not p.suffix and not resolve_path(p).exists() and (RECIPES_DIR / f"{p}.yaml").exists()
+
+
+def _tokenizer(tokenizer, cfg: Config):
+    from workbench.models import load_tokenizer  # models imports torch; reading and checking data does not need it
+
+    if tokenizer is None:
+        return load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+    if isinstance(tokenizer, str):
+        return load_tokenizer(tokenizer, cfg.trust_remote_code)
+    return tokenizer
