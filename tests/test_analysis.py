@@ -1,11 +1,14 @@
-"""Overfitting metrics on hand-made answers (an overfit set, a healthy set), and the analysis of a tiny run."""
+"""Overfitting metrics on hand-made answers (an overfit set, a healthy set), the analysis of a tiny run,
+its tables and plots (workbench.display), and the recipe comparison (workbench.comparison)."""
 import math
 
 import pytest
 import yaml
 
 from workbench import analysis as A
-from workbench.config import PROJECT_ROOT, load_recipe
+from workbench import comparison as C
+from workbench import display as D
+from workbench.config import PROJECT_ROOT, load_recipe, resolve_config
 from workbench.identity import identity_questions
 
 NAME, OWNER = "Nova", "Alex"
@@ -67,6 +70,8 @@ def test_recommend_and_diagnose():
     assert "Overfit" in text and "iter_20" in text and "9 of 10 general questions" in text
     healthy = A.diagnose([base, early], cfg, early)
     assert "Healthy" in healthy
+    assert A.MIXED_RECIPE in text, "an overfit identity-only run is pointed to the mixed recipe"
+    assert "my_cure" in A.diagnose([base, early, late], cfg, best, mixed_recipe="my_cure")
 
 
 def test_probes_are_held_out():
@@ -101,13 +106,16 @@ def test_analyze_run_on_a_tiny_run(tiny_run):
     assert run.final.n_probes == len(A.load_probes().items())
     again = A.RunAnalysis.load(tiny_run / "analysis.json")
     assert again.best_step == run.best_step and again.reports[1].answers == run.reports[1].answers
-    assert len(A.metrics_table(run)) == 3 and len(A.answers_table(run)) > 0
+    assert len(D.metrics_table(run)) == 3 and len(D.answers_table(run)) > 0
+    assert list(D.answers_table(run, step=2).columns)[-1] == "iter_2"
+    with pytest.raises(KeyError, match="analyzed steps: \\[0, 2, 4\\]"):
+        run.report_at(3)
 
 
 def test_plots_draw_real_lines(tiny_run, tmp_path):
     run = A.RunAnalysis.load(tiny_run / "analysis.json") if (tiny_run / "analysis.json").exists() else \
         A.analyze_run(tiny_run, max_new_tokens=4, heldout_limit=3, progress=False)
-    fig = A.plot_run(run, tmp_path / "run.png")
+    fig = D.plot_run(run, tmp_path / "run.png")
     loss_ax, metric_ax = fig.axes
     assert len(loss_ax.lines[0].get_xdata()) == 4, "one training-loss point per step"
     assert len(metric_ax.lines) >= 5
@@ -123,3 +131,38 @@ def test_answer_batch_equals_one_by_one():
     qs = ["Who are you?", "What is 2+2? Answer briefly please.", "你好"]
     st = GenerationSettings(max_new_tokens=6)
     assert answer_batch(model, builder, qs, st, batch_size=2) == [answer(model, builder, q, settings=st) for q in qs]
+
+
+def test_default_recipes_are_the_tutorial_and_the_cure():
+    tutorial, mixed = (resolve_config(n) for n in C.DEFAULT_RECIPES)
+    assert [s.generate for s in tutorial.datasets] == ["identity_tutorial"]
+    assert mixed.name == A.MIXED_RECIPE and any(s.path for s in mixed.datasets), "the cure mixes in general data"
+
+
+def test_comparison_table_holds_each_final_checkpoint_after_the_base():
+    base = report(0, 0.0, 0.0, 1.0)
+    runs = [A.RunAnalysis("w1", {"name": "one"}, [base, report(10, 0.5, 0.2, 0.8)], 10, "", 12.4),
+            A.RunAnalysis("w2", {"name": "two"}, [base, report(20, 0.9, 0.1, 0.7)], 20, "", 30.6)]
+    table = C.comparison_table(runs)
+    assert list(table["recipe"]) == ["base model (no training)", "one", "two"]
+    assert list(table["steps"]) == [0, 10, 20] and list(table["train time (s)"]) == [0, 12, 31]
+    assert list(table["hit unseen ZH"]) == [0.0, 0.25, 0.45] and list(table["retention"]) == [1.0, 0.8, 0.7]
+    md = C.markdown_table(table).splitlines()
+    assert md[0].startswith("| recipe | steps | hit seen EN") and md[1] == "|" + "---|" * len(table.columns)
+    assert md[4].startswith("| two | 20 | 0.90 | 0.90 | 0.90 | 0.45 | 0.10 |") and len(md) == 5
+
+
+def test_compare_recipes_trains_once_then_reuses(tmp_path, capsys):
+    assert "make compare" in D.show_comparison(tmp_path).data, "nothing compared yet: says how to make it"
+    args = dict(out_dir=tmp_path, overrides=["max_steps=2", "save_steps=1", "evaluation_freq=0"], progress=False,
+                max_new_tokens=3, heldout_limit=2)
+    table, runs = C.compare_recipes(["smollm2_135m_tiny_smoke"], **args)
+    assert capsys.readouterr().out.count("trained in") == 1
+    assert [r.step for r in runs[0].reports] == [0, 1, 2] and list(table["steps"]) == [0, 2]
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "smollm2_135m_tiny_smoke/analysis.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = D.show_comparison(tmp_path)
+    assert list(saved["recipe"]) == list(table["recipe"]) and saved["retention"].tolist() == pytest.approx(table["retention"].tolist())
+    again, _ = C.compare_recipes(["smollm2_135m_tiny_smoke"], **args)
+    assert "trained in" not in capsys.readouterr().out, "a finished run is reused, not trained again"
+    assert again.equals(table)

@@ -1,8 +1,8 @@
-"""Config: validation messages, YAML round trip, recipes, overrides."""
+"""Config: validation messages, YAML round trip, recipes, overrides, and `configure` (the notebooks' config)."""
 import pytest
 import yaml
 
-from workbench.config import (Config, ConfigError, DataSource, copy_recipe, list_recipes, load_config, load_recipe,
+from workbench.config import (Config, ConfigError, DataSource, configure, copy_recipe, list_recipes, load_config, load_recipe,
                               resolve_config, save_config)
 
 
@@ -112,3 +112,32 @@ def test_table_columns_default_to_detection_and_old_explicit_columns_reload(tmp_
     cfg = Config(datasets=[DataSource(path="qa.csv")])
     again = load_config(save_config(cfg, tmp_path / "new.yaml"))
     assert again == cfg and again.datasets[0].question_column is None
+
+
+def test_configure_sets_the_fields_asked_for_and_says_what_else_it_changes(tmp_path, capsys):
+    recipe = load_recipe("smollm2_135m_tiny_smoke")  # max_steps 6, save_steps 3, evaluation_freq 3
+    assert configure("smollm2_135m_tiny_smoke", lr=None, max_steps=None) == recipe, "None keeps the recipe's value"
+    assert capsys.readouterr().out == "", "nothing changed that was not asked for"
+    cfg = configure("smollm2_135m_tiny_smoke", max_steps=4, lora_r=4)
+    assert (cfg.max_steps, cfg.lora_r, cfg.save_steps, cfg.evaluation_freq) == (4, 4, 2, 2)
+    said = capsys.readouterr().out.splitlines()
+    assert said == ["configure: save_steps 3 -> 2 (half of max_steps=4; pass save_steps= to choose)",
+                    "configure: evaluation_freq 3 -> 2 (half of max_steps=4; pass evaluation_freq= to choose)"]
+    cfg = configure("smollm2_135m_tiny_smoke", max_steps=4, evaluation_freq=1)
+    assert (cfg.save_steps, cfg.evaluation_freq) == (2, 1), "a field asked for is never overridden"
+    assert capsys.readouterr().out.count("configure:") == 1
+    assert configure("smollm2_135m_tiny_smoke", max_steps=6) == recipe and capsys.readouterr().out == "", \
+        "half of 6 is the recipe's 3 already: no change, nothing said"
+
+
+def test_configure_replaces_the_generated_identity_data_by_a_file(tmp_path, capsys):
+    data = tmp_path / "identity.json"
+    cfg = configure("smollm2_135m_lora_identity_mixed_cpu", str(data))
+    recipe = load_recipe("smollm2_135m_lora_identity_mixed_cpu")
+    generated, *kept = recipe.datasets
+    assert generated.generate == "identity" and generated.repeat == 2 and kept
+    assert cfg.datasets == [DataSource(path=str(data.resolve()), repeat=2), *kept], "the file takes its place and weight"
+    assert capsys.readouterr().out == (f"configure: datasets: {data.resolve()} (repeat 2) replaces generate: identity; "
+                                       "2 other source(s) kept\n")
+    with pytest.raises(ConfigError, match="unknown field.*lerning_rate"):
+        configure("smollm2_135m_tiny_smoke", lerning_rate=0.1)

@@ -1,6 +1,7 @@
-"""Loss masks, token by token, on the embedded model's real chat template (ChatML)."""
+"""Loss masks, token by token, on the embedded model's real chat template (ChatML); how a sample is shown."""
 import pytest
 
+from workbench.display import show_sample
 from workbench.models import load_tokenizer
 from workbench.prompt import IGNORE, PromptBuilder
 
@@ -89,10 +90,21 @@ def test_stop_tokens_include_end_of_turn(builder):
     assert "<|im_end|>" in builder.tokenizer.convert_ids_to_tokens(builder.stop_token_ids)
 
 
-def test_show_marks_trained_part(builder):
-    shown = builder.show(builder.encode(CONV[:2]))
+def test_show_sample_marks_trained_part(builder):
+    enc = builder.encode(CONV[:2])
+    shown = show_sample(builder, enc)
     assert "[[I am Nova, Alex's assistant.<|im_end|>\n]]" in shown
-    assert "background" in builder.show(builder.encode(CONV[:2]), style="html")
+    assert shown.replace("[[", "").replace("]]", "") == builder.tokenizer.decode(enc.input_ids), "only marks are added"
+    assert "\x1b[1;32mI am Nova, Alex's assistant.<|im_end|>\n\x1b[0m" in show_sample(builder, enc, style="ansi")
+    with pytest.raises(ValueError, match="style must be one of"):
+        show_sample(builder, enc, style="colour")
+
+
+def test_show_sample_html_escapes_the_text(builder):
+    enc = builder.encode([{"role": "user", "content": "Say <b>hi</b>"}, {"role": "assistant", "content": "<script>x</script>"}])
+    shown = show_sample(builder, enc, style="html")
+    assert "<script>" not in shown and "<b>hi" not in shown
+    assert '<span style="background:#c8f7c5">&lt;script&gt;x&lt;/script&gt;' in shown and "Say &lt;b&gt;hi&lt;/b&gt;" in shown
 
 
 def test_saved_prompt_reloads_identically(builder, tmp_path):

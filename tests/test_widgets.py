@@ -1,6 +1,8 @@
-"""Notebook widgets work when used: edits change the config, Send/Clear drive the models, the plot follows training."""
+"""Notebook widgets work when used: edits change the config, Send/Clear drive the models, the plot follows training;
+text from users and models reaches HTML escaped."""
 import pytest
 
+from workbench.chat import GenerationSettings, answer
 from workbench.config import load_recipe
 from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.prompt import PromptBuilder
@@ -46,6 +48,22 @@ def test_chat_panel_send_and_clear(pair):
     assert panel.history == {"base": [], "tuned": []} and all(o.outputs == () for o in panel.outputs.values())
 
 
+def test_chat_panel_keeps_every_generation_setting(pair):
+    given = GenerationSettings(max_new_tokens=1000, temperature=1.7, top_p=0.9, repetition_penalty=1.3)
+    assert ChatPanel({"m": pair}, given).settings == given, "sliders widen to hold the given values, none is dropped"
+    panel = ChatPanel({"m": pair}, GenerationSettings(max_new_tokens=16, repetition_penalty=2.0))
+    with_penalty = answer(*pair, "Who are you?", settings=GenerationSettings(16, repetition_penalty=2.0))
+    assert with_penalty != answer(*pair, "Who are you?", settings=GenerationSettings(16)), "the penalty matters here"
+    assert panel.send("Who are you?") == {"m": with_penalty}, "the panel generates with the penalty it shows"
+
+
+def test_chat_panel_escapes_what_it_shows(pair):
+    panel = ChatPanel({"<i>m</i>": pair}, GenerationSettings(max_new_tokens=4))
+    panel.send("Say <b>hi</b>")
+    shown = shown_text(panel.outputs["<i>m</i>"])
+    assert "<b>hi" not in shown and "Say &lt;b&gt;hi&lt;/b&gt;" in shown and "<b>&lt;i&gt;m&lt;/i&gt;:</b>" in shown
+
+
 def test_live_plot_follows_training():
     live = LiveTrainingPlot(total_steps=4, every=1)
     for step in range(1, 5):
@@ -56,11 +74,23 @@ def test_live_plot_follows_training():
     assert "Nova" in shown_text(live.answers)
 
 
+def test_evaluation_answers_are_escaped():
+    live = LiveTrainingPlot(total_steps=2)
+    live.on_eval(2, [{"question": "Say <b>hi</b>", "answer": "<script>alert(1)</script> & <b>bold</b>"}])
+    shown = shown_text(live.answers)
+    assert "<script>" not in shown and "<b>hi" not in shown and "<b>bold" not in shown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in shown and "Say &lt;b&gt;hi&lt;/b&gt;" in shown
+
+
 def test_checkpoint_picker_defaults_to_the_last(tmp_path):
     for n in (2, 10):
         (tmp_path / f"iter_{n}").mkdir()
         (tmp_path / f"iter_{n}" / "state.json").write_text("{}")
     assert checkpoint_picker(tmp_path).label == "iter_10"
     assert checkpoint_picker(tmp_path, "iter_2").label == "iter_2"
+    assert checkpoint_picker(tmp_path, str(tmp_path / "iter_2")).value == str(tmp_path / "iter_2")
+    assert checkpoint_picker(tmp_path).options[0][0] == "iter_2", "oldest first"
+    with pytest.raises(FileNotFoundError, match="no checkpoint iter_5 .*there are: iter_2, iter_10"):
+        checkpoint_picker(tmp_path, "iter_5")
     with pytest.raises(FileNotFoundError, match="train first"):
         checkpoint_picker(tmp_path / "nothing")

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
                        description="Train (or reuse) each recipe on the same base model, analyze it, and write one comparison table and plot.")
-    s.add_argument("recipes", nargs="*", help="recipes or config files (default: the tutorial's and the mixed recipe)")
+    s.add_argument("recipes", nargs="*", help="recipes or config files (default: the tutorial's and the mixed recipe, DEFAULT_RECIPES in workbench/comparison.py)")
     s.add_argument("--out", default="outputs/compare")
     s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="applied to every recipe")
     s.set_defaults(func=cmd_compare)
@@ -249,6 +249,7 @@ def cmd_log_dataset(args) -> int:
     from workbench.config import resolve_config
     from workbench.encoding import encode_samples
     from workbench.mixing import mix_sources
+    from workbench.display import show_sample
     from workbench.models import load_tokenizer
     from workbench.prompt import builder_for
 
@@ -257,7 +258,7 @@ def cmd_log_dataset(args) -> int:
     encoded, report = encode_samples(mix_sources(cfg)[: args.n], builder, cfg.max_length, cfg.loss_on)
     for i, enc in enumerate(encoded):
         print(f"--- sample {i + 1}: {len(enc)} tokens, {enc.n_trained} trained ([[...]])" + (" TRUNCATED" if enc.truncated else ""))
-        print(builder.show(enc))
+        print(show_sample(builder, enc))
     return 0
 
 
@@ -323,7 +324,8 @@ def cmd_web(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from workbench.analysis import analyze_run, load_probes, metrics_table, plot_run
+    from workbench.analysis import analyze_run, load_probes
+    from workbench.display import metrics_table, plot_run
 
     run = analyze_run(args.work_dir, load_probes(args.probes), max_new_tokens=args.max_new_tokens)
     print(metrics_table(run).to_string(index=False))
@@ -333,9 +335,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from workbench.analysis import COMPARE_RECIPES, compare_recipes
+    from workbench.comparison import compare_recipes
 
-    table, _ = compare_recipes(tuple(args.recipes or COMPARE_RECIPES), args.out, args.cfg_options)
+    table, _ = compare_recipes(args.recipes or None, args.out, args.cfg_options)
     print(table.to_string(index=False))
     print(f"written: {args.out}/comparison.md, comparison.csv, comparison.png")
     return 0

@@ -338,6 +338,45 @@ def resolve_config(name_or_path: str, overrides: list[str] | None = None) -> Con
     return load_config(recipe_path(name_or_path), overrides)
 
 
+def configure(recipe: str, data_file: str | os.PathLike = "", **fields) -> Config:
+    """A recipe (name or file) with its generated identity data replaced by `data_file` and `fields` set.
+
+    Fields given as None keep the recipe's value. The data file takes the generated data's
+    place and weight (repeat, fraction). Setting `max_steps` alone also sets `save_steps`
+    and `evaluation_freq` to half of it, so the run keeps a checkpoint and an evaluation
+    midway. Each such change beyond the fields given is printed.
+    """
+    cfg = resolve_config(recipe)
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if data_file:
+        changes["datasets"] = _with_data_file(cfg.datasets, data_file)
+    derived = _derived_changes(cfg, changes)
+    for name, value in derived.items():
+        print(f"configure: {name} {getattr(cfg, name)} -> {value} (half of max_steps={changes['max_steps']}; "
+              f"pass {name}= to choose)")
+    return cfg.replace(**changes, **derived)
+
+
+def _with_data_file(sources: list[DataSource], data_file: str | os.PathLike) -> list[DataSource]:
+    """The sources with the generated identity data replaced by `data_file` (same weight), said in one line."""
+    generated = [s for s in sources if (s.generate or "").startswith("identity")]
+    kept = [s for s in sources if s not in generated]
+    weight = {"repeat": generated[0].repeat, "fraction": generated[0].fraction} if generated else {}
+    source = DataSource(path=str(Path(data_file).resolve()), **weight)
+    replaced = ", ".join(f"generate: {s.generate}" for s in generated) or "nothing (added in front)"
+    shown = f"repeat {source.repeat:g}" + (f", fraction {source.fraction:g}" if source.fraction is not None else "")
+    print(f"configure: datasets: {source.path} ({shown}) replaces {replaced}; {len(kept)} other source(s) kept")
+    return [source, *kept]
+
+
+def _derived_changes(cfg: Config, changes: dict) -> dict:
+    """Fields not asked for that `configure` adapts to the ones asked for: only those whose value differs."""
+    if not changes.get("max_steps"):
+        return {}
+    half = max(1, changes["max_steps"] // 2)
+    return {name: half for name in ("save_steps", "evaluation_freq") if name not in changes and getattr(cfg, name) != half}
+
+
 def copy_recipe(name: str, save_dir: str | os.PathLike) -> Path:
     """Write the full, commented config of a recipe to SAVE_DIR/<name>_copy.yaml (as `xtuner copy-cfg`)."""
     cfg = load_recipe(name)

@@ -5,11 +5,8 @@ its parameters cell overridden by papermill: every notebook gets the same
 `run_dir`, so each finds the previous stage's outputs there. Executed copies and
 the figures they contain go to a git-ignored output folder. Smoke mode is only a
 set of parameter overrides (a tiny random model, a handful of steps, short
-answers): the notebooks themselves have no smoke branch.
-
-`configure` builds the config notebook 02 writes: a recipe, the data file made by
-notebook 01 in place of the recipe's generated identity data, and the fields the
-parameters cell sets.
+answers): the notebooks themselves have no smoke branch. (Notebook 02 builds its
+config with `workbench.config.configure`.)
 """
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from workbench.config import PROJECT_ROOT, Config, DataSource, resolve_config
+from workbench.config import PROJECT_ROOT
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
@@ -38,19 +35,6 @@ SMOKE = {
     "06_chat_compare": {"max_new_tokens": 8},
     "07_overfitting": {"max_new_tokens": 6, "heldout_limit": 4},
 }
-
-
-def configure(recipe: str, data_file: str = "", **fields) -> Config:
-    """A recipe with the identity data replaced by `data_file` (when given) and fields set (None keeps the recipe's)."""
-    cfg = resolve_config(recipe)
-    if data_file:
-        kept = [s for s in cfg.datasets if not (s.generate or "").startswith("identity")]
-        cfg = cfg.replace(datasets=[DataSource(path=str(Path(data_file).resolve())), *kept])
-    changes = {k: v for k, v in fields.items() if v is not None}
-    if "max_steps" in changes and changes["max_steps"] and "save_steps" not in changes:
-        half = max(1, changes["max_steps"] // 2)
-        changes.update(save_steps=half, evaluation_freq=half)
-    return cfg.replace(**changes)
 
 
 def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: list[str] | None = None,

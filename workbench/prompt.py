@@ -4,6 +4,7 @@ Training, the in-training evaluation, chat and the analysis all build their
 prompts here, so the model is asked questions exactly the way it was trained.
 The builder's settings (chat template and system prompt) are saved next to
 every adapter and merged model (`prompt.json`) and read back by `load`.
+(`workbench.display.show_sample` shows an encoded sample with its trained part marked.)
 
 Loss masking: every assistant turn (or only the last, with
 loss_on="last_turn") is trained, including the template's end-of-turn token;
@@ -14,7 +15,6 @@ works (ChatML, Llama 3, InternLM2, Qwen, ...).
 """
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,34 +126,6 @@ class PromptBuilder:
     def load(cls, folder: str | Path, tokenizer) -> "PromptBuilder":
         data = json.loads((Path(folder) / PROMPT_FILE).read_text(encoding="utf-8"))
         return cls(tokenizer, system=data["system"], chat_template=data["chat_template"])
-
-    # -- showing what is trained -------------------------------------------------
-    def show(self, enc: Encoded, style: str = "brackets") -> str:
-        """The sample as text with the trained part marked: [[...]] (brackets), ANSI colour, or HTML."""
-        out, run, run_trained = [], [], None
-
-        def flush():
-            if not run:
-                return
-            text = self.tokenizer.decode(run)
-            if style == "html":
-                text = html.escape(text).replace("\n", "⏎<br>")
-                out.append(f'<span style="background:#c8f7c5">{text}</span>' if run_trained
-                           else f'<span style="color:#999">{text}</span>')
-            elif style == "ansi":
-                out.append(f"\x1b[1;32m{text}\x1b[0m" if run_trained else f"\x1b[2m{text}\x1b[0m")
-            else:
-                out.append(f"[[{text}]]" if run_trained else text)
-
-        for tid, lab in zip(enc.input_ids, enc.labels):
-            trained = lab != IGNORE
-            if trained != run_trained:
-                flush()
-                run, run_trained = [], trained
-            run.append(tid)
-        flush()
-        body = "".join(out)
-        return f'<pre style="white-space:pre-wrap">{body}</pre>' if style == "html" else body
 
     # -- internals -----------------------------------------------------------------
     def _trained_spans(self, messages: list[dict], loss_on: str) -> tuple[str, list[tuple[int, int]]]:

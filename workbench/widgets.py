@@ -11,15 +11,20 @@ the same controls re-run the same package functions.
 - `checkpoint_picker`: a dropdown of a work dir's checkpoints, last by default.
 - `ChatPanel`: a text box, Send and Clear, generation sliders, and the answers of
   several models side by side, streamed as they are generated.
+
+Text from users and models is HTML-escaped before it goes into an HTML widget.
+Tables and plots without controls are in `workbench.display`.
 """
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import ipywidgets as W
 from IPython.display import HTML, display
 
 from workbench.chat import GenerationSettings, answer
+from workbench.checkpoint import checkpoint_step, list_checkpoints
 from workbench.config import Config, config_to_yaml
 
 
@@ -66,7 +71,7 @@ class ConfigEditor:
             text = config_to_yaml(self.config())
             self.error.value = ""
         except ValueError as e:
-            self.error.value = f"<b style='color:#b00'>{e}</b>"
+            self.error.value = f"<b style='color:#b00'>{html.escape(str(e))}</b>"
             return
         self.yaml.append_stdout(text)
 
@@ -102,7 +107,7 @@ class LiveTrainingPlot:
             self.redraw()
 
     def on_eval(self, step: int, answers: list[dict]) -> None:
-        rows = "".join(f"<tr><td>{a['question']}</td><td>{a['answer']}</td></tr>" for a in answers)
+        rows = "".join(f"<tr><td>{html.escape(a['question'])}</td><td>{html.escape(a['answer'])}</td></tr>" for a in answers)
         self.answers.append_display_data(HTML(f"<b>step {step}</b><table>{rows}</table>"))
 
     def redraw(self) -> None:
@@ -136,14 +141,15 @@ def plot_metrics(metrics: list[dict], path: str | Path | None = None):
 # Checkpoints
 # ---------------------------------------------------------------------------
 def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropdown:
-    """A dropdown of the complete checkpoints of a work dir; the last one (or `value`) selected."""
-    from workbench.train import list_checkpoints
-
-    ckpts = [str(p) for p in list_checkpoints(work_dir)]
+    """A dropdown of the complete checkpoints of a work dir; the last one (or `value`, e.g. "iter_20") selected."""
+    ckpts = {checkpoint_step(p): str(p) for p in list_checkpoints(work_dir)}
     if not ckpts:
         raise FileNotFoundError(f"no checkpoints in {work_dir}: train first (notebook 03)")
-    chosen = next((c for c in ckpts if value and Path(c).name == Path(value).name), ckpts[-1])
-    return W.Dropdown(options=[(Path(c).name, c) for c in ckpts], value=chosen, description="checkpoint")
+    step = checkpoint_step(value) if value else max(ckpts)
+    if step not in ckpts:
+        raise FileNotFoundError(f"no checkpoint {Path(value).name} in {work_dir}; "
+                                f"there are: {', '.join(Path(c).name for c in ckpts.values())}")
+    return W.Dropdown(options=[(Path(c).name, c) for c in ckpts.values()], value=ckpts[step], description="checkpoint")
 
 
 def files_table(folder: str | Path):
@@ -169,9 +175,10 @@ class ChatPanel:
         self.text = W.Text(placeholder="Ask something, then press Send", layout=W.Layout(width="60%"))
         self.send_button = W.Button(description="Send", button_style="primary")
         self.clear_button = W.Button(description="Clear")
-        self.max_new_tokens = W.IntSlider(value=settings.max_new_tokens, min=8, max=512, step=8, description="max new tokens")
-        self.temperature = W.FloatSlider(value=settings.temperature, min=0.0, max=1.5, step=0.05, description="temperature")
-        self.top_p = W.FloatSlider(value=settings.top_p, min=0.05, max=1.0, step=0.05, description="top-p")
+        self.max_new_tokens = _slider(W.IntSlider, settings.max_new_tokens, 8, 512, 8, "max new tokens")
+        self.temperature = _slider(W.FloatSlider, settings.temperature, 0.0, 1.5, 0.05, "temperature")
+        self.top_p = _slider(W.FloatSlider, settings.top_p, 0.05, 1.0, 0.05, "top-p")
+        self.repetition_penalty = _slider(W.FloatSlider, settings.repetition_penalty, 1.0, 2.0, 0.05, "repetition penalty")
         self.outputs = {k: W.Output(layout=W.Layout(width=f"{96 // max(len(models), 1)}%", border="1px solid #ddd", min_height="80px"))
                         for k in models}
         self.send_button.on_click(lambda _b: self.send(self.text.value))
@@ -180,7 +187,8 @@ class ChatPanel:
 
     @property
     def settings(self) -> GenerationSettings:
-        return GenerationSettings(self.max_new_tokens.value, self.temperature.value, self.top_p.value)
+        return GenerationSettings(self.max_new_tokens.value, self.temperature.value, self.top_p.value,
+                                  self.repetition_penalty.value)
 
     def send(self, text: str) -> dict[str, str]:
         """Ask every model; stream each answer into its column. Returns the answers."""
@@ -190,11 +198,11 @@ class ChatPanel:
         replies = {}
         for label, (model, builder) in self.models.items():
             out = self.outputs[label]
-            out.append_display_data(HTML(f"<b>you:</b> {text}"))
-            stream = W.HTML(value=f"<b>{label}:</b> ")
+            out.append_display_data(HTML(f"<b>you:</b> {html.escape(text)}"))
+            stream = W.HTML(value=f"<b>{html.escape(label)}:</b> ")
             out.append_display_data(stream)
             reply = answer(model, builder, text, self.history[label], self.settings,
-                           on_text=lambda t, s=stream: setattr(s, "value", s.value + t))
+                           on_text=lambda t, s=stream: setattr(s, "value", s.value + html.escape(t)))
             self.history[label].append((text, reply))
             replies[label] = reply
         self.text.value = ""
@@ -206,9 +214,14 @@ class ChatPanel:
             self.outputs[label].outputs = ()
 
     def widget(self):
-        columns = [W.VBox([W.HTML(f"<b>{k}</b>"), o]) for k, o in self.outputs.items()]
+        columns = [W.VBox([W.HTML(f"<b>{html.escape(k)}</b>"), o]) for k, o in self.outputs.items()]
         return W.VBox([W.HBox([self.text, self.send_button, self.clear_button]),
-                       W.HBox([self.max_new_tokens, self.temperature, self.top_p]), W.HBox(columns)])
+                       W.HBox([self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty]), W.HBox(columns)])
 
     def _ipython_display_(self):
         display(self.widget())
+
+
+def _slider(cls, value, lo, hi, step, description: str):
+    """A slider starting at `value`; its range widened to hold it (a slider clamps values outside its range)."""
+    return cls(value=value, min=min(lo, value), max=max(hi, value), step=step, description=description)

@@ -1,0 +1,176 @@
+"""Showing results in notebooks and terminals: tables, plots, samples with the trained tokens marked.
+
+Beside `workbench.widgets` (the interactive controls), these helpers only turn
+what other stages computed into something to look at; none of them trains or
+evaluates anything.
+
+- `show_sample`: an encoded sample with its trained tokens marked, as
+  `[[...]]` brackets (terminal, `workbench log-dataset`), ANSI colour or HTML;
+- `preview_table`: the first samples of a data set as a table;
+- `metrics_table`, `answers_table`, `plot_run`: one run's analysis
+  (`workbench.analysis.RunAnalysis`);
+- `plot_comparison`, `show_comparison`: the recipe comparison
+  (`workbench.comparison`).
+
+pandas, matplotlib and IPython are imported inside the functions that use
+them: they are heavy, and the CLI's `log-dataset` needs none of them.
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workbench.io import read_jsonl
+from workbench.prompt import IGNORE, Encoded, PromptBuilder
+
+if TYPE_CHECKING:  # annotations only: display never runs the analysis
+    from workbench.analysis import RunAnalysis
+    from workbench.samples import Sample
+
+SAMPLE_STYLES = ("brackets", "ansi", "html")
+
+
+# ---------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------
+def show_sample(builder: PromptBuilder, enc: Encoded, style: str = "brackets") -> str:
+    """The sample as text with the trained part marked: [[...]] (brackets), ANSI colour, or HTML (escaped)."""
+    if style not in SAMPLE_STYLES:
+        raise ValueError(f"show_sample: style must be one of {list(SAMPLE_STYLES)}, got {style!r}")
+    pieces = [_mark(builder.tokenizer.decode(ids), trained, style) for ids, trained in _runs(enc)]
+    body = "".join(pieces)
+    return f'<pre style="white-space:pre-wrap">{body}</pre>' if style == "html" else body
+
+
+def _runs(enc: Encoded) -> list[tuple[list[int], bool]]:
+    """The token ids in runs of equal trained-ness: [(ids, trained), ...]."""
+    runs: list[tuple[list[int], bool]] = []
+    for tid, label in zip(enc.input_ids, enc.labels):
+        trained = label != IGNORE
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(tid)
+        else:
+            runs.append(([tid], trained))
+    return runs
+
+
+def _mark(text: str, trained: bool, style: str) -> str:
+    if style == "html":
+        text = html.escape(text).replace("\n", "⏎<br>")
+        return f'<span style="background:#c8f7c5">{text}</span>' if trained else f'<span style="color:#999">{text}</span>'
+    if style == "ansi":
+        return f"\x1b[1;32m{text}\x1b[0m" if trained else f"\x1b[2m{text}\x1b[0m"
+    return f"[[{text}]]" if trained else text
+
+
+def preview_table(samples: list[Sample], n: int = 10):
+    """The first `n` samples as a table: system prompt, question, answer, turns (pandas DataFrame)."""
+    import pandas as pd  # heavy: only for display
+
+    rows = []
+    for s in samples[:n]:
+        if s.text is not None:
+            rows.append({"system": "", "question": "(pre-training text)", "answer": s.text[:200], "turns": 0})
+            continue
+        system = next((m["content"] for m in s.messages if m["role"] == "system"), "")
+        users = [m["content"] for m in s.messages if m["role"] == "user"]
+        answers = [m["content"] for m in s.messages if m["role"] == "assistant"]
+        rows.append({"system": system, "question": users[0] if users else "", "answer": answers[0] if answers else "",
+                     "turns": len(answers)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------
+# One run's analysis
+# ---------------------------------------------------------------------------
+def metrics_table(run: RunAnalysis):
+    """One row per model (base and checkpoints)."""
+    import pandas as pd  # heavy: only for display
+
+    rows = []
+    for r in run.reports:
+        rows.append({"model": r.label, "step": r.step, "hit seen en": r.hit_seen.get("en"), "hit unseen en": r.hit_unseen.get("en"),
+                     "hit seen zh": r.hit_seen.get("zh"), "hit unseen zh": r.hit_unseen.get("zh"), "leak en": r.leak.get("en"),
+                     "leak zh": r.leak.get("zh"), "retention": r.retention, "similarity": r.similarity,
+                     "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
+    return pd.DataFrame(rows)
+
+
+def answers_table(run: RunAnalysis, step: int | None = None, kinds: tuple = ("identity_unseen", "general")):
+    """Before/after: the base model's and one checkpoint's answers side by side."""
+    import pandas as pd  # heavy: only for display
+
+    after = run.report_at(step) if step is not None else run.final
+    rows = [{"kind": a["kind"], "lang": a["lang"], "question": a["question"], "base": b["answer"], after.label: a["answer"]}
+            for a, b in zip(after.answers, run.base.answers) if a["kind"] in kinds]
+    return pd.DataFrame(rows)
+
+
+def plot_run(run: RunAnalysis, path: str | Path | None = None):
+    """Loss curves (training and held-out) and hit / leak / retention against step."""
+    import matplotlib.pyplot as plt  # heavy: only for display
+
+    metrics = read_jsonl(Path(run.work_dir) / "metrics.jsonl")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax1.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="training loss", alpha=0.8)
+    held = [(r.step, r.heldout_loss) for r in run.reports if not math.isnan(r.heldout_loss)]
+    if held:
+        ax1.plot(*zip(*held), "o-", label="held-out general loss")
+    ax1.set(xlabel="step", ylabel="loss", title=f"{run.config['name']}: loss")
+    ax1.legend()
+    steps = [r.step for r in run.reports]
+    for label, values, style in [
+        ("identity hit, unseen EN", [r.hit_unseen.get("en") for r in run.reports], "o-"),
+        ("identity hit, unseen ZH", [r.hit_unseen.get("zh") for r in run.reports], "o--"),
+        ("identity hit, seen EN", [r.hit_seen.get("en") for r in run.reports], "s:"),
+        ("leak (general questions)", [r.overall("leak") for r in run.reports], "x-"),
+        ("retention", [r.retention for r in run.reports], "d-"),
+    ]:
+        ax2.plot(steps, values, style, label=label)
+    ax2.axvline(run.best_step, color="grey", ls=":", lw=1)
+    ax2.set(xlabel="step (0 = base model)", ylim=(-0.05, 1.05), title="identity learned vs. everything else kept")
+    ax2.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# Recipe comparison
+# ---------------------------------------------------------------------------
+def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None):
+    """Unseen identity hit, leak and retention per step, one line per recipe."""
+    import matplotlib.pyplot as plt  # heavy: only for display
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for run in runs:
+        steps = [r.step for r in run.reports]
+        axes[0].plot(steps, [r.hit_unseen["en"] for r in run.reports], "o-", label=run.config["name"])
+        axes[1].plot(steps, [r.overall("leak") for r in run.reports], "o-", label=run.config["name"])
+        axes[2].plot(steps, [r.retention for r in run.reports], "o-", label=run.config["name"])
+    for ax, title in zip(axes, ["identity hit rate, unseen EN questions", "leak rate on general questions", "retention of general answers"]):
+        ax.set(title=title, xlabel="step (0 = base)", ylim=(-0.05, 1.05))
+        ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def show_comparison(compare_dir: str | Path):
+    """The saved recipe comparison (table and plot) of `make compare`, or a note on how to make it."""
+    from IPython.display import HTML, Image, display  # optional: notebooks only
+
+    out = Path(compare_dir)
+    if not (out / "comparison.csv").exists():
+        return HTML(f"<i>No comparison in {html.escape(str(out))} yet: run <code>make compare</code> "
+                    f"(trains the tutorial's and the mixed recipe, about 15 minutes on 2 cores).</i>")
+    import pandas as pd  # heavy: only for display
+
+    if (out / "comparison.png").exists():
+        display(Image(filename=str(out / "comparison.png")))
+    return pd.read_csv(out / "comparison.csv")
+
+
+def _finish(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
