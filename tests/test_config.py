@@ -114,7 +114,7 @@ def test_table_columns_default_to_detection_and_old_explicit_columns_reload(tmp_
     assert again == cfg and again.datasets[0].question_column is None
 
 
-def test_configure_sets_the_fields_asked_for_and_says_what_else_it_changes(tmp_path, capsys):
+def test_configure_sets_the_fields_asked_for_and_says_what_else_it_changes(capsys):
     recipe = load_recipe("smollm2_135m_tiny_smoke")  # max_steps 6, save_steps 3, evaluation_freq 3
     assert configure("smollm2_135m_tiny_smoke", lr=None, max_steps=None) == recipe, "None keeps the recipe's value"
     assert capsys.readouterr().out == "", "nothing changed that was not asked for"

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.config import PROJECT_ROOT
+from workbench.io import atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
@@ -40,7 +41,7 @@ SMOKE = {
 def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: list[str] | None = None,
                progress: bool = True) -> Path:
     """Execute the series; return the folder with the executed notebooks, figures and run files."""
-    import papermill as pm
+    import papermill as pm  # heavy, and only needed to run the series
 
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}"
     out = out.resolve()
@@ -79,8 +80,6 @@ def extract_figures(notebook: str | Path, folder: str | Path) -> int:
 
 def strip_outputs(path: str | Path) -> bool:
     """Remove outputs and execution counts from a notebook in place (atomically); True if it changed."""
-    from workbench.io import atomic_write_text
-
     p = Path(path)
     nb = json.loads(p.read_text(encoding="utf-8"))
     changed = False

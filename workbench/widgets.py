@@ -26,6 +26,8 @@ from IPython.display import HTML, display
 from workbench.chat import GenerationSettings, answer
 from workbench.checkpoint import checkpoint_step, list_checkpoints
 from workbench.config import Config, config_to_yaml
+from workbench.convert import list_files
+from workbench.io import human_size
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class LiveTrainingPlot:
     """Callbacks for train(): a loss / learning-rate plot redrawn every few steps, and the evaluation answers."""
 
     def __init__(self, total_steps: int | None = None, every: int = 2):
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: only when a plot is made
 
         self.records: list[dict] = []
         self.every = every
@@ -124,7 +126,7 @@ class LiveTrainingPlot:
 
 def plot_metrics(metrics: list[dict], path: str | Path | None = None):
     """The metrics log at the end of training: loss, learning rate and tokens/s against step."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when a plot is made
 
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -154,10 +156,7 @@ def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropd
 
 def files_table(folder: str | Path):
     """What a folder holds, with sizes, as a DataFrame."""
-    import pandas as pd
-
-    from workbench.convert import list_files
-    from workbench.io import human_size
+    import pandas as pd  # heavy: only for the table
 
     return pd.DataFrame([(name, human_size(size)) for name, size in list_files(folder)], columns=["file", "size"])
 
