@@ -82,7 +82,8 @@ def steps(cfg, batch_size: int, step: int):
     from benchmarks.run_workbench import stream_rows
     from workbench import fastpath
     from workbench.packing import collate
-    from workbench.train import build_model, token_loss_sum
+    from workbench.loss import token_loss_sum
+    from workbench.models import build_model
 
     stream = sample_stream(cfg, batch_size * (step + 1))[batch_size * step:]
     tok, _, rows = stream_rows(cfg, stream, batch_size)

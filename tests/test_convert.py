@@ -13,7 +13,9 @@ from workbench.config import load_config, load_recipe
 from workbench.convert import ConvertError, merge, pth_to_hf
 from workbench.models import TINY_MODEL, load_tokenizer, resolve_model_path
 from workbench.prompt import PromptBuilder
-from workbench.train import build_model, load_trainable, train
+from workbench.checkpoint import load_trainable
+from workbench.models import build_model
+from workbench.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"

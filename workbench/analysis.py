@@ -168,8 +168,8 @@ class ModelReport:
 def answer_nll(model, builder, questions: list[str], answers: list[str]) -> float:
     """Mean per-token negative log-likelihood of `answers` to `questions` under `model`."""
     from workbench.data import Sample
+    from workbench.loss import token_loss_sum
     from workbench.packing import collate
-    from workbench.train import token_loss_sum
 
     samples = [Sample([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in zip(questions, answers)]
     return _mean_loss(model, builder, samples, collate, token_loss_sum)
@@ -178,8 +178,8 @@ def answer_nll(model, builder, questions: list[str], answers: list[str]) -> floa
 @torch.no_grad()
 def heldout_loss(model, builder, samples, max_length: int = 512) -> float:
     """Mean per-token loss on held-out conversations (the training loss, without training)."""
+    from workbench.loss import token_loss_sum
     from workbench.packing import collate
-    from workbench.train import token_loss_sum
 
     return _mean_loss(model, builder, samples, collate, token_loss_sum, max_length)
 
@@ -270,16 +270,15 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     """Evaluate the base model and each checkpoint of a run; recommend one; save analysis.json."""
     from tqdm.auto import tqdm
 
-    from workbench.models import load_model, load_tokenizer
-    from workbench.prompt import builder_for
-    from workbench.train import build_model, list_checkpoints, load_trainable
+    from workbench.checkpoint import checkpoint_step, list_checkpoints, load_trainable
+    from workbench.models import build_unquantized, load_builder, load_model
 
     work = Path(work_dir)
     cfg = load_config(work / "config.yaml")
     probes = probes or load_probes()
     heldout = load_heldout(heldout_path, heldout_limit)
-    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
-    ckpts = [c for c in list_checkpoints(work) if steps is None or int(c.name[5:]) in steps]
+    builder = load_builder(cfg)
+    ckpts = [c for c in list_checkpoints(work) if steps is None or checkpoint_step(c) in steps]
     bar = tqdm(total=len(ckpts) + 1, desc=f"analyzing {cfg.name}", unit="model", disable=not progress)
     base_model = load_model(cfg.pretrained_model_name_or_path, torch_dtype=cfg.torch_dtype, device=cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
@@ -291,11 +290,11 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     del base_model
     bar.update()
     reports = [base]
-    model = build_model(cfg.replace(method="lora") if cfg.method == "qlora" else cfg, torch.device("cpu"))
+    model = build_unquantized(cfg)
     for ckpt in ckpts:
         load_trainable(model, ckpt)
         reports.append(evaluate_model(model, builder, probes, cfg.assistant_name, cfg.owner_name, ckpt.name,
-                                      int(ckpt.name[5:]), base, base_nll, heldout, max_new_tokens))
+                                      checkpoint_step(ckpt), base, base_nll, heldout, max_new_tokens))
         bar.update()
     bar.close()
     metrics = read_jsonl(work / "metrics.jsonl")
@@ -405,7 +404,8 @@ COMPARE_RECIPES = ("smollm2_135m_lora_identity_tutorial", "smollm2_135m_lora_ide
 def compare_recipes(recipes: tuple[str, ...] = COMPARE_RECIPES, out_dir: str | Path = "outputs/compare",
                     overrides: list[str] | None = None, probes_path: str | None = None, progress: bool = True):
     """Train (or reuse) each recipe, analyze it, and write one comparison table and plot."""
-    from workbench.train import LAST_POINTER, train
+    from workbench.checkpoint import LAST_POINTER
+    from workbench.train import train
 
     out = Path(out_dir)
     probes = load_probes(probes_path)

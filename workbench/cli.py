@@ -51,13 +51,14 @@ def _rank_tag() -> str:
 
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
+    from workbench.checkpoint import CheckpointError
     from workbench.config import ConfigError
     from workbench.convert import ConvertError
     from workbench.data import DataError
     from workbench.models import ModelError
     from workbench.prompt import TemplateError
 
-    return ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
+    return CheckpointError, ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,11 +231,10 @@ def cmd_check_dataset(args) -> int:
 def cmd_log_dataset(args) -> int:
     from workbench.config import resolve_config
     from workbench.data import encode_samples, mix_sources
-    from workbench.models import load_tokenizer
-    from workbench.prompt import builder_for
+    from workbench.models import load_builder
 
     cfg = resolve_config(args.config)
-    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+    builder = load_builder(cfg)
     encoded, report = encode_samples(mix_sources(cfg)[: args.n], builder, cfg.max_length, cfg.loss_on)
     for i, enc in enumerate(encoded):
         print(f"--- sample {i + 1}: {len(enc)} tokens, {enc.n_trained} trained ([[...]])" + (" TRUNCATED" if enc.truncated else ""))

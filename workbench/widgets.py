@@ -137,7 +137,7 @@ def plot_metrics(metrics: list[dict], path: str | Path | None = None):
 # ---------------------------------------------------------------------------
 def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropdown:
     """A dropdown of the complete checkpoints of a work dir; the last one (or `value`) selected."""
-    from workbench.train import list_checkpoints
+    from workbench.checkpoint import list_checkpoints
 
     ckpts = [str(p) for p in list_checkpoints(work_dir)]
     if not ckpts:
