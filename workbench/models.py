@@ -327,7 +327,8 @@ def check_target_modules(model, cfg: Config) -> None:
     names = [name for name, _ in model.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        raise ConfigError(f"lora_target_modules: {', '.join(map(repr, unmatched))} match no module of "
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"lora_target_modules: {', '.join(map(repr, unmatched))} {verb} no module of "
                           f"{cfg.pretrained_model_name_or_path}; its linear layers are: "
                           f"{', '.join(linear_module_names(model))} (or use 'all-linear')")
 
