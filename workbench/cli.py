@@ -16,8 +16,11 @@
     workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
     workbench prepare-model                    prepare the embedded base model (done by make setup)
 
-Known errors (bad config, bad data, missing model, unusable folder) print one
-clear message and exit with status 2, without a traceback.
+Known errors (bad config, bad data, missing model, unusable folder or checkpoint)
+print one clear message and exit with status 2, without a traceback.
+
+Each command imports its stage inside its function (heavy: most stages load
+torch and transformers), so `workbench --help` and the light commands start at once.
 """
 from __future__ import annotations
 
