@@ -125,15 +125,16 @@ class Trainer:
 
         rows: packed rows (lists of `Encoded` samples, see workbench/packing.py);
         model: as `workbench.models.build_model(cfg, trainer.device, trainer.strategy)` returns it;
-        optimizer: over the model's trainable weights (the learning-rate schedule is made for it).
+        optimizer: over the model's trainable weights (the learning-rate schedule is made for it);
+        builder: the prompt builder the rows were encoded with (default: `load_builder(cfg)`).
         """
         if self.dist.is_main and fallback_note(self.strategy):
             print(fallback_note(self.strategy))
         self.builder = builder or load_builder(self.cfg)
-        data = None
+        data_files = None
         if rows is None:
-            data = prepare_rows(self.cfg, self.builder, self.dist.is_main)
-            rows = data[2]
+            samples, report, rows = prepare_rows(self.cfg, self.builder, self.dist.is_main)
+            data_files = (samples, report)
         self.rows = rows
         self.model = model if model is not None else build_model(self.cfg, self.device, self.strategy)
         self.optimizer, self.scheduler, self.plan = make_optimizer(self.cfg, self.model, rows,
@@ -141,8 +142,8 @@ class Trainer:
         if self.resume_from:
             check_same_plan(self.resume_from, self.plan)
         open_work_dir(self.work, self.cfg, self.dist, fresh=self.resume_from is None)
-        if self.dist.is_main and data is not None:
-            write_data_files(self.work, self.cfg, *data[:2])
+        if self.dist.is_main and data_files is not None:
+            write_data_files(self.work, self.cfg, *data_files)
         configure_deepspeed(self.accelerator, self.cfg)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if self.resume_from:
