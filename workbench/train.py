@@ -102,6 +102,8 @@ class Trainer:
         self.work = Path(work_dir) if work_dir else cfg.resolved_work_dir
         self.cfg = cfg.replace(work_dir=str(self.work))
         self.resume_from = find_resume_checkpoint(self.work, resume) if resume else None
+        if self.resume_from:
+            refuse_pickles(self.resume_from)  # before anything is built or written
         check_fresh_work_dir(self.work, fresh=self.resume_from is None)
         self.on_log, self.on_eval, self.progress = on_log, on_eval, progress
         self.builder: PromptBuilder | None = None
@@ -151,10 +153,10 @@ class Trainer:
         return self
 
     def restore(self, ckpt: Path) -> int:
-        """Every process restores; under DeepSpeed/FSDP weights and optimizer come from iter_N/engine_state/."""
+        """Every process restores; under DeepSpeed/FSDP weights and optimizer come from iter_N/engine_state/
+        (written and read by accelerate and DeepSpeed/FSDP themselves; only on GPUs)."""
         rank, verbose = self.dist.rank, self.dist.is_main
         if self.strategy.engine_state:
-            refuse_pickles(ckpt)
             self.dist.load_engine_state(ckpt)
             return load_checkpoint(ckpt, None, None, self.scheduler, rank, verbose)
         return load_checkpoint(ckpt, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, rank, verbose)
