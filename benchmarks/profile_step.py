@@ -82,10 +82,12 @@ def steps(cfg, batch_size: int, step: int):
     from benchmarks.run_workbench import stream_rows
     from workbench import fastpath
     from workbench.packing import collate
-    from workbench.train import build_model, token_loss_sum
+    from workbench.loss import token_loss_sum
+    from workbench.models import build_model
 
     stream = sample_stream(cfg, batch_size * (step + 1))[batch_size * step:]
-    tok, _, rows = stream_rows(cfg, stream, batch_size)
+    builder, rows = stream_rows(cfg, stream, batch_size)
+    tok = builder.tokenizer
     model = build_model(cfg.replace(fast_path=False), torch.device("cpu"))
     model.train()
     drops = [(m.lora_dropout, k, m.lora_dropout[k]) for m in model.modules()

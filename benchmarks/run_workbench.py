@@ -2,23 +2,25 @@
 
     .venv/bin/python benchmarks/run_workbench.py --config smollm2_135m_lora_identity_mixed_cpu --steps 12 --out wb.json
 
-It calls `workbench.train.train` in a temporary work dir (no evaluation, one
-checkpoint at the end) with two kinds of benchmark-only hooks:
+It runs `workbench.train.Trainer` in a temporary work dir (no evaluation, one
+checkpoint at the end) and gives it, through `Trainer.setup(rows=..., model=...)`:
 
 * the data: step s trains exactly the B samples the baseline's step s trains
   (`common.sample_stream`), encoded by the workbench's prompt builder with the
   config's max_length and packed into one row (position_ids restart at every
   sample, so no token attends across samples and nothing is padded). The rows
   are placed so that the run's seeded data order (`workbench.packing.StepPlan`)
-  visits them in step order. This replaces only `prepare_data`, which would
-  otherwise read, shuffle and pack the whole data set.
-* observers, which change nothing: the base model's memory footprint as loaded
-  (`model.get_memory_footprint()`) and the number of trainable parameters.
+  visits them in step order. Only the data preparation differs: the trainer
+  would otherwise read, shuffle and pack the whole data set.
+* the model, built here by the workbench's own `load_base` + `build_model` (what
+  `setup` would call), so that this script can observe, changing nothing, the base
+  model's memory footprint as loaded (`model.get_memory_footprint()`) and the
+  number of trainable parameters.
 
 Everything else is the workbench's own code, unchanged: the model with LoRA or
 QLoRA, accelerate, the loop (collate, `token_loss_sum` with `logits_to_keep`,
 clipping, AdamW, the scheduler) and metrics.jsonl, whose per-step `tokens`
-(real tokens) and `loss` this script reads through `train`'s `on_log`.
+(real tokens) and `loss` this script reads through the trainer's `on_log`.
 """
 from __future__ import annotations
 
@@ -26,11 +28,9 @@ import time
 
 STARTED = time.perf_counter()
 
-import contextlib  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from unittest import mock  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,18 +41,16 @@ from benchmarks.common import (step_record, run_main)  # noqa: E402
 # The rows: the baseline's steps, one packed row each, in the run's data order
 # ---------------------------------------------------------------------------
 def stream_rows(cfg, stream: list, batch_size: int):
-    """(tokenizer, builder, rows by step): every B consecutive samples of the stream packed into one row."""
+    """(builder, rows by step): every B consecutive samples of the stream packed into one row."""
     from workbench.encoding import encode_samples
-    from workbench.models import load_tokenizer
-    from workbench.prompt import builder_for
+    from workbench.models import load_builder
 
-    tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
-    builder = builder_for(cfg, tokenizer)
+    builder = load_builder(cfg)
     encoded, report = encode_samples(stream, builder, cfg.max_length, cfg.loss_on)
     if report.n_dropped:
         raise ValueError(f"{report.n_dropped} samples have nothing to train after truncation to max_length "
                          f"{cfg.max_length}; the two sides would not train the same samples")
-    return tokenizer, builder, [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    return builder, [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
 
 
 def in_plan_order(rows: list, seed: int) -> list:
@@ -65,35 +63,6 @@ def in_plan_order(rows: list, seed: int) -> list:
         (index,) = plan.step_rows(s)
         placed[index] = row
     return placed
-
-
-@contextlib.contextmanager
-def hooks(stream: list, batch_size: int, seen: dict):
-    """Replace train()'s data preparation by the stream's rows; observe the base model and the trained model."""
-    import workbench.models
-    import workbench.train
-
-    load_model, build_model = workbench.models.load_model, workbench.train.build_model
-
-    def prepare_data(cfg, work, is_main):
-        tokenizer, builder, rows = stream_rows(cfg, stream, batch_size)
-        seen["rows"] = rows
-        return tokenizer, builder, in_plan_order(rows, cfg.seed)
-
-    def observed_load_model(*args, **kwargs):
-        model = load_model(*args, **kwargs)
-        seen["base_model_bytes"] = model.get_memory_footprint()
-        return model
-
-    def observed_build_model(*args, **kwargs):
-        model = build_model(*args, **kwargs)
-        seen["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return model
-
-    with mock.patch.object(workbench.train, "prepare_data", prepare_data), \
-            mock.patch.object(workbench.models, "load_model", observed_load_model), \
-            mock.patch.object(workbench.train, "build_model", observed_build_model):
-        yield
 
 
 # ---------------------------------------------------------------------------
@@ -121,19 +90,26 @@ def step_records(log: list[tuple[float, dict]], rows: list) -> list[dict]:
 
 
 def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
-    from workbench.models import pick_device, pick_dtype
-    from workbench.train import train
+    from workbench.models import build_model, load_base, pick_device, pick_dtype
+    from workbench.train import Trainer
 
-    seen: dict = {}
     log: list[tuple[float, dict]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-wb-") as tmp, hooks(stream, args.batch_size, seen):
-        train(cfg, work_dir=Path(tmp) / "work", on_log=lambda rec: log.append((time.perf_counter(), rec)),
-              progress=False)
-    steps = step_records(log, seen["rows"])
+    with tempfile.TemporaryDirectory(prefix="bench-wb-") as tmp:
+        trainer = Trainer(cfg, work_dir=Path(tmp) / "work", on_log=lambda rec: log.append((time.perf_counter(), rec)),
+                          progress=False)  # seeds the generators, as before the data and the model
+        builder, rows = stream_rows(trainer.cfg, stream, args.batch_size)
+        base = load_base(trainer.cfg, trainer.device)
+        base_model_bytes = base.get_memory_footprint()
+        model = build_model(trainer.cfg, trainer.device, trainer.strategy, base=base)
+        trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainer.setup(rows=in_plan_order(rows, cfg.seed), model=model, builder=builder)
+        trainer.train()
+        trainer.export()
+    steps = step_records(log, rows)
     device = pick_device(cfg.device)
     dtype = "nf4" if cfg.method == "qlora" else str(pick_dtype(cfg.torch_dtype, device)).replace("torch.", "")
     first_start = log[0][0] - steps[0]["time_s"]
-    extra = {"base_model_bytes": seen.get("base_model_bytes"), "trainable_params": seen.get("trainable_params"),
+    extra = {"base_model_bytes": base_model_bytes, "trainable_params": trainable_params,
              "setup_s": round(first_start - STARTED, 2), "device": device.type, "dtype": dtype}
     return steps, extra
 

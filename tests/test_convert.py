@@ -10,10 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from workbench.config import load_config, load_recipe
-from workbench.convert import ConvertError, merge, pth_to_hf
+from workbench.convert import ConvertError, merge, pth_to_hf, verify_merge
 from workbench.models import TINY_MODEL, load_tokenizer, resolve_model_path
 from workbench.prompt import PromptBuilder
-from workbench.train import build_model, load_trainable, train
+from workbench.checkpoint import load_trainable
+from workbench.models import build_model
+from workbench.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -190,6 +192,12 @@ def test_merged_model_equals_base_plus_adapter(merged, hf32, base_dir, prompt_id
     assert torch.equal(a, b)
     # What chat needs travels with the merged model.
     assert {"prompt.json", "tokenizer_config.json", "workbench_config.yaml", "README.md"} <= {p.name for p in merged.iterdir()}
+
+
+def test_verify_merge_reports_equal_logits_and_answers(merged, hf32):
+    check = verify_merge(TINY_MODEL, hf32, merged, question="Who are you?")
+    assert check["same answer"] is True and check["merged answers"] == check["base + adapter answers"]
+    assert check["max |logit difference|"] <= 1e-4
 
 
 def test_merged_model_loads_without_peft(merged, prompt_ids):

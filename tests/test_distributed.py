@@ -21,9 +21,10 @@ import yaml
 from workbench import cli
 from workbench.config import load_recipe
 from workbench.io import read_jsonl
-from workbench.launch import (Strategy, UnsupportedSetup, check_supported, shipped_configs,
-                              strategy_of_accelerate_config)
-from workbench.train import list_checkpoints, train
+from workbench.checkpoint import list_checkpoints
+from workbench.distributed import Strategy, UnsupportedSetup, check_supported
+from workbench.launch import shipped_configs, strategy_of_accelerate_config
+from workbench.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
@@ -99,7 +100,8 @@ def test_two_processes_write_everything_once(two_processes):
     assert [p.name for p in list_checkpoints(work)] == ["iter_2", "iter_4"]
     for ckpt in list_checkpoints(work):
         names = {p.name for p in ckpt.iterdir()}
-        assert {"rng_0.pt", "rng_1.pt", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= names
+        assert {"rng_0.safetensors", "rng_1.safetensors", "trainable.safetensors", "optimizer.safetensors",
+                "scheduler.json", "state.json"} <= names and not [n for n in names if n.endswith(".pt")]
         assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert (work / "last_checkpoint").read_text().strip() == "iter_4"
     lines = (work / "metrics.jsonl").read_text().splitlines()
@@ -127,7 +129,7 @@ def test_two_process_resume_matches_the_uninterrupted_run(two_processes, tmp_pat
     assert [r["step"] for r in metrics(work)] == [1, 2, 3, 4]
     assert [r["loss"] for r in metrics(work)] == pytest.approx([r["loss"] for r in metrics(straight)], rel=1e-6)
     assert [e["step"] for e in read_jsonl(work / "eval_log.jsonl")] == [e["step"] for e in read_jsonl(straight / "eval_log.jsonl")]
-    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (work / "iter_4").iterdir()}
+    assert {"rng_0.safetensors", "rng_1.safetensors"} <= {p.name for p in (work / "iter_4").iterdir()}
     assert (work / "adapter" / "adapter_config.json").exists()
 
 
@@ -137,7 +139,7 @@ def test_qlora_trains_on_two_processes(tmp_path):
                       "evaluation_freq=0", "max_length=96")
     recs = metrics(work)
     assert [r["step"] for r in recs] == [1, 2] and all(0 < r["loss"] < 100 and r["grad_norm"] > 0 for r in recs)
-    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (work / "iter_2").iterdir()}
+    assert {"rng_0.safetensors", "rng_1.safetensors"} <= {p.name for p in (work / "iter_2").iterdir()}
     assert (work / "adapter" / "adapter_config.json").exists()
 
 

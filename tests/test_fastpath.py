@@ -17,7 +17,9 @@ from workbench.config import Config
 from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.packing import collate, pack
 from workbench.prompt import PromptBuilder
-from workbench.train import build_model, token_loss_sum, trainable_state_dict
+from workbench.checkpoint import trainable_state_dict
+from workbench.loss import token_loss_sum
+from workbench.models import build_model
 
 QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),

@@ -92,7 +92,7 @@ def test_smoke_series_runs_and_shows_results(executed):
     html = json.dumps(outputs_of(executed / "06_chat_compare.ipynb"))
     assert "fine-tuned" in html and "Who are you?" in html, "the before/after table"
     merge_check = json.dumps(outputs_of(executed / "05_merge.ipynb"))
-    assert "same answer" in merge_check
+    assert "'same answer': True" in merge_check, "the merged model answers as base + adapter"
 
 
 def test_nbval_reruns_the_deterministic_notebooks(executed):

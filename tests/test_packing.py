@@ -5,7 +5,7 @@ import torch
 from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.packing import StepPlan, collate, pack, unpacked
 from workbench.prompt import IGNORE, PromptBuilder
-from workbench.train import token_loss_sum
+from workbench.loss import token_loss_sum
 
 QUESTIONS = ["Who are you?", "What is 2+2?", "Tell me a long story about a dragon and a knight in a castle.",
              "你是谁？", "Name three colours.", "Why is the sky blue? Explain briefly.", "Hi"]

@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-import workbench.train as train_mod
+import workbench.checkpoint as checkpoint_mod
+from workbench.checkpoint import list_checkpoints
 from workbench.config import load_config, load_recipe
 from workbench.io import read_jsonl
-from workbench.train import list_checkpoints, train
+from workbench.train import train
 
 
 class Stop(Exception):
@@ -47,20 +48,19 @@ def test_resume_matches_uninterrupted_run(cfg, tmp_path):
 
 def test_killed_during_save_leaves_previous_checkpoint_usable(cfg, tmp_path, monkeypatch):
     work = tmp_path / "w"
-    real_save = train_mod.save_file
+    real_save = checkpoint_mod.save_file
     calls = {"n": 0}
 
-    def dying_save(*args, **kwargs):
-        calls["n"] += 1
+    def dying_save(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
+        calls["n"] += path.endswith("trainable.safetensors")
         if calls["n"] == 2:  # the second checkpoint (iter_6): write half of it, then die
-            real_save(*args, **kwargs)
             raise Stop
-        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "save_file", dying_save)
+    monkeypatch.setattr(checkpoint_mod, "save_file", dying_save)
     with pytest.raises(Stop):
         train(cfg, work, progress=False)
-    monkeypatch.setattr(train_mod, "save_file", real_save)
+    monkeypatch.setattr(checkpoint_mod, "save_file", real_save)
     assert [p.name for p in list_checkpoints(work)] == ["iter_3"]
     assert not [p for p in work.iterdir() if p.name.startswith(".")], "no half-written folder is left behind"
     assert (work / "last_checkpoint").read_text().strip() == "iter_3"
@@ -79,7 +79,10 @@ def test_work_dir_layout(cfg, tmp_path):
     assert (work / "adapter" / "adapter_config.json").exists() and (work / "adapter" / "prompt.json").exists()
     assert (work / "data" / "generated.jsonl").exists() and (work / "dataset_report.txt").exists()
     ckpt = work / "iter_6"
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"trainable.safetensors", "optimizer.safetensors", "scheduler.json", "rng_0.safetensors", "state.json",
+            "config.yaml"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))], "no pickle in a checkpoint"
 
 
 def test_fresh_run_refuses_to_overwrite_a_run(cfg, tmp_path):

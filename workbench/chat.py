@@ -21,6 +21,7 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
+from workbench.models import attach_adapter, load_model, load_tokenizer, resolve_model_path
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
 
@@ -131,8 +132,6 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
     there is one, so chat uses the template and system prompt of training; an
     explicit `system` overrides it.
     """
-    from workbench.models import load_model, load_tokenizer, resolve_model_path
-
     model = load_model(model_path, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     prompt_dir = None
     for folder in (adapter, resolve_model_path(model_path)):
@@ -142,8 +141,6 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
     has_tokenizer = prompt_dir is not None and (prompt_dir / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(str(prompt_dir) if has_tokenizer else model_path, trust_remote_code=trust_remote_code)
     if adapter:
-        from workbench.convert import attach_adapter
-
         model = attach_adapter(model, adapter)
     builder = PromptBuilder.load(prompt_dir, tokenizer) if prompt_dir else PromptBuilder(tokenizer)
     if system is not None:

@@ -17,8 +17,11 @@
     workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
     workbench prepare-model                    prepare the embedded base model (done by make setup)
 
-Known errors (bad config, bad data, missing model, unusable folder) print one
-clear message and exit with status 2, without a traceback.
+Known errors (bad config, bad data, missing model, unusable folder or checkpoint)
+print one clear message and exit with status 2, without a traceback.
+
+Each command imports its stage inside its function (heavy: most stages load
+torch and transformers), so `workbench --help` and the light commands start at once.
 """
 from __future__ import annotations
 
@@ -52,13 +55,14 @@ def _rank_tag() -> str:
 
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
+    from workbench.checkpoint import CheckpointError
     from workbench.config import ConfigError
     from workbench.convert import ConvertError
     from workbench.models import ModelError
     from workbench.prompt import TemplateError
     from workbench.samples import DataError
 
-    return ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
+    return CheckpointError, ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,14 +251,13 @@ def cmd_check_dataset(args) -> int:
 
 def cmd_log_dataset(args) -> int:
     from workbench.config import resolve_config
+    from workbench.display import show_sample
     from workbench.encoding import encode_samples
     from workbench.mixing import mix_sources
-    from workbench.display import show_sample
-    from workbench.models import load_tokenizer
-    from workbench.prompt import builder_for
+    from workbench.models import load_builder
 
     cfg = resolve_config(args.config)
-    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+    builder = load_builder(cfg)
     encoded, report = encode_samples(mix_sources(cfg)[: args.n], builder, cfg.max_length, cfg.loss_on)
     for i, enc in enumerate(encoded):
         print(f"--- sample {i + 1}: {len(enc)} tokens, {enc.n_trained} trained ([[...]])" + (" TRUNCATED" if enc.truncated else ""))

@@ -9,6 +9,11 @@
   merged into the *unquantised* base (a QLoRA adapter too: the base is reloaded
   in full precision first), and the result is written as a plain model folder
   that `AutoModelForCausalLM.from_pretrained` loads without peft.
+- `verify_merge(base, adapter, merged)`: merged = base + adapter, by logits and answers.
+
+The models are built by workbench/models.py (`build_unquantized` rebuilds a
+checkpoint's model on a full-precision base) and a checkpoint's weights are read
+by workbench/checkpoint.py; the trainer calls `export_trained` at the end of a run.
 """
 from __future__ import annotations
 
@@ -20,8 +25,12 @@ from pathlib import Path
 import torch
 
 from workbench import fastpath
+from workbench.chat import answer, load_chat_model
+from workbench.checkpoint import TRAINABLE, load_trainable
 from workbench.config import Config, load_config, save_config
 from workbench.io import atomic_dir, folder_is_nonempty
+from workbench.models import (AdapterError, attach_adapter, build_unquantized, check_adapter_folder, load_builder,
+                              load_model, load_tokenizer, resolve_model_path)
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
 CONFIG_FILE = "workbench_config.yaml"
@@ -37,8 +46,6 @@ class ConvertError(ValueError):
 def export_trained(model, builder: PromptBuilder, cfg: Config, save_dir: str | os.PathLike, fp32: bool = False,
                    max_shard_size: str = "2GB", overwrite: bool = True) -> Path:
     """Write the trained model as an HF adapter (lora/qlora) or a full model folder (full)."""
-    from workbench.models import resolve_model_path
-
     dtype = torch.float32 if fp32 else torch.float16
     with atomic_dir(save_dir, overwrite=overwrite) as tmp:
         if cfg.method == "full":
@@ -88,51 +95,18 @@ def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: 
 def pth_to_hf(config: str | os.PathLike | Config, checkpoint: str | os.PathLike, save_dir: str | os.PathLike,
               fp32: bool = False, max_shard_size: str = "2GB") -> Path:
     """A training checkpoint (iter_N) to a standalone HF adapter or model folder."""
-    from workbench.models import load_tokenizer
-    from workbench.prompt import builder_for
-    from workbench.train import build_model, load_trainable
-
     cfg = config if isinstance(config, Config) else load_config(config)
     ckpt = Path(checkpoint)
-    if not (ckpt / "trainable.safetensors").exists():
-        raise ConvertError(f"{ckpt} is not a workbench checkpoint (no trainable.safetensors); pick an iter_N folder of a work dir")
+    if not (ckpt / TRAINABLE).exists():
+        raise ConvertError(f"{ckpt} is not a workbench checkpoint (no {TRAINABLE}); pick an iter_N folder of a work dir")
     _require_empty(save_dir)
-    # The adapter's weights do not depend on how the base is stored: build a QLoRA run's adapter on the plain base.
-    build_cfg = cfg.replace(method="lora") if cfg.method == "qlora" else cfg
-    model = build_model(build_cfg, torch.device("cpu"))
+    # The adapter's weights do not depend on how the base is stored: a QLoRA run's adapter is built on the plain base.
+    model = build_unquantized(cfg)
     load_trainable(model, ckpt)
-    builder = builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+    builder = load_builder(cfg)
     out = export_trained(model, builder, cfg, save_dir, fp32=fp32, max_shard_size=max_shard_size, overwrite=False)
     print(f"wrote {out} from {ckpt}")
     return out
-
-
-# ---------------------------------------------------------------------------
-# Adapters
-# ---------------------------------------------------------------------------
-def check_adapter_folder(adapter: str | os.PathLike) -> Path:
-    p = Path(adapter)
-    if not p.is_dir():
-        raise ConvertError(f"adapter folder {p} not found")
-    if not (p / "adapter_config.json").exists():
-        if (p / "config.json").exists():
-            raise ConvertError(f"{p} is a full model folder, not an adapter: it needs no merge; chat with it directly")
-        raise ConvertError(f"{p} is not an adapter folder (no adapter_config.json); convert a checkpoint first with `workbench convert pth_to_hf`")
-    return p
-
-
-
-def attach_adapter(model, adapter: str | os.PathLike):
-    """A PeftModel of `model` with the adapter loaded; clear errors when it does not fit the base."""
-    from peft import PeftModel
-
-    folder = check_adapter_folder(adapter)
-    try:
-        return PeftModel.from_pretrained(model, str(folder))
-    except (RuntimeError, ValueError, KeyError) as e:
-        msg = str(e).splitlines()[0][:400]
-        raise ConvertError(f"the adapter {folder} does not belong to this base model "
-                           f"({type(model).__name__}, hidden size {getattr(model.config, 'hidden_size', '?')}): {msg}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -141,15 +115,19 @@ def attach_adapter(model, adapter: str | os.PathLike):
 def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, max_shard_size: str = "2GB",
           device: str = "auto", torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge an adapter into the full-precision base and save a plain model folder."""
-    from workbench.models import load_model, load_tokenizer
-
-    folder = check_adapter_folder(adapter)
+    try:
+        folder = check_adapter_folder(adapter)
+    except AdapterError as e:
+        raise ConvertError(str(e)) from None
     _require_empty(save_dir)
     cfg = _adapter_config(folder)
     if cfg is not None and cfg.method == "qlora":
         print("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in full precision")
     model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-    merged = attach_adapter(model, folder).merge_and_unload()
+    try:
+        merged = attach_adapter(model, folder).merge_and_unload()
+    except AdapterError as e:
+        raise ConvertError(str(e)) from None
     tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
     with atomic_dir(save_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
@@ -187,8 +165,6 @@ def adapter_info(folder: str | os.PathLike) -> dict:
 @torch.no_grad()
 def verify_merge(base: str, adapter: str | os.PathLike, merged: str | os.PathLike, question: str = "Who are you?") -> dict:
     """Compare a merged model with base + adapter: max logit difference and greedy answers."""
-    from workbench.chat import answer, load_chat_model
-
     peft_model, builder = load_chat_model(base, adapter=str(adapter))
     plain, _ = load_chat_model(str(merged))
     ids = torch.tensor([builder.generation_prompt(question)])

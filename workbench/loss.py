@@ -1,0 +1,43 @@
+"""The training loss: next-token cross-entropy summed over the trained tokens of a batch.
+
+Training (workbench/train.py) divides the sum by the trained tokens of the whole
+optimizer step, so accumulation and several processes give the loss of one big
+batch; the analysis (held-out loss, retention) uses the same function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workbench import fastpath
+from workbench.prompt import IGNORE
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the trained tokens of a batch (float32).
+
+    The output head (vocabulary x hidden) runs only at the positions whose next token
+    is trained: system and user tokens need no logits, which saves a large share of
+    the compute and memory of a chat fine-tune.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    logits = forward_logits(model, batch, keep).float()
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
+    if fastpath.uses_fused_loss(model):
+        return fastpath.cross_entropy_sum(logits, targets, ignore_index=IGNORE)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+
+def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at positions `keep` (models without `logits_to_keep` compute all and are sliced)."""
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    if fastpath.uses_packed_attention(model):
+        kwargs.update(fastpath.packed_kwargs(batch["position_ids"]))
+    if getattr(model, "_wb_no_logits_to_keep", False):
+        return model(**kwargs).logits[:, keep]
+    try:
+        return model(**kwargs, logits_to_keep=keep).logits
+    except TypeError:  # remote-code models that predate logits_to_keep
+        model._wb_no_logits_to_keep = True
+        return model(**kwargs).logits[:, keep]
