@@ -34,7 +34,7 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   variant, not merged, float base layer, one dtype); anything else keeps
   peft's forward.
 
-* **Fused loss** (`cross_entropy_sum`, used by `train.token_loss_sum` when
+* **Fused loss** (`cross_entropy_sum`, used by `loss.token_loss_sum` when
   `use_fused_loss` marked the model). torch's cross-entropy writes the
   log-softmax of the (tokens x vocabulary) logits, a zero gradient of the same
   size and the log-softmax gradient: three more such matrices per step. The fused
