@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from workbench.engine import Engine, Sampling
 
 MAX_BODY_BYTES = 1 << 20          # 1 MiB: far more than any chat with a small model needs
+DRAIN_FACTOR = 8                  # an oversized body is read on (and dropped) up to 8 times the limit, then the connection closes
 DEFAULT_MAX_TOKENS = 512          # when a request names no max_tokens (capped by the room left in the context)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
@@ -217,7 +223,8 @@ def create_app(engine: Engine, builder, model_name: str, context: int, max_body_
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": len(engine.rows), "queued": engine.jobs.qsize()}
+        return {"status": "ok", "model": model_name, "running": len(engine.rows), "queued": engine.jobs.qsize(),
+                "peak_batch": engine.peak_batch, "steps": engine.steps}
 
     def model_card():
         return {"id": model_name, "object": "model", "created": created, "owned_by": "workbench"}
@@ -247,15 +254,18 @@ def create_app(engine: Engine, builder, model_name: str, context: int, max_body_
 
 
 async def _read_json(request: Request, limit: int):
+    """The body as JSON; 413 past `limit` bytes (read on, up to a few times the limit, so the client hears the answer)."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is {int(length)} bytes; the limit is {limit}", code="request_too_large")
+    declared = int(length) if length.isdigit() else 0
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+        if size > DRAIN_FACTOR * limit:
+            break
+        if size <= limit and declared <= limit:
+            chunks.append(chunk)
+    if size > limit or declared > limit:
+        raise APIError(413, f"the request body is {max(size, declared)} bytes or more; the limit is {limit}", code="request_too_large")
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
@@ -375,10 +385,12 @@ def serve(model: str, adapter: str | None = None, host: str = "127.0.0.1", port:
           trust_remote_code: bool = False, max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info") -> None:
     """Load the model once, start the engine and serve until Ctrl-C (or SIGTERM)."""
     import torch
-    import uvicorn
 
     from workbench.chat import load_chat_model
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background by a shell (which ignores it)
+        signal.signal(signal.SIGTERM, _interrupt)                 # `kill PID` stops it as cleanly as Ctrl-C
     sock = bind(host, port)
     if threads:
         torch.set_num_threads(threads)
@@ -386,12 +398,10 @@ def serve(model: str, adapter: str | None = None, host: str = "127.0.0.1", port:
     name = model_name or served_name(model, adapter)
     engine = Engine(loaded, builder.tokenizer, builder.stop_token_ids, max_batch=max_batch).start()
     app = create_app(engine, builder, name, context_length(loaded, builder.tokenizer), max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+    server = _Server(engine, uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"workbench serve: model {name!r} at http://{url_host}:{bound_port}/v1 (Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background by a shell (which ignores it)
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
@@ -402,5 +412,94 @@ def serve(model: str, adapter: str | None = None, host: str = "127.0.0.1", port:
     print("workbench serve: stopped", file=sys.stderr, flush=True)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server that, on Ctrl-C, first ends the requests in flight, so that streams close within the grace period."""
+
+    def __init__(self, engine: Engine, config: uvicorn.Config):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame):
+        self.engine.stop(timeout=0)
+        super().handle_exit(sig, frame)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------
+# A server in a child process (scripts, notebooks, the tests, the benchmark)
+# ---------------------------------------------------------------------------
+class ServerProcess:
+    """`workbench serve MODEL ARGS` in a child process on a free port; a context manager that stops it with Ctrl-C.
+
+        with ServerProcess("merged") as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="none")
+    """
+
+    def __init__(self, model: str, *args: str, env: dict | None = None, timeout: float = 300.0):
+        self.command = [sys.executable, "-m", "workbench", "serve", model, "--port", "0", *args]
+        self.env, self.timeout = env, timeout
+        self.proc: subprocess.Popen | None = None
+        self.url = self.base_url = self.name = ""
+        self.returncode: int | None = None
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "ServerProcess":
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=self.env)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while not self.url:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"workbench serve did not start (exit status {self.proc.returncode}):\n{self.stderr}")
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line.startswith("workbench serve: model "):
+                self.name = line.split("'")[1]
+                self.base_url = line.split(" at ", 1)[1].split()[0]
+                self.url = self.base_url.removesuffix("/v1")
+        self._wait_healthy(deadline)
+        return self
+
+    def _wait_healthy(self, deadline: float) -> None:
+        import urllib.request
+
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"workbench serve does not answer /health:\n{self.stderr}") from None
+                time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int | None:
+        """Send `sig` (Ctrl-C by default) and wait; the exit status (killed after `timeout` seconds)."""
+        if self.proc is None or self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    @property
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
