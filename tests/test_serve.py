@@ -193,6 +193,42 @@ def test_eight_concurrent_requests_give_what_each_gives_alone(client, server):
     assert health(server)["peak_batch"] >= 2  # decoded together, not one after another
 
 
+def test_engine_with_an_adapter_decodes_a_batch_as_answer_does_alone(one_torch_thread):
+    """In process: a LoRA adapter (random B, so it changes the model) on the tiny model, 4 rows at once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from workbench.engine import Engine, Sampling
+    from workbench.models import load_model
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(load_model(TINY_MODEL, device="cpu"), lora)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.eval()
+    builder = PromptBuilder(load_chat_model(TINY_MODEL, device="cpu")[1].tokenizer)
+    expected = [answer(model, builder, q, settings=GenerationSettings(MAX, 0.0, 1.0, 2.0)) for q in QUESTIONS[:4]]
+    engine = Engine(model, builder.tokenizer, builder.stop_token_ids).start()
+    try:
+        results: list = [None] * 4
+
+        def run(i):
+            results[i] = engine.generate(builder.generation_prompt(QUESTIONS[i]), Sampling(MAX, 0.0, repetition_penalty=2.0), 120)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        engine.stop()
+    assert [r[0] for r in results] == expected
+    assert engine.peak_batch >= 2
+
+
 # ---------------------------------------------------------------------------
 # Bad requests: 4xx in OpenAI's error shape, and the server keeps serving
 # ---------------------------------------------------------------------------
@@ -315,3 +351,20 @@ def test_a_taken_port_fails_at_once_with_a_clear_message(server, folder):
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_serve_runs_on_the_tiny_model(tmp_path):
+    """The serve benchmark end to end on the tiny model (a smoke test: it checks the report, not the speed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    subprocess.run([sys.executable, str(bench), "--model", TINY_MODEL, "--threads", "1", "--max-tokens", "4",
+                    "--repeats", "1", "--concurrency", "3", "--out", str(tmp_path)], check=True, env=_env(), timeout=300,
+                   capture_output=True)
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert result["returncode"] == 0
+    assert result["concurrent"]["requests"] == 3 and 0 < result["concurrent"]["tokens"] <= 12
+    assert set(result["targets_met"]) == {"first_token_s", "one_stream_tok_s", "concurrent_speedup", "one_copy_of_weights"}
+    assert "8 concurrent" not in (tmp_path / "serve.md").read_text() and "3 concurrent" in (tmp_path / "serve.md").read_text()

@@ -238,7 +238,10 @@ class Engine:
             block = False
             if job is None or job.cancelled:
                 continue
-            self._prefill(job)
+            try:
+                self._prefill(job)
+            except Exception as e:  # noqa: BLE001 - this request fails, the running ones go on
+                job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
 
     def _prefill(self, job: Job) -> None:
         from transformers import DynamicCache
