@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import signal
 import socket
@@ -152,7 +153,7 @@ def _number(body: dict, key: str, default: float, low: float, high: float, low_o
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise APIError(400, f"'{key}' must be a number", key)
     if value < low or value > high or (low_open and value == low):
         raise APIError(400, f"'{key}' must be {'>' if low_open else '>='} {low} and <= {high}, not {value}", key)
