@@ -371,3 +371,13 @@ def test_bench_serve_runs_on_the_tiny_model(tmp_path):
     assert result["concurrent"]["requests"] == 3 and 0 < result["concurrent"]["tokens"] <= 12
     assert set(result["targets_met"]) == {"first_token_s", "one_stream_tok_s", "concurrent_speedup", "one_copy_of_weights"}
     assert "8 concurrent" not in (tmp_path / "serve.md").read_text() and "3 concurrent" in (tmp_path / "serve.md").read_text()
+
+
+def test_serve_help_names_the_default_address(capsys):
+    from workbench.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: workbench serve")
+    assert "127.0.0.1" in out and "--adapter" in out and "--model-name" in out and "--system" in out
