@@ -21,6 +21,7 @@ template, the same stop tokens, argmax on the same logits.
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -176,6 +177,9 @@ class Engine:
         self.joinable = True       # False for caches that cannot be concatenated: then requests are queued, one at a time
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+        # the logits of the last position only, as `generate` asks for them (and the same numbers as `answer`)
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Engine":
@@ -230,7 +234,7 @@ class Engine:
 
     def _admit(self, block: bool) -> None:
         """Prefill queued requests (each alone) and add them to the batch, up to max_batch rows."""
-        while len(self.rows) < (self.max_batch if self.joinable else 1):
+        while len(self.rows) < (self.max_batch if self.joinable else 1) and not self._stop.is_set():
             try:
                 job = self.jobs.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
@@ -249,7 +253,8 @@ class Engine:
         row = _Row(job, self.tok, self.stop_ids, self.device)
         ids = torch.tensor([job.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                         **self._last_only)
         self.joinable = self.joinable and _joinable(cache)
         if row.accept(row.pick(out.logits[0, -1].float())) is not None:
             return  # done after one token
@@ -276,7 +281,7 @@ class Engine:
         self.mask = torch.cat([self.mask, torch.ones(n, 1, dtype=self.mask.dtype, device=self.device)], dim=1)
         width = self.mask.shape[1]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                         cache_position=torch.tensor([width - 1], device=self.device), use_cache=True)
+                         cache_position=torch.tensor([width - 1], device=self.device), use_cache=True, **self._last_only)
         self.cache = out.past_key_values
         self.steps += 1
         self.peak_batch = max(self.peak_batch, n)
