@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench lab
+.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench bench-serve lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -17,6 +17,7 @@ help:
 	@echo "make clean-nb - strip outputs from notebooks/*.ipynb before committing"
 	@echo "make test     - all tests (fast tests on a tiny random model + one end-to-end on the embedded model)"
 	@echo "make test-fast- only the fast tests"
+	@echo "make bench-serve - workbench serve on the embedded model: first token, tokens/s of 1 and 8 streams, memory -> benchmarks/results/serve.md"
 	@echo "make bench    - workbench vs a plain PEFT+Trainer script: tokens/s, time, memory -> benchmarks/results/ (under 20 min on 2 cores; BENCH_ARGS=... for options)"
 
 setup: $(STAMP)
@@ -59,3 +60,8 @@ clean:
 BENCH_ARGS ?=
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# `workbench serve`: first token, one stream, 8 concurrent streams, memory (about 3 min). Options: BENCH_SERVE_ARGS="--threads 1"
+BENCH_SERVE_ARGS ?=
+bench-serve: setup
+	$(PY) benchmarks/bench_serve.py $(BENCH_SERVE_ARGS)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The camp homework from the command line, step for step as in XTuner's tutorial:
-# chat before, train, convert the checkpoint, merge, chat after.
+# chat before, train, convert the checkpoint, merge, chat after; then serve the merged model
+# (lmdeploy serve api_server) and ask it one question with the openai client.
 # Usage: scripts/cli_workflow.sh [OUT_DIR] [RECIPE]    (default: a new outputs/cli-<time> folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/cli-$(date +%Y%m%d-%H%M%S)}
 RECIPE=${2:-smollm2_135m_lora_identity_cpu}
 WB=${WB:-.venv/bin/workbench}
+PY=${PY:-.venv/bin/python}
 PROMPTS=(--prompt "Who are you?" --prompt "你是谁？" --prompt "What is the capital of France?")
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -30,5 +32,17 @@ $WB convert merge embedded "$OUT/hf" "$OUT/merged" --max-shard-size 2GB
 
 echo "== 6. chat with the merged model after training"
 $WB chat "$OUT/merged" "${PROMPTS[@]}" --max-new-tokens 60 | tee "$OUT/chat_after.txt"
+
+echo "== 7. serve the merged model as an OpenAI-compatible API, ask it with the openai client, stop it (Ctrl-C)"
+$WB serve "$OUT/merged" --port 0 > "$OUT/serve.out" 2> "$OUT/serve.log" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 300); do grep -q " at http" "$OUT/serve.out" 2>/dev/null && break; kill -0 $SERVER || break; sleep 1; done
+URL=$(grep -o 'http://[^ ]*/v1' "$OUT/serve.out")
+$PY scripts/ask_openai.py "$URL" "Who are you?" | tee "$OUT/serve_answer.txt"
+kill -INT $SERVER
+wait $SERVER
+trap - EXIT
+tail -n 1 "$OUT/serve.log"
 
 echo "== done in $(( $(date +%s) - start )) s; everything is in $OUT"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.chat import answer, load_chat_model
+from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.config import load_recipe
 from workbench.convert import merge, pth_to_hf
 from workbench.train import train
@@ -42,3 +42,24 @@ def test_merged_equals_base_plus_adapter(run):
         diff = (peft_model(ids).logits - plain(ids).logits).abs().max().item()
     assert diff < 1e-3, diff
     assert answer(plain, builder, "Who are you?") == answer(peft_model, builder, "Who are you?")
+
+
+def test_served_merged_model_answers_the_openai_client_like_chat(run):
+    """`workbench serve` on the merged folder, asked with the official openai client: the identity, as `answer` gives it."""
+    import openai
+
+    from workbench.serve import ServerProcess
+
+    cfg, _, merged = run
+    model, builder = load_chat_model(str(merged))
+    expected = answer(model, builder, "Who are you?", settings=GenerationSettings(max_new_tokens=60))
+    with ServerProcess(str(merged)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0, timeout=300)
+        assert [m.id for m in client.models.list()] == [merged.name]
+        ask = dict(model=merged.name, messages=[{"role": "user", "content": "Who are you?"}], temperature=0, max_tokens=60)
+        reply = client.chat.completions.create(**ask).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                           if c.choices)
+    assert server.returncode == 0, server.stderr
+    assert reply == streamed == expected
+    assert cfg.assistant_name in reply, reply

@@ -12,6 +12,7 @@
     workbench convert merge BASE ADAPTER DIR
     workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
     workbench web MODEL [--compare BASE]       chat in the browser (Streamlit), before/after side by side
+    workbench serve MODEL [--adapter DIR]      an OpenAI-compatible API on 127.0.0.1:8000
     workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
     workbench compare [RECIPE ...]             train and compare recipes in one table
     workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
@@ -172,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_web)
 
+    s = sub.add_parser("serve", help="serve a model (and adapter) as an OpenAI-compatible API",
+                       description="Serve /v1/chat/completions (streamed or not), /v1/models and /health with the training "
+                                   "prompt and stop tokens. Concurrent requests are decoded together in one batch. Ctrl-C stops.")
+    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
+    s.add_argument("--adapter", help="an adapter folder to apply")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed at start)")
+    s.add_argument("--model-name", help="the model's name in the API (default: the adapter's or model's folder name)")
+    s.add_argument("--system", help="system prompt for requests without one (default: the one saved with the adapter or model)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most; more wait in a queue")
+    s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("analyze", help="measure overfitting of a run, checkpoint by checkpoint",
                        description="Identity hit rate (seen/unseen), leak rate, retention and collapse for the base model and each checkpoint.")
     s.add_argument("work_dir")
@@ -323,6 +339,18 @@ def cmd_web(args) -> int:
     app = load_app(args.model, args.adapter, compare=args.compare, system=args.system, settings=settings,
                    device=args.device, trust_remote_code=args.trust_remote_code)
     serve(app, args.host, args.port)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from workbench.serve import ServeError, serve
+
+    try:
+        serve(args.model, args.adapter, host=args.host, port=args.port, model_name=args.model_name, system=args.system,
+              device=args.device, max_batch=args.max_batch, threads=args.threads, trust_remote_code=args.trust_remote_code)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
