@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="tiny random model and a handful of steps")
     s.set_defaults(func=cmd_run_notebooks)
 
-    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once).")
+    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once), "
+                       "and register it in the Hugging Face hub cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) as HuggingFaceTB/SmolLM2-135M-Instruct.")
     s.add_argument("--force", action="store_true", help="convert again even if ready")
     s.set_defaults(func=cmd_prepare_model)
     return p
@@ -315,9 +316,12 @@ def cmd_run_notebooks(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
+    from workbench.hubcache import EMBEDDED_HUB_ID, register_snapshot
     from workbench.models import prepare_embedded_model
 
-    prepare_embedded_model(force=args.force)
+    folder = prepare_embedded_model(force=args.force)
+    # Exports name their base by its public id; plain transformers/peft find it here (HF_HUB_OFFLINE=1).
+    print(f"registered as {EMBEDDED_HUB_ID} in the Hugging Face cache: {register_snapshot(folder, EMBEDDED_HUB_ID)}")
     return 0
 
 

@@ -37,17 +37,19 @@ class ConvertError(ValueError):
 def export_trained(model, builder: PromptBuilder, cfg: Config, save_dir: str | os.PathLike, fp32: bool = False,
                    max_shard_size: str = "2GB", overwrite: bool = True) -> Path:
     """Write the trained model as an HF adapter (lora/qlora) or a full model folder (full)."""
-    from workbench.models import resolve_model_path
+    from workbench.portable import export_generation_config, portable_base_name, save_export_tokenizer
 
     dtype = torch.float32 if fp32 else torch.float16
     with atomic_dir(save_dir, overwrite=overwrite) as tmp:
         if cfg.method == "full":
             fastpath.disable_packed_attention(model)  # the saved config names a standard attention
             state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+            model.generation_config = export_generation_config(builder, model)
             model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
         else:
-            _save_adapter(model, tmp, dtype, base=resolve_model_path(cfg.pretrained_model_name_or_path))
-        builder.tokenizer.save_pretrained(tmp)
+            _save_adapter(model, tmp, dtype, base=portable_base_name(cfg.pretrained_model_name_or_path))
+            export_generation_config(builder, model).save_pretrained(tmp)
+        save_export_tokenizer(builder, tmp)  # the chat template defaults to the trained system prompt
         builder.save(tmp)
         save_config(cfg, tmp / CONFIG_FILE)
         _write_card(tmp, cfg, kind="full model" if cfg.method == "full" else "LoRA adapter", dtype=dtype)
@@ -66,7 +68,9 @@ def _save_adapter(model, folder: Path, dtype: torch.dtype, base: str) -> None:
 
 
 def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: str = "") -> None:
-    lines = [
+    from workbench.portable import card_header
+
+    lines = card_header(cfg.pretrained_model_name_or_path, "peft" if kind == "LoRA adapter" else "transformers", cfg.method) + [
         f"# {cfg.name}: {kind}",
         "",
         f"Made with workbench from base model `{cfg.pretrained_model_name_or_path}` (method: {cfg.method}"
@@ -75,7 +79,8 @@ def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: 
         f"Identity taught: **{cfg.assistant_name}**, the assistant of **{cfg.owner_name}**.",
         "",
         f"System prompt used in training (use the same when chatting): `{cfg.system}`",
-        "The chat template is saved with the tokenizer; `prompt.json` holds the system prompt and stop tokens.",
+        "The chat template is saved with the tokenizer, with this system prompt as its default (used when a client sends none);",
+        "generation_config.json stops at the end-of-turn token; `prompt.json` holds the system prompt and stop tokens.",
         "The full training config is in `workbench_config.yaml`.",
     ]
     if note:
@@ -142,6 +147,7 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
           device: str = "auto", torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge an adapter into the full-precision base and save a plain model folder."""
     from workbench.models import load_model, load_tokenizer
+    from workbench.portable import export_generation_config, save_export_tokenizer
 
     folder = check_adapter_folder(adapter)
     _require_empty(save_dir)
@@ -151,9 +157,11 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
     model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     merged = attach_adapter(model, folder).merge_and_unload()
     tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
+    builder = PromptBuilder.load(folder, tokenizer) if (folder / PROMPT_FILE).exists() else PromptBuilder(tokenizer)
+    merged.generation_config = export_generation_config(builder, merged)
     with atomic_dir(save_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_export_tokenizer(builder, tmp)  # the chat template defaults to the trained system prompt
         for name in (PROMPT_FILE, CONFIG_FILE):
             if (folder / name).exists():
                 shutil.copy2(folder / name, tmp / name)
