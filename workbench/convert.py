@@ -61,8 +61,8 @@ def _save_adapter(model, folder: Path, dtype: torch.dtype, base: str) -> None:
     from safetensors.torch import save_file
 
     peft_cfg = model.peft_config["default"]
-    peft_cfg.base_model_name_or_path = base
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    peft_cfg.base_model_name_or_path = base  # after reading the state: peft would look a hub id up online
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_cfg.save_pretrained(str(folder))
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.convert import ConvertError
 from workbench.portable import portable_base_name, stop_ids, template_with_default_system
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
@@ -49,7 +50,7 @@ LLAMA_CPP_CONVERTER = "llama.cpp's convert_hf_to_gguf.py (https://github.com/ggm
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
-class GGUFError(ValueError):
+class GGUFError(ConvertError):
     """The model cannot be exported to GGUF here; the message says why and what to use instead."""
 
 
