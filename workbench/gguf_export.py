@@ -72,9 +72,9 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     from workbench.convert import CONFIG_FILE, attach_adapter, check_adapter_folder
     from workbench.models import load_model, load_tokenizer, resolve_model_path
 
-    prompt_dir = Path(check_adapter_folder(adapter)) if adapter else Path(resolve_model_path(model))
-    if adapter is None and (prompt_dir / "adapter_config.json").exists():
+    if adapter is None and (Path(model) / "adapter_config.json").exists():
         raise GGUFError(f"{model} is an adapter folder: give its base model and `--adapter {model}`, or merge it first")
+    prompt_dir = Path(check_adapter_folder(adapter)) if adapter else Path(resolve_model_path(model))
     net = load_model(model, torch_dtype="float32", device="cpu")
     if adapter:
         net = attach_adapter(net, adapter).merge_and_unload()
