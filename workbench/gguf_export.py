@@ -28,17 +28,24 @@ prompt ids.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from workbench.convert import ConvertError
-from workbench.portable import portable_base_name, stop_ids, template_with_default_system
+from workbench.chat import GenerationSettings, answer
+from workbench.config import load_config
+from workbench.convert import CONFIG_FILE, ConvertError, attach_adapter, check_adapter_folder
+from workbench.io import atomic_write_text
+from workbench.models import load_model, load_tokenizer, resolve_model_path
+from workbench.portable import LICENSES, portable_base_name, stop_ids, template_with_default_system
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
 OUTTYPES = ("f16", "q8_0")
@@ -69,8 +76,6 @@ class GGUFResult:
 # ---------------------------------------------------------------------------
 def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     """(float32 model on the CPU, prompt builder, model card name): a merged folder, or a base with an adapter merged in."""
-    from workbench.convert import CONFIG_FILE, attach_adapter, check_adapter_folder
-    from workbench.models import load_model, load_tokenizer, resolve_model_path
 
     if adapter is None and (Path(model) / "adapter_config.json").exists():
         raise GGUFError(f"{model} is an adapter folder: give its base model and `--adapter {model}`, or merge it first")
@@ -83,8 +88,6 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     builder = PromptBuilder.load(prompt_dir, tokenizer) if (prompt_dir / PROMPT_FILE).exists() else PromptBuilder(tokenizer)
     name = prompt_dir.name
     if (prompt_dir / CONFIG_FILE).exists():
-        from workbench.config import load_config
-
         name = load_config(prompt_dir / CONFIG_FILE).name
     return net.eval(), builder, name
 
@@ -115,8 +118,7 @@ def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def tensor_type(name: str, array: np.ndarray, outtype: str):
     """GGML type a tensor is stored in: float32 for vectors, float16 or Q8_0 for matrices (Q8_0 needs rows of 32k)."""
-    from gguf import GGMLQuantizationType as Q
-
+    Q = gguf.GGMLQuantizationType
     if array.ndim < 2:
         return Q.F32
     if outtype == "q8_0" and array.shape[-1] % 32 == 0:
@@ -126,8 +128,6 @@ def tensor_type(name: str, array: np.ndarray, outtype: str):
 
 def gguf_tensors(model, arch: str):
     """(gguf name, hf name, float32 array) for every tensor to write, in the order of the state dict."""
-    import gguf
-
     cfg = model.config
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
@@ -152,17 +152,11 @@ def gguf_tensors(model, arch: str):
 
 def encode_tensor(array: np.ndarray, qtype):
     """The bytes GGUFWriter stores for `array` in `qtype` (a float array for F32/F16, uint8 blocks for Q8_0)."""
-    import gguf
-
     return gguf.quants.quantize(np.ascontiguousarray(array), qtype)
 
 
 def rounded_like_gguf(model, outtype: str):
     """A copy of `model` with each weight rounded as the GGUF stores it (for telling rounding from mapping errors)."""
-    import copy
-
-    import gguf
-
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in twin.named_parameters():
@@ -177,8 +171,6 @@ def rounded_like_gguf(model, outtype: str):
 # Metadata
 # ---------------------------------------------------------------------------
 def add_model_metadata(w, config, arch: str, name: str, base: str | None) -> None:
-    from workbench.portable import LICENSES
-
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     w.add_type("model")
     w.add_name(name)
@@ -217,7 +209,7 @@ def pre_tokenizer_name(tokenizer) -> str:
         return "smollm"  # SmolLM's and StarCoder's: digits one by one, then GPT-2's regex
     if kinds and kinds[0] == "Split":
         regex = parts[0].get("pattern", {}).get("Regex", "")
-        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2  # heavy: only for Split tokenizers
 
         if regex == QWEN2:
             return "qwen2"
@@ -228,8 +220,7 @@ def pre_tokenizer_name(tokenizer) -> str:
 
 def vocab_tables(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, token types, merges) of a byte-level BPE tokenizer, padded to the model's vocab size."""
-    from gguf import TokenType
-
+    TokenType = gguf.TokenType
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -356,11 +347,6 @@ def modelfile_text(gguf_name: str, builder: PromptBuilder, eos_ids: list[int]) -
 def export_gguf(model: str, out: str | os.PathLike, outtype: str = "f16", adapter: str | os.PathLike | None = None,
                 progress: bool = True) -> GGUFResult:
     """Write OUT.gguf (and a Modelfile beside it) from a merged model folder, or `model` + `adapter` merged on the fly."""
-    import gguf
-    from tqdm.auto import tqdm
-
-    from workbench.io import atomic_write_text
-
     if outtype not in OUTTYPES:
         raise GGUFError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     out = Path(out)
@@ -403,13 +389,8 @@ def export_gguf(model: str, out: str | os.PathLike, outtype: str = "f16", adapte
 
 def _base_of(model: str) -> str | None:
     """The base a merged folder was made from (its workbench config), for the license."""
-    from workbench.convert import CONFIG_FILE
-    from workbench.models import resolve_model_path
-
     p = Path(resolve_model_path(model)) / CONFIG_FILE
     if p.exists():
-        from workbench.config import load_config
-
         return load_config(p).pretrained_model_name_or_path
     return model
 
@@ -419,7 +400,7 @@ def _base_of(model: str) -> str | None:
 # ---------------------------------------------------------------------------
 def load_gguf_model(path: str | os.PathLike):
     """The GGUF loaded back by plain transformers (dequantised to float32)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: imported when used, as everywhere in the workbench
 
     p = Path(path)
     return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
@@ -427,8 +408,6 @@ def load_gguf_model(path: str | os.PathLike):
 
 def gguf_chat_template(path: str | os.PathLike) -> str:
     """tokenizer.chat_template of a GGUF file, read with GGUFReader."""
-    import gguf
-
     return gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"].contents()
 
 
@@ -437,11 +416,9 @@ def verify_gguf(path: str | os.PathLike, model: str, adapter: str | None = None,
                 questions: tuple[str, ...] = ("Who are you?", "What is the capital of France?"),
                 max_new_tokens: int = 24) -> dict:
     """A written GGUF against the merged model: max |logit difference|, greedy answers, prompt ids."""
-    from workbench.chat import GenerationSettings, answer
-
     reference, builder, _ = load_for_export(model, adapter)
     loaded = load_gguf_model(path)
-    outtype = "q8_0" if "Q8_0" in {t.tensor_type.name for t in _reader(path).tensors} else "f16"
+    outtype = "q8_0" if "Q8_0" in {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} else "f16"
     rounded = rounded_like_gguf(reference, outtype)
     diff = rounding = 0.0
     for q in questions:
@@ -458,14 +435,8 @@ def verify_gguf(path: str | os.PathLike, model: str, adapter: str | None = None,
             "template gives the training prompt ids": template_ok}
 
 
-def _reader(path):
-    import gguf
-
-    return gguf.GGUFReader(str(path))
-
-
 def _template_matches(path, builder: PromptBuilder, question: str) -> bool:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported when used
 
     p = Path(path)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

@@ -24,6 +24,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
 from workbench.config import EMBEDDED_MODEL, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL
@@ -77,7 +79,7 @@ def stop_ids(builder: PromptBuilder, model_eos=None) -> list[int]:
 
 def export_generation_config(builder: PromptBuilder, model=None):
     """The model's generation config (or a fresh one) stopping at the end-of-turn token, padding with the pad token."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy: imported when used, as everywhere in the workbench
 
     base = getattr(model, "generation_config", None) if model is not None else None
     gen = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
@@ -123,8 +125,6 @@ def card_header(base: str, library: str, method: str, license: str | None = None
 
 def read_card_header(readme: str | os.PathLike) -> dict:
     """The YAML front matter of a model card as a dict ({} when it has none)."""
-    import yaml
-
     text = Path(readme).read_text(encoding="utf-8")
     if not text.startswith("---\n"):
         return {}
