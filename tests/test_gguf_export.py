@@ -295,6 +295,31 @@ def test_embedded_merged_model_to_gguf_and_back(tmp_path):
         assert builder.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
 
 
+def test_llama_cpp_runs_the_file_like_transformers(tiny):
+    """Optional (skipped unless llama-cpp-python is installed): real llama.cpp reads the file as transformers does.
+
+    Its tokenizer gives the training ids for the rendered prompt, its chat formatter (the template inside the
+    file) renders the training prompt, and its logits for the prompt equal transformers' logits of the same file
+    to float16 arithmetic (llama.cpp computes with the float16 weights; 1e-2 on logits of this size).
+    """
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    builder = tiny["builder"]
+    path = tiny["f16"].path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+    ids = builder.generation_prompt("Who are you?")
+    text = builder.tokenizer.decode(ids)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    fmt = Jinja2ChatFormatter(gguf_chat_template(path), eos_token="<|im_end|>", bos_token="<|im_start|>")
+    assert fmt(messages=[{"role": "user", "content": "Who are you?"}]).prompt == text
+    llm.eval(ids)
+    ours = torch.tensor(np.array(llm.scores[len(ids) - 1]))
+    with torch.no_grad():
+        theirs = load_gguf_model(path)(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert (ours - theirs).abs().max().item() <= 1e-2
+
+
 def test_llama_cpp_python_runs_the_file(tiny):
     """Optional: only where llama-cpp-python is installed (it did not build here in 12 minutes; see the README)."""
     llama_cpp = pytest.importorskip("llama_cpp")
