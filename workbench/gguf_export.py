@@ -202,7 +202,7 @@ def pre_tokenizer_name(tokenizer) -> str:
         raise GGUFError(f"the tokenizer is {model.get('type')}, not byte-level BPE; use {LLAMA_CPP_CONVERTER}")
     pre = data.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # GPT-2's splitting regex, which llama.cpp calls gpt2
+        return "gpt-2"  # GPT-2's splitting regex: llama.cpp's pre-tokenizer "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     kinds = [p.get("type") for p in parts]
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
