@@ -320,6 +320,37 @@ def test_llama_cpp_runs_the_file_like_transformers(tiny):
     assert (ours - theirs).abs().max().item() <= 1e-2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_computes_what_transformers_computes(arch, tmp_path):
+    """Optional: tiny llama / qwen2 models whose attention matters (large q/k weights, qwen2's biases, an untied head):
+    llama.cpp's logits at every position equal the Hugging Face model's to float16 arithmetic."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    tok = load_tokenizer(TINY_MODEL)
+    cfg = config_class(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ("q_proj" in name or "k_proj" in name):
+                p.normal_(0.0, 0.3)  # sharp attention: a wrong rotary layout would show
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    out = export_gguf(str(save_tiny(model, tmp_path / arch)), tmp_path / f"{arch}.gguf", "f16", progress=False)
+    ids = PromptBuilder(load_tokenizer(TINY_MODEL)).generation_prompt("Who are you, and what is the capital of France? Tell me more.")
+    llm = llama_cpp.Llama(model_path=str(out.path), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[: len(ids)]))
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0]
+    spread = (expected - expected.mean(0)).abs().max().item()
+    assert (got - expected).abs().max().item() <= 0.02 * spread, "measured: 5e-3 (llama), 2e-3 (qwen2) against a spread of 1.0 / 0.4"
+
+
 @pytest.mark.slow
 def test_llama_cpp_answers_like_the_workbench_on_the_embedded_model(tmp_path):
     """Optional: llama.cpp's own chat completion (the template inside the file, no system message sent) answers the
