@@ -25,9 +25,9 @@ def make_adapter(base: str, out: Path, system: str = SYSTEM, seed: int = 0, scal
 
     cfg = load_recipe("smollm2_135m_tiny_smoke").replace(pretrained_model_name_or_path=base, system=system, name="nova_test")
     model = load_model(base, torch_dtype="float32", device="cpu")
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn here, B below: the same adapter every run
     peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                   target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))  # as training builds it
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
