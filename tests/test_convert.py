@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from workbench.config import load_config, load_recipe
 from workbench.convert import ConvertError, merge, pth_to_hf, verify_merge
+from workbench.hubcache import TINY_HUB_ID
 from workbench.models import TINY_MODEL, load_tokenizer, resolve_model_path
+from workbench.portable import template_with_default_system
 from workbench.prompt import PromptBuilder
 from workbench.checkpoint import load_trainable
 from workbench.models import build_model
@@ -117,11 +119,14 @@ def test_pth_to_hf_writes_a_complete_adapter_folder(lora_run, ckpt, hf16, hf32, 
         names = {p.name for p in folder.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "prompt.json",
                 "workbench_config.yaml", "README.md"} <= names
-        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == base_dir
+        # The base is named portably (the tiny model by its local id), not by this checkout's cache path.
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_HUB_ID
         assert not [p for p in folder.rglob("*") if p.name.startswith(("optimizer", "scheduler", "rng_"))], "no optimizer state"
         assert not list(folder.rglob("*.pt")) and not list(folder.rglob("trainable.safetensors"))
         tok = AutoTokenizer.from_pretrained(folder)
-        assert tok.chat_template and tok.chat_template == PromptBuilder(load_tokenizer(cfg.pretrained_model_name_or_path)).chat_template
+        # The saved template is the base's, with the trained system prompt as its default (tests/test_portable.py).
+        builder = PromptBuilder(load_tokenizer(cfg.pretrained_model_name_or_path), system=cfg.system)
+        assert tok.chat_template == template_with_default_system(builder)
         prompt = json.loads((folder / "prompt.json").read_text())
         assert prompt["system"] == cfg.system and prompt["stop_token_ids"] == [tok.convert_tokens_to_ids("<|im_end|>")]
         assert load_config(folder / "workbench_config.yaml") == cfg

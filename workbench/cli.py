@@ -10,6 +10,7 @@
                                                the same on several processes / GPUs / machines
     workbench convert pth_to_hf CONFIG CKPT DIR
     workbench convert merge BASE ADAPTER DIR
+    workbench convert gguf MODEL OUT.gguf [--outtype f16|q8_0] [--adapter DIR]   for llama.cpp / Ollama (+ Modelfile)
     workbench chat MODEL [--adapter DIR]       chat in the terminal, or answer scripted prompts
     workbench web MODEL [--compare BASE]       chat in the browser (Streamlit), before/after side by side
     workbench serve MODEL [--adapter DIR]      an OpenAI-compatible API on 127.0.0.1:8000
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default NPROC_PER_NODE); implies --launcher accelerate")
     s.set_defaults(func=cmd_train)
 
-    conv = sub.add_parser("convert", help="pth_to_hf or merge", description="Convert a checkpoint, or merge an adapter.")
+    conv = sub.add_parser("convert", help="pth_to_hf, merge or gguf", description="Convert a checkpoint, merge an adapter, or write a GGUF file.")
     csub = conv.add_subparsers(title="conversions", metavar="KIND")
     s = csub.add_parser("pth_to_hf", help="checkpoint to a Hugging Face adapter", description="Turn a training checkpoint into a standalone HF adapter (or model, for full).")
     s.add_argument("config")
@@ -141,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_merge)
+    s = csub.add_parser("gguf", help="a GGUF file (+ Ollama Modelfile) for llama.cpp, Ollama, LM Studio",
+                        description="Write a merged model (or MODEL + --adapter, merged on the fly) as one GGUF file with the "
+                        "training chat template and stop tokens, and an Ollama Modelfile beside it. llama and qwen2 models.")
+    s.add_argument("model", help="a merged model folder, or the base when --adapter is given ('embedded', a folder)")
+    s.add_argument("out", help="the .gguf file to write (must not exist)")
+    s.add_argument("--outtype", choices=("f16", "q8_0"), default="f16", help="f16: float16 matrices; q8_0: 8-bit blocks (half the size)")
+    s.add_argument("--adapter", help="an adapter folder to merge into MODEL first")
+    s.add_argument("--check", action="store_true", help="load the file back with transformers and compare logits, answers and prompt ids")
+    s.set_defaults(func=cmd_gguf)
 
     s = sub.add_parser("chat", help="chat with a model (and adapter)", description="Chat in the terminal (RESET clears history, EXIT quits), or answer --prompt / --prompt-file and exit.")
     s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
@@ -208,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="tiny random model and a handful of steps")
     s.set_defaults(func=cmd_run_notebooks)
 
-    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once).")
+    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once), "
+                       "and register it in the Hugging Face hub cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) as HuggingFaceTB/SmolLM2-135M-Instruct.")
     s.add_argument("--force", action="store_true", help="convert again even if ready")
     s.set_defaults(func=cmd_prepare_model)
     return p
@@ -308,6 +319,17 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_gguf(args) -> int:
+    from workbench.gguf_export import export_gguf, verify_gguf
+
+    r = export_gguf(args.model, args.out, outtype=args.outtype, adapter=args.adapter)
+    print(f"wrote {r.path} ({r.size_bytes / 1e6:.1f} MB, {r.n_tensors} tensors, {r.outtype}) in {r.seconds:.1f} s and {r.modelfile}")
+    if args.check:
+        for k, v in verify_gguf(r.path, args.model, adapter=args.adapter).items():
+            print(f"{k}: {v}")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from workbench.chat import GenerationSettings, answer, chat_loop, load_chat_model
 
@@ -382,9 +404,12 @@ def cmd_run_notebooks(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
+    from workbench.hubcache import EMBEDDED_HUB_ID, register_snapshot
     from workbench.models import prepare_embedded_model
 
-    prepare_embedded_model(force=args.force)
+    folder = prepare_embedded_model(force=args.force)
+    # Exports name their base by its public id; plain transformers/peft find it here (HF_HUB_OFFLINE=1).
+    print(f"registered as {EMBEDDED_HUB_ID} in the Hugging Face cache: {register_snapshot(folder, EMBEDDED_HUB_ID)}")
     return 0
 
 

@@ -30,7 +30,8 @@ from workbench.checkpoint import TRAINABLE, load_trainable
 from workbench.config import Config, load_config, save_config
 from workbench.io import atomic_dir, folder_is_nonempty
 from workbench.models import (AdapterError, attach_adapter, build_unquantized, check_adapter_folder, load_builder,
-                              load_model, load_tokenizer, resolve_model_path)
+                              load_model, load_tokenizer)
+from workbench.portable import export_generation_config, portable_base_name, save_export_tokenizer
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
 CONFIG_FILE = "workbench_config.yaml"
@@ -51,10 +52,12 @@ def export_trained(model, builder: PromptBuilder, cfg: Config, save_dir: str | o
         if cfg.method == "full":
             fastpath.disable_packed_attention(model)  # the saved config names a standard attention
             state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+            model.generation_config = export_generation_config(builder, model)
             model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
         else:
-            _save_adapter(model, tmp, dtype, base=resolve_model_path(cfg.pretrained_model_name_or_path))
-        builder.tokenizer.save_pretrained(tmp)
+            _save_adapter(model, tmp, dtype, base=portable_base_name(cfg.pretrained_model_name_or_path))
+            export_generation_config(builder, model).save_pretrained(tmp)
+        save_export_tokenizer(builder, tmp)  # the chat template defaults to the trained system prompt
         builder.save(tmp)
         save_config(cfg, tmp / CONFIG_FILE)
         _write_card(tmp, cfg, kind="full model" if cfg.method == "full" else "LoRA adapter", dtype=dtype)
@@ -66,14 +69,16 @@ def _save_adapter(model, folder: Path, dtype: torch.dtype, base: str) -> None:
     from safetensors.torch import save_file
 
     peft_cfg = model.peft_config["default"]
-    peft_cfg.base_model_name_or_path = base
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    peft_cfg.base_model_name_or_path = base  # after reading the state: peft would look a hub id up online
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_cfg.save_pretrained(str(folder))
 
 
 def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: str = "") -> None:
-    lines = [
+    from workbench.portable import card_header
+
+    lines = card_header(cfg.pretrained_model_name_or_path, "peft" if kind == "LoRA adapter" else "transformers", cfg.method) + [
         f"# {cfg.name}: {kind}",
         "",
         f"Made with workbench from base model `{cfg.pretrained_model_name_or_path}` (method: {cfg.method}"
@@ -82,7 +87,8 @@ def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: 
         f"Identity taught: **{cfg.assistant_name}**, the assistant of **{cfg.owner_name}**.",
         "",
         f"System prompt used in training (use the same when chatting): `{cfg.system}`",
-        "The chat template is saved with the tokenizer; `prompt.json` holds the system prompt and stop tokens.",
+        "The chat template is saved with the tokenizer, with this system prompt as its default (used when a client sends none);",
+        "generation_config.json stops at the end-of-turn token; `prompt.json` holds the system prompt and stop tokens.",
         "The full training config is in `workbench_config.yaml`.",
     ]
     if note:
@@ -129,9 +135,11 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
     except AdapterError as e:
         raise ConvertError(str(e)) from None
     tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
+    builder = PromptBuilder.load(folder, tokenizer) if (folder / PROMPT_FILE).exists() else PromptBuilder(tokenizer)
+    merged.generation_config = export_generation_config(builder, merged)
     with atomic_dir(save_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_export_tokenizer(builder, tmp)  # the chat template defaults to the trained system prompt
         for name in (PROMPT_FILE, CONFIG_FILE):
             if (folder / name).exists():
                 shutil.copy2(folder / name, tmp / name)

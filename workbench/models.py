@@ -30,6 +30,7 @@ import torch
 
 from workbench import fastpath
 from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, Config, ConfigError, resolve_path
+from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.io import atomic_dir
 from workbench.prompt import PromptBuilder, builder_for
 
@@ -145,9 +146,10 @@ def prepare_tiny_model(target: Path = TINY_DIR, seed: int = 0) -> Path:
 
 def resolve_model_path(name: str) -> str:
     """The folder (or hub id) to load for a config's `pretrained_model_name_or_path`."""
-    if name == TINY_MODEL:
+    # The public ids exports record (workbench.hubcache) resolve to the local copies, without a network.
+    if name in (TINY_MODEL, TINY_HUB_ID):
         return str(prepare_tiny_model())
-    if name in (EMBEDDED_MODEL, "embedded"):
+    if name in (EMBEDDED_MODEL, "embedded", EMBEDDED_HUB_ID):
         if not embedded_ready():
             raise ModelError(f"the embedded model is not prepared yet ({EMBEDDED_DIR} is missing). Run `make setup` or `workbench prepare-model`.")
         return str(EMBEDDED_DIR)

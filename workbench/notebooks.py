@@ -33,6 +33,7 @@ PATHS = {
 SMOKE = {
     "02_config": {"recipe": "smollm2_135m_tiny_smoke", "max_steps": 4, "max_length": 256,
                   "evaluation_inputs": ["Who are you?"]},
+    "05_merge": {"gguf_outtype": "q8_0", "gguf_max_new_tokens": 4},
     "06_chat_compare": {"max_new_tokens": 8},
     "07_overfitting": {"max_new_tokens": 6, "heldout_limit": 4},
 }
