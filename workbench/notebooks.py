@@ -51,7 +51,7 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     for name in SERIES:
         if only and name not in only:
             continue
-        params = {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
+        params = series_parameters(name, run_dir, smoke)
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
@@ -63,6 +63,11 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"executed notebooks: {out}\nfigures: {out / 'figures'}\ntotal: {sum(timings.values()):.0f} s")
     return out
+
+
+def series_parameters(name: str, run_dir: str | Path, smoke: bool = False) -> dict:
+    """The parameters the series gives notebook `name`: the shared run dir, absolute paths, smoke overrides."""
+    return {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
 
 
 def extract_figures(notebook: str | Path, folder: str | Path) -> int:

@@ -213,9 +213,10 @@ class ChatPanel:
             self.outputs[label].outputs = ()
 
     def widget(self):
-        columns = [W.VBox([W.HTML(f"<b>{html.escape(k)}</b>"), o]) for k, o in self.outputs.items()]
+        columns = [W.VBox([W.HTML(f"<b>{html.escape(k)}</b>"), o]).add_class("wb-chat-column") for k, o in self.outputs.items()]
         return W.VBox([W.HBox([self.text, self.send_button, self.clear_button]),
-                       W.HBox([self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty]), W.HBox(columns)])
+                       W.HBox([self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty]),
+                       W.HBox(columns).add_class("wb-chat-columns")]).add_class("wb-chat-panel")
 
     def _ipython_display_(self):
         display(self.widget())
