@@ -169,7 +169,18 @@ return {status: kernel ? kernel.status : 'none', cells};
 
 # What the student sees: widget outputs and whether each rendered, text of every output, cut labels, the chat panel.
 VIEW = """
-const node = window.__notebook.content.node;
+const w = window.__notebook, node = w.content.node, mime = arguments[0], widgets = [];
+w.content.widgets.forEach((cell, i) => {  // each widget output as its renderer shows it
+  if (!cell.outputArea) return;
+  for (let j = 0; j < cell.outputArea.model.length; j++) {
+    if (!(mime in cell.outputArea.model.get(j).data)) continue;
+    const o = cell.outputArea.widgets[j].node.querySelector('.jp-OutputArea-output'), text = o ? o.textContent : '';
+    const state = !o ? 'missing' : o.querySelector(':scope > .jupyter-widgets') ? 'shown'
+      : o.classList.contains('lm-mod-hidden') ? 'closed'  // the kernel closed the widget (e.g. a finished progress bar)
+      : text.startsWith('Loading widget') ? 'pending' : 'error';
+    widgets.push({cell: i, state, text: text.slice(0, 200)});
+  }
+});
 const outputs = Array.from(node.querySelectorAll('.jp-OutputArea-output'))  // a cell's own, not those inside widgets
   .filter(o => o.closest('.jp-OutputArea').classList.contains('jp-Cell-outputArea'));
 const labels = Array.from(node.querySelectorAll('.widget-label'))
@@ -178,11 +189,14 @@ const labels = Array.from(node.querySelectorAll('.widget-label'))
 const rect = e => { const r = e.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; };
 const panels = Array.from(node.querySelectorAll('.wb-chat-columns')).map(p => ({
   panel: rect(p),
-  columns: Array.from(p.querySelectorAll(':scope > .wb-chat-column')).map(c => ({
-    ...rect(c), scroll: c.scrollWidth, client: c.clientWidth, text: c.innerText.slice(0, 80)}))}));
+  columns: Array.from(p.querySelectorAll(':scope > .wb-chat-column')).map(c => {
+    const out = c.querySelector('.widget-output') || c;  // the answers' box inside the column
+    const sideways = [c, ...c.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1
+      && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)).length;  // boxes showing a horizontal scrollbar
+    return {...rect(c), answers: out.getBoundingClientRect().width, sideways, text: c.innerText.slice(0, 80)}; })}));
 return {
   texts: outputs.map(o => o.innerText),
-  widgets: outputs.filter(o => o.querySelector(':scope > .jupyter-widgets')).length,  // outputs showing a widget view
+  widgets,
   labels, panels,
 };
 """
@@ -199,6 +213,12 @@ CLOSE = """
 const done = arguments[0], w = window.__notebook;
 w.sessionContext.shutdown().then(() => { w.dispose(); done(null); }, e => done(String(e)));
 """
+
+
+# Typed into 06's chat panel: long enough to wrap, with a word too long for a column (a path, as students paste).
+LONG_QUESTION = ("Please explain in a few sentences what a learning rate is, why a very high one makes the training loss "
+                 "jump around, and whether the file /home/student/work_dirs/smollm2_135m_lora_identity_cpu/iter_40/"
+                 "adapter_model.safetensors is the checkpoint I should keep?")
 
 
 def wait_for(driver, predicate, timeout: float, what: str, poll: float = 1.0):
@@ -247,10 +267,30 @@ def widget_outputs(state: dict) -> int:
     return sum(WIDGET_MIME in out.get("data", {}) for c in state["cells"] for out in c["outputs"])
 
 
+def ask_chat_panel(driver, question: str) -> None:
+    """Type a question into the chat panel and press Send, as a student does; wait until every column shows it."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.CSS_SELECTOR, ".wb-chat-panel input[type='text']")
+    box.send_keys(question)
+    send, = [b for b in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel button") if b.text == "Send"]
+    send.click()
+    words = " ".join(question.split())
+
+    def answered(d):
+        columns = d.find_elements(By.CSS_SELECTOR, ".wb-chat-panel .wb-chat-column")
+        return (box.get_attribute("value") == "" and all(words in " ".join(c.text.split()) for c in columns)
+                and d.execute_script("return window.__notebook.sessionContext.session.kernel.status") == "idle")
+    wait_for(driver, answered, RUN_S, "the chat panel answers the typed question")
+
+
 def wait_rendered(driver, state: dict) -> None:
     """Until every widget output shows a widget view (or RENDER_S has passed: the checks then say what is missing)."""
     deadline = time.monotonic() + RENDER_S
-    while driver.execute_script(VIEW)["widgets"] < widget_outputs(state) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        shown = driver.execute_script(VIEW, WIDGET_MIME)["widgets"]
+        if len(shown) == widget_outputs(state) and not [w for w in shown if w["state"] in ("pending", "missing")]:
+            return
         time.sleep(1)
 
 
@@ -271,30 +311,38 @@ def test_notebook_runs_in_jupyterlab(page, lab, name):
     """Run All in the browser: no error, widgets rendered, labels whole, chat columns sharing the panel; a screenshot."""
     state = run_all(page, f"{name}.ipynb")
     try:
+        if name == "06_chat_compare":
+            ask_chat_panel(page, LONG_QUESTION)
         wait_rendered(page, state)
         screenshot(page, name)
-        view = page.execute_script(VIEW)  # measured with the whole notebook in the (tall) window
+        view = page.execute_script(VIEW, WIDGET_MIME)  # measured with the whole notebook in the (tall) window
     finally:
         page.set_window_size(WIDTH, HEIGHT)
         page.execute_async_script(CLOSE)
-    assert not (errors := errors_in(state)), f"{name}: errors in cells:\n" + "\n".join(errors)
-    assert all(c["count"] is not None for c in state["cells"]), f"{name}: a cell did not run"
+    assert not (problems := problems_seen(name, state, view)), f"{name}:\n" + "\n".join(problems)
 
-    expected = widget_outputs(state)
-    assert view["widgets"] == expected, f"{name}: {expected} widget output(s), {view['widgets']} shown as widgets"
+
+def problems_seen(name: str, state: dict, view: dict) -> list[str]:
+    """Everything wrong in one notebook as the browser shows it (all of it, so one run reports every problem)."""
+    problems = errors_in(state)
+    problems += [f"cell {c['index']} did not run" for c in state["cells"] if c["count"] is None]
+    if len(view["widgets"]) != widget_outputs(state):
+        problems.append(f"{widget_outputs(state)} widget outputs, {len(view['widgets'])} in the page: {view['widgets']}")
+    problems += [f"widget not rendered: {w}" for w in view["widgets"] if w["state"] not in ("shown", "closed")]
     shown = "\n".join(view["texts"])
-    assert "Error displaying widget" not in shown, f"{name}: a widget failed to render"
-    assert not (reprs := WIDGET_REPR.findall(shown)), f"{name}: widgets shown as text: {reprs}"
-
-    cut = [label for label in view["labels"] if label["scroll"] > label["client"]]
-    assert not cut, f"{name}: widget labels cut off: {cut}"
-
-    if name == "06_chat_compare":
-        assert view["panels"], "06: the chat panel is shown"
+    if "Error displaying widget" in shown:
+        problems.append("a widget failed to render: Error displaying widget")
+    problems += [f"a widget shown as text: {r}..." for r in WIDGET_REPR.findall(shown)]
+    problems += [f"label cut off: {label}" for label in view["labels"] if label["scroll"] > label["client"]]
+    if name == "06_chat_compare" and not view["panels"]:
+        problems.append("the chat panel is not shown")
     for panel in view["panels"]:
         width, columns = panel["panel"]["width"], panel["columns"]
-        assert len(columns) >= 2, panel
-        for col in columns:
-            assert col["width"] >= width / (len(columns) + 1), f"{name}: a chat column is too narrow: {col} of {width:.0f} px"
-            assert col["scroll"] <= col["client"] + 1, f"{name}: a chat column scrolls sideways: {col}"
-        assert len({round(col["y"]) for col in columns}) == 1, f"{name}: chat columns not side by side: {columns}"
+        if len(columns) < 2:
+            problems.append(f"the chat panel has {len(columns)} column(s)")
+        problems += [f"chat column narrower than 1/{len(columns) + 1} of the panel's {width:.0f} px: {col}"
+                     for col in columns if min(col["width"], col["answers"]) < width / (len(columns) + 1)]
+        problems += [f"chat column with a horizontal scrollbar: {col}" for col in columns if col["sideways"]]
+        if len({round(col["y"]) for col in columns}) > 1:
+            problems.append(f"chat columns not side by side: {columns}")
+    return problems
