@@ -24,10 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chromium(width: int = 1400, height: int = 1000, network_log: bool = False):
-    """A headless Chromium (a selenium driver) with a window of width x height; skips the test where it is missing."""
+def require_chromium() -> None:
+    """Skip the calling test, saying how to install them, where Chromium or its driver is missing."""
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         pytest.skip(f"the browser test needs Debian's Chromium and its driver: {INSTALL}")
+
+
+def chromium(width: int = 1400, height: int = 1000, network_log: bool = False):
+    """A headless Chromium (a selenium driver) with a window of width x height; skips the test where it is missing."""
+    require_chromium()
     os.environ["SE_OFFLINE"] = "true"  # selenium manager stays offline (it is not even needed: the paths are given)
     from selenium import webdriver  # optional: only the browser tests need selenium
     from selenium.webdriver.chrome.service import Service

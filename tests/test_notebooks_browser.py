@@ -31,7 +31,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from browser import chromium, free_port
+from browser import chromium, free_port, require_chromium
 from workbench.notebooks import NOTEBOOK_DIR, SERIES, series_parameters
 
 pytestmark = pytest.mark.slow
@@ -115,6 +115,7 @@ class JupyterLab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    require_chromium()  # before starting JupyterLab for nothing
     home = tmp_path_factory.mktemp("lab")
     server = JupyterLab(smoke_copies(home / "notebooks"), home)
     yield server
