@@ -8,13 +8,15 @@ sharing one run dir, as `workbench run-notebooks --smoke` runs them. For each
 notebook in order, the browser opens it, runs all cells (the "Run All" command)
 and waits for the kernel; then it checks what a student would see: no error in
 any cell, every widget rendered (not "Error displaying widget", not a text repr
-like "HBox(children=...)"), no widget label cut off, and in 06's chat panel
-columns that share the width (each at least 1/(n+1) of the panel) without a
-horizontal scrollbar. A screenshot of each notebook goes to
-outputs/screenshots/notebooks/ (git-ignored) for a person to look at.
+like "HBox(children=...)"), no widget label cut off; in 06 it types a long
+question into the chat panel and presses Send, and the panel's n columns must
+share the width (each at least 1/(n+1) of the panel) without a horizontal
+scrollbar. A screenshot of each notebook goes to outputs/screenshots/notebooks/
+(git-ignored) for a person to look at.
 
 Needs /usr/bin/chromium and /usr/bin/chromedriver; skipped with the install
-command where they are missing. Marked slow: it runs the whole series (minutes).
+command where they are missing. Marked slow: it runs the whole series (about
+2.5 minutes on 2 cores); `make test` and `make test-browser` run it.
 """
 from __future__ import annotations
 
