@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast clean-nb clean help bench bench-serve lab
+.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-serve lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -14,9 +14,10 @@ help:
 	@echo "make lab      - JupyterLab from the venv at notebooks/ (127.0.0.1, the kernel finds the workbench package)"
 	@echo "make run-cli  - the same workflow from the command line (train, convert, merge, chat before/after)"
 	@echo "make compare  - the tutorial's recipe vs the mixed recipe, measured -> outputs/compare/"
-	@echo "make clean-nb - strip outputs from notebooks/*.ipynb before committing"
+	@echo "make clean-nb - clear outputs and run metadata from notebooks/*.ipynb before committing (nbconvert)"
 	@echo "make test     - all tests (fast tests on a tiny random model + one end-to-end on the embedded model)"
 	@echo "make test-fast- only the fast tests"
+	@echo "make test-browser - the browser tests (headless Chromium): notebooks 01-07 run in JupyterLab, workbench web (part of make test)"
 	@echo "make bench-serve - workbench serve on the embedded model: first token, tokens/s of 1 and 8 streams, memory -> benchmarks/results/serve.md"
 	@echo "make bench    - workbench vs a plain PEFT+Trainer script: tokens/s, time, memory -> benchmarks/results/ (under 20 min on 2 cores; BENCH_ARGS=... for options)"
 
@@ -44,14 +45,23 @@ run-cli: setup
 compare: setup
 	$(WB) compare
 
+# nbconvert (installed with JupyterLab) clears outputs and execution counts, and the metadata that running and saving
+# add (timings, widget state, the kernel's full language_info); cell tags and the kernelspec stay. NB=FILES for others.
+NB ?= notebooks/*.ipynb
 clean-nb:
-	$(PY) -c "import sys, glob; from workbench.notebooks import strip_outputs; [print('stripped', p) for p in sorted(glob.glob('notebooks/*.ipynb')) if strip_outputs(p)]"
+	$(PY) -m jupyter nbconvert --clear-output --inplace --log-level=WARN --ClearMetadataPreprocessor.enabled=True \
+	  --ClearMetadataPreprocessor.preserve_nb_metadata_mask='[("language_info", "name"), "kernelspec"]' \
+	  --ClearMetadataPreprocessor.preserve_cell_metadata_mask='["tags"]' $(NB)
 
 test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Also part of `make test`; needs Debian's Chromium (.ci/run installs it), else skipped with the apt-get command.
+test-browser: setup
+	$(PY) -m pytest -q tests/test_notebooks_browser.py tests/test_web_browser.py
 
 clean:
 	rm -rf outputs work_dirs

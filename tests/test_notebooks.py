@@ -2,6 +2,7 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import papermill as pm
 import pytest
 
 from workbench.config import PROJECT_ROOT
-from workbench.notebooks import NOTEBOOK_DIR, SERIES, run_series, strip_outputs
+from workbench.notebooks import NOTEBOOK_DIR, SERIES, run_series
 
 NOTEBOOKS = [NOTEBOOK_DIR / f"{name}.ipynb" for name in SERIES]
 MAX_CELL_LINES = 6
@@ -27,10 +28,21 @@ def test_the_series_is_complete_and_numbered():
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_without_outputs(path):
-    for cell in cells(path):
-        assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path.name}: run `make clean-nb`"
+def clean_nb(paths) -> None:
+    """`make clean-nb` (nbconvert's clear-output) on these files."""
+    proc = subprocess.run(["make", "-s", "-C", str(PROJECT_ROOT), "clean-nb", f"NB={' '.join(map(str, paths))}",
+                           f"PY={sys.executable}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_committed_clean(tmp_path):
+    """The notebooks are committed as `make clean-nb` leaves them: clearing a copy changes no byte."""
+    copies = [shutil.copy(p, tmp_path / p.name) for p in NOTEBOOKS]
+    clean_nb(copies)
+    changed = [p.name for p in NOTEBOOKS if (tmp_path / p.name).read_bytes() != p.read_bytes()]
+    assert not changed, f"{changed}: run `make clean-nb`"
+    for path in NOTEBOOKS:
+        assert all(c["outputs"] == [] and c["execution_count"] is None for c in cells(path)), path.name
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -59,14 +71,21 @@ def test_code_cells_hold_no_logic_and_stay_short(path):
             assert len([l for l in src.splitlines() if l.strip()]) <= MAX_CELL_LINES, f"{path.name}: cell too long:\n{src}"
 
 
-def test_strip_outputs(tmp_path):
+def test_clean_nb_undoes_running_and_saving(tmp_path):
+    """A notebook run and saved in JupyterLab (outputs, counts, timings, widget state, full language_info) is
+    cleared back to the committed bytes; the parameters cell keeps its tag."""
     nb = json.loads(NOTEBOOKS[0].read_text(encoding="utf-8"))
-    nb["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "x"}]
-    nb["cells"][2]["execution_count"] = 3
-    p = tmp_path / "nb.ipynb"
-    p.write_text(json.dumps(nb))
-    assert strip_outputs(p) and not strip_outputs(p)
-    assert all(not c.get("outputs") for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code")
+    nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.7", "mimetype": "text/x-python",
+                                       "codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py"}
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2}}
+    for k, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        cell["execution_count"] = k + 1
+        cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["x\n"]}]
+        cell["metadata"].update(execution={"iopub.status.idle": "2026-01-01T00:00:00Z"}, scrolled=True)
+    dirty = tmp_path / NOTEBOOKS[0].name
+    dirty.write_text(json.dumps(nb, indent=2), encoding="utf-8")
+    clean_nb([dirty])
+    assert dirty.read_bytes() == NOTEBOOKS[0].read_bytes()
 
 
 @pytest.fixture(scope="module")

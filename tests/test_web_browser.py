@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from browser import INSTALL, chromium, free_port
 from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.config import load_recipe
 from workbench.convert import export_trained
@@ -36,8 +36,6 @@ from workbench.prompt import builder_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
 CURSOR = "▌"  # the page's cursor at the end of an answer being streamed
 TRAINED_SYSTEM = "You are Nova, the assistant of Alex (web test prompt)."
 OTHER_SYSTEM = "You are a pirate. Answer like one."
@@ -48,12 +46,6 @@ STARTUP_S, ANSWER_S = 240, 240  # generous limits on a busy 2-core machine (not 
 # ---------------------------------------------------------------------------
 # The server and the browser
 # ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WebServer:
     """`python -m workbench web ARGS --port P` as a subprocess, waited for until it answers its health check."""
 
@@ -93,24 +85,6 @@ class WebServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-
-def chromium():
-    """Headless Chromium through the system chromedriver: selenium never downloads a driver or a browser."""
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip(f"the browser test needs Debian's Chromium and its driver: {INSTALL}")
-    os.environ["SE_OFFLINE"] = "true"  # selenium manager stays offline (it is not even needed: the paths are given)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-                 "--lang=en-US", f"--user-data-dir={tempfile.mkdtemp(prefix='wb-chromium-')}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to list the page's requests
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
 
 
 class ChatPage:
@@ -242,7 +216,7 @@ def tiny_server(adapter_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    driver = chromium()
+    driver = chromium(network_log=True)
     yield driver
     driver.quit()
 

@@ -6,7 +6,8 @@ its parameters cell overridden by papermill: every notebook gets the same
 the figures they contain go to a git-ignored output folder. Smoke mode is only a
 set of parameter overrides (a tiny random model, a handful of steps, short
 answers): the notebooks themselves have no smoke branch. (Notebook 02 builds its
-config with `workbench.config.configure`.)
+config with `workbench.config.configure`.) Notebooks are committed clean with
+`make clean-nb` (nbconvert's clear-output).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.config import PROJECT_ROOT
-from workbench.io import atomic_write_text
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
@@ -52,7 +52,7 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     for name in SERIES:
         if only and name not in only:
             continue
-        params = {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
+        params = series_parameters(name, run_dir, smoke)
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
@@ -66,6 +66,11 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     return out
 
 
+def series_parameters(name: str, run_dir: str | Path, smoke: bool = False) -> dict:
+    """The parameters the series gives notebook `name`: the shared run dir, absolute paths, smoke overrides."""
+    return {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
+
+
 def extract_figures(notebook: str | Path, folder: str | Path) -> int:
     """Write every PNG output of an executed notebook to `folder` as NAME_k.png; return how many."""
     nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
@@ -77,20 +82,3 @@ def extract_figures(notebook: str | Path, folder: str | Path) -> int:
                 k += 1
                 (Path(folder) / f"{stem}_{k}.png").write_bytes(base64.b64decode(data["image/png"]))
     return k
-
-
-def strip_outputs(path: str | Path) -> bool:
-    """Remove outputs and execution counts from a notebook in place (atomically); True if it changed."""
-    p = Path(path)
-    nb = json.loads(p.read_text(encoding="utf-8"))
-    changed = False
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
-            cell["outputs"], cell["execution_count"] = [], None
-            changed = True
-        if cell.get("metadata", {}).pop("execution", None) is not None:
-            changed = True
-    if changed:
-        atomic_write_text(p, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-    return changed
-

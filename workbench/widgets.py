@@ -178,8 +178,8 @@ class ChatPanel:
         self.temperature = _slider(W.FloatSlider, settings.temperature, 0.0, 1.5, 0.05, "temperature")
         self.top_p = _slider(W.FloatSlider, settings.top_p, 0.05, 1.0, 0.05, "top-p")
         self.repetition_penalty = _slider(W.FloatSlider, settings.repetition_penalty, 1.0, 2.0, 0.05, "repetition penalty")
-        self.outputs = {k: W.Output(layout=W.Layout(width=f"{96 // max(len(models), 1)}%", border="1px solid #ddd", min_height="80px"))
-                        for k in models}
+        # No fixed width: the answers fill their column, and the columns (below) share the row.
+        self.outputs = {k: W.Output(layout=W.Layout(border="1px solid #ddd", min_height="80px")) for k in models}
         self.send_button.on_click(lambda _b: self.send(self.text.value))
         self.text.on_submit(lambda _t: self.send(self.text.value))
         self.clear_button.on_click(lambda _b: self.clear())
@@ -197,11 +197,10 @@ class ChatPanel:
         replies = {}
         for label, (model, builder) in self.models.items():
             out = self.outputs[label]
-            out.append_display_data(HTML(f"<b>you:</b> {html.escape(text)}"))
-            stream = W.HTML(value=f"<b>{html.escape(label)}:</b> ")
+            out.append_display_data(HTML(_message("you", text)))
+            stream = W.HTML(value=_message(label, ""))
             out.append_display_data(stream)
-            reply = answer(model, builder, text, self.history[label], self.settings,
-                           on_text=lambda t, s=stream: setattr(s, "value", s.value + html.escape(t)))
+            reply = answer(model, builder, text, self.history[label], self.settings, on_text=_streamer(stream, label))
             self.history[label].append((text, reply))
             replies[label] = reply
         self.text.value = ""
@@ -213,14 +212,35 @@ class ChatPanel:
             self.outputs[label].outputs = ()
 
     def widget(self):
-        columns = [W.VBox([W.HTML(f"<b>{html.escape(k)}</b>"), o]) for k, o in self.outputs.items()]
+        # Columns of equal flex-basis that may shrink below their content's width: they share the row equally.
+        columns = [W.VBox([W.HTML(f"<b>{html.escape(k)}</b>"), o], layout=W.Layout(flex="1 1 0%", min_width="0", width="auto"))
+                   .add_class("wb-chat-column") for k, o in self.outputs.items()]
+        sliders = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty]
         return W.VBox([W.HBox([self.text, self.send_button, self.clear_button]),
-                       W.HBox([self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty]), W.HBox(columns)])
+                       W.HBox(sliders, layout=W.Layout(flex_flow="row wrap")),
+                       W.HBox(columns, layout=W.Layout(width="100%")).add_class("wb-chat-columns")]).add_class("wb-chat-panel")
 
     def _ipython_display_(self):
         display(self.widget())
 
 
 def _slider(cls, value, lo, hi, step, description: str):
-    """A slider starting at `value`; its range widened to hold it (a slider clamps values outside its range)."""
-    return cls(value=value, min=min(lo, value), max=max(hi, value), step=step, description=description)
+    """A slider starting at `value`; its range widened to hold it (a slider clamps values outside its range).
+    Its label as wide as its description (the default 80 px cuts "temperature")."""
+    return cls(value=value, min=min(lo, value), max=max(hi, value), step=step, description=description,
+               style={"description_width": "initial"})
+
+
+def _streamer(widget: W.HTML, speaker: str):
+    """An `on_text` callback that shows the text streamed so far in `widget`."""
+    parts: list[str] = []
+
+    def on_text(text: str) -> None:
+        parts.append(text)
+        widget.value = _message(speaker, "".join(parts))
+    return on_text
+
+
+def _message(speaker: str, text: str) -> str:
+    """One chat message as HTML, escaped; long words (paths, URLs) wrap instead of widening the column."""
+    return f"<div style='overflow-wrap: anywhere'><b>{html.escape(speaker)}:</b> {html.escape(text)}</div>"
