@@ -114,8 +114,21 @@ class ChatPage:
         self.one("[data-testid='stChatInputSubmitButton']").click()
 
     def answer(self, label: str, turn: int) -> str:
-        """The finished answer of column `label` at `turn` (the page shows it keyed once streaming is over)."""
-        return self.one(f".st-key-answer-{label}-{turn} [data-testid='stChatMessageContent']").text
+        """The finished answer of column `label` at `turn` (the page shows it keyed once streaming is over).
+
+        Read once the page script has finished: on a busy machine the keyed element can
+        appear a moment before its text does.
+        """
+        from selenium.common.exceptions import TimeoutException
+
+        css = f".st-key-answer-{label}-{turn} [data-testid='stChatMessageContent']"
+        self.one(css)
+        self.wait_idle()
+        try:  # the text node is filled in after the element (textContent: whether or not it is in view)
+            self.wait.until(lambda d: self._all(css) and self._all(css)[0].get_attribute("textContent").strip())
+        except TimeoutException:
+            return ""
+        return self._all(css)[0].get_attribute("textContent")
 
     def wait_idle(self) -> None:
         """Until the page script has finished (the question box is enabled again after a send)."""
