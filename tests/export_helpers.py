@@ -37,6 +37,15 @@ def make_adapter(base: str, out: Path, system: str = SYSTEM, seed: int = 0, scal
     return out, peft_model.eval(), builder
 
 
+def randomize_lora_b(model, seed: int = 0, scale: float = 0.5) -> None:
+    """Fill a PeftModel's LoRA B matrices (zero after init) with seeded noise, so the adapter changes the answers."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
 def run_plain(code: str, env_extra: dict, timeout: int = 300) -> dict:
     """Run `code` in a fresh interpreter that cannot import the workbench; it prints one JSON line last."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORKBENCH_CACHE") and not k.startswith("HF_")}

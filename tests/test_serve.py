@@ -19,6 +19,7 @@ import urllib.request
 import openai
 import pytest
 
+from export_helpers import randomize_lora_b
 from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.models import TINY_MODEL, resolve_model_path
 from workbench.prompt import PromptBuilder
@@ -195,7 +196,6 @@ def test_eight_concurrent_requests_give_what_each_gives_alone(client, server):
 
 def test_engine_with_an_adapter_decodes_a_batch_as_answer_does_alone(one_torch_thread):
     """In process: a LoRA adapter (random B, so it changes the model) on the tiny model, 4 rows at once."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from workbench.engine import Engine, Sampling
@@ -203,11 +203,7 @@ def test_engine_with_an_adapter_decodes_a_batch_as_answer_does_alone(one_torch_t
 
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(load_model(TINY_MODEL, device="cpu"), lora)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    randomize_lora_b(model)
     model.eval()
     builder = PromptBuilder(load_chat_model(TINY_MODEL, device="cpu")[1].tokenizer)
     expected = [answer(model, builder, q, settings=GenerationSettings(MAX, 0.0, 1.0, 2.0)) for q in QUESTIONS[:4]]

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from browser import INSTALL, chromium, free_port
+from export_helpers import randomize_lora_b
 from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.config import load_recipe
 from workbench.convert import export_trained
@@ -208,11 +209,7 @@ def adapter_dir(tmp_path_factory):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
     torch.manual_seed(0)  # peft draws the A matrices
     model = get_peft_model(load_model(TINY_MODEL, device="cpu"), lora)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    randomize_lora_b(model)
     folder = tmp_path_factory.mktemp("web") / "adapter"
     return export_trained(model.eval(), builder_for(cfg, load_tokenizer(TINY_MODEL)), cfg, folder, fp32=True)
 
