@@ -267,3 +267,61 @@ def test_launcher_checks_the_work_dir_before_starting(launched, capsys, tmp_path
     (work / "last_checkpoint").write_text("iter_1\n")
     rc = cli.main(["train", RECIPE, "--work-dir", str(work), "--accelerate-config", "cpu_2proc"])
     assert rc == 2 and "already holds a run" in capsys.readouterr().err and not launched
+
+
+# ---------------------------------------------------------------------------
+# --deepspeed NAME: XTuner's spelling of --accelerate-config accelerate_configs/NAME.yaml
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload"])
+def test_deepspeed_names_map_to_the_shipped_configs(name):
+    from workbench.launch import DEEPSPEED_NAMES, find_deepspeed_config
+
+    path = find_deepspeed_config(name)
+    assert name in DEEPSPEED_NAMES and path == CONFIGS / f"{name}.yaml"
+    assert strategy_of_accelerate_config(path) == EXPECTED[f"{name}.yaml"]
+    assert find_deepspeed_config(str(path)) == path  # a path to a DeepSpeed accelerate config works too
+
+
+def test_deepspeed_launches_the_matching_accelerate_config(launched, monkeypatch, tmp_path):
+    import workbench.launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "check_launchable", lambda strategy: None)  # as on a machine with GPUs and DeepSpeed
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2",
+                   "--cfg-options", "max_steps=1"])
+    assert rc == 0 and len(launched) == 1
+    cmd = launched[0]
+    assert cmd[cmd.index("--config_file") + 1] == str(CONFIGS / "deepspeed_zero2.yaml")
+    assert cmd[cmd.index("-m", 3):] == ["-m", "workbench", "train", RECIPE, "--work-dir", str(tmp_path / "w"),
+                                        "--cfg-options", "max_steps=1"]
+    assert "--deepspeed" not in cmd
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for one without")
+def test_deepspeed_without_cuda_is_refused_clearly(launched, capsys, tmp_path):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: DeepSpeed ZeRO-2") and "needs CUDA GPUs" in err and "Traceback" not in err
+    assert not launched and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("value,words", [
+    ("deepspeed_zero4", "not a known name (deepspeed_zero2, deepspeed_zero3, deepspeed_zero2_offload, deepspeed_zero3_offload)"),
+    ("accelerate_configs/ddp_1node.yaml", "not a DeepSpeed one"),
+])
+def test_deepspeed_refuses_unknown_names_and_other_configs(launched, capsys, tmp_path, value, words):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Traceback" not in err and not launched
+
+
+def test_deepspeed_and_accelerate_config_together_are_refused(launched, capsys, tmp_path):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2",
+                   "--accelerate-config", "ddp_1node"])
+    assert rc == 2 and "give one of them" in capsys.readouterr().err and not launched
+
+
+def test_train_help_names_the_deepspeed_spellings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--deepspeed NAME" in out and "deepspeed_zero2" in out and "deepspeed_zero3_offload" in out

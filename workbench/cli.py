@@ -8,6 +8,7 @@
     workbench train CONFIG                     train (lora / qlora / full)
     workbench train CONFIG --launcher accelerate --accelerate-config accelerate_configs/X.yaml [--num-processes N]
                                                the same on several processes / GPUs / machines
+    workbench train CONFIG --deepspeed deepspeed_zero2   XTuner's spelling of --accelerate-config deepspeed_zero2
     workbench convert pth_to_hf CONFIG CKPT DIR
     workbench convert merge BASE ADAPTER DIR
     workbench convert gguf MODEL OUT.gguf [--outtype f16|q8_0] [--adapter DIR]   for llama.cpp / Ollama (+ Modelfile)
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerate: start the processes with accelerate launch; none: this process only (ignores NPROC_PER_NODE)")
     g.add_argument("--accelerate-config", metavar="YAML", help="an accelerate config, e.g. accelerate_configs/ddp_1node.yaml "
                    "(or just ddp_1node); implies --launcher accelerate")
+    g.add_argument("--deepspeed", metavar="NAME", help="XTuner's spelling: deepspeed_zero2, deepspeed_zero3, deepspeed_zero2_offload "
+                   "or deepspeed_zero3_offload (= --accelerate-config accelerate_configs/NAME.yaml; or a DeepSpeed accelerate "
+                   "config file); needs CUDA GPUs and deepspeed; implies --launcher accelerate")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in all (overrides the config's num_processes; "
                    "default NPROC_PER_NODE); implies --launcher accelerate")
     s.set_defaults(func=cmd_train)

@@ -8,6 +8,9 @@ re-executes itself as
 without the launcher flags (the processes it starts are plain `workbench train`
 runs; accelerate tells each its rank). `NPROC_PER_NODE=N workbench train CONFIG`
 does the same with N processes, as `NPROC_PER_NODE=N xtuner train` does.
+`workbench train CONFIG --deepspeed deepspeed_zero2` is XTuner's spelling of
+`--accelerate-config accelerate_configs/deepspeed_zero2.yaml` (`DEEPSPEED_NAMES`,
+or the path of an accelerate config whose distributed_type is DEEPSPEED).
 Started directly by `accelerate launch -m workbench train ...` or
 `torchrun --nproc_per_node N -m workbench train ...`, the training runs as is.
 
@@ -35,6 +38,7 @@ from workbench.config import PROJECT_ROOT, Config, ConfigError, resolve_path
 from workbench.distributed import Strategy, UnsupportedSetup, check_supported
 
 CONFIGS_DIR = PROJECT_ROOT / "accelerate_configs"
+DEEPSPEED_NAMES = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload", "deepspeed_zero3_offload")
 LAUNCHED_ENV = ("LOCAL_RANK", "RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
@@ -109,6 +113,24 @@ def find_accelerate_config(name: str) -> Path:
     raise ConfigError(f"accelerate config {name!r} not found; shipped ones (in {CONFIGS_DIR}): {', '.join(shipped_configs())}")
 
 
+def find_deepspeed_config(name: str) -> Path:
+    """XTuner's `--deepspeed NAME` (one of DEEPSPEED_NAMES) or an accelerate config file that asks for DeepSpeed."""
+    if name in DEEPSPEED_NAMES:
+        return CONFIGS_DIR / f"{name}.yaml"
+    valid = ", ".join(DEEPSPEED_NAMES)
+    path = resolve_path(name)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed {name!r}: not a known name ({valid}) nor a file")
+    if path.suffix == ".json":
+        raise ConfigError(f"--deepspeed {name}: a DeepSpeed JSON file goes into an accelerate config "
+                          "(deepspeed_config: {deepspeed_config_file: FILE}, see accelerate_configs/deepspeed_zero2.yaml); "
+                          f"pass that YAML, or one of {valid}")
+    if str(_read_accelerate_config(path).get("distributed_type", "")).upper() != "DEEPSPEED":
+        raise ConfigError(f"--deepspeed {name}: this accelerate config is not a DeepSpeed one "
+                          f"(use --accelerate-config for it); names: {valid}")
+    return path
+
+
 def train_argv(args) -> list[str]:
     """The `workbench train` arguments each launched process gets: the same run, without the launcher flags."""
     argv = ["train", args.config]
@@ -140,7 +162,7 @@ def launch(args, cfg: Config) -> int:
         raise UnsupportedSetup("--launcher is for the command you type: this process was already started by a "
                                "launcher (accelerate launch / torchrun); drop --launcher and its options.")
     n = args.num_processes or _env_nproc()
-    path = find_accelerate_config(args.accelerate_config) if args.accelerate_config else None
+    path = _launch_config(args)
     if path is None and not n:
         raise ConfigError("--launcher accelerate needs --accelerate-config FILE or --num-processes N "
                           f"(shipped configs: {', '.join(shipped_configs())})")
@@ -151,6 +173,16 @@ def launch(args, cfg: Config) -> int:
     cmd = accelerate_command(args, path, n)
     print(f"launching {strategy.describe()}: {shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd).returncode
+
+
+def _launch_config(args) -> Path | None:
+    """The accelerate config file of --accelerate-config or --deepspeed (not both)."""
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed and args.accelerate_config:
+        raise ConfigError("--deepspeed NAME is a spelling of --accelerate-config accelerate_configs/NAME.yaml: give one of them")
+    if deepspeed:
+        return find_deepspeed_config(deepspeed)
+    return find_accelerate_config(args.accelerate_config) if args.accelerate_config else None
 
 
 def _env_nproc() -> int | None:
@@ -167,6 +199,6 @@ def wants_launcher(args) -> bool:
     """--launcher accelerate (or its options), or NPROC_PER_NODE > 1 around a command typed by hand."""
     if args.launcher == "none":
         return False
-    if args.launcher == "accelerate" or args.accelerate_config or args.num_processes:
+    if args.launcher == "accelerate" or args.accelerate_config or getattr(args, "deepspeed", None) or args.num_processes:
         return True
     return not inside_launched_process() and (_env_nproc() or 1) > 1
