@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-serve lab
+.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-compare bench-scaling bench-serve lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -19,7 +19,8 @@ help:
 	@echo "make test-fast- only the fast tests"
 	@echo "make test-browser - the browser tests (headless Chromium): notebooks 01-07 run in JupyterLab, workbench web (part of make test)"
 	@echo "make bench-serve - workbench serve on the embedded model: first token, tokens/s of 1 and 8 streams, memory -> benchmarks/results/serve.md"
-	@echo "make bench    - workbench vs a plain PEFT+Trainer script: tokens/s, time, memory -> benchmarks/results/ (under 20 min on 2 cores; BENCH_ARGS=... for options)"
+	@echo "make bench    - workbench vs the PEFT+Trainer script and TRL's SFTTrainer, then the scaling sweep -> benchmarks/results/ (about 20 min on 2 cores)"
+	@echo "make bench-compare / bench-scaling - only the comparison (BENCH_ARGS=...) / only the scaling sweep (SCALING_ARGS=...)"
 
 setup: $(STAMP)
 	$(WB) prepare-model
@@ -66,10 +67,24 @@ test-browser: setup
 clean:
 	rm -rf outputs work_dirs
 
-# Not part of `make test` (tests/test_bench_smoke.py smoke-tests it on the tiny model). Options: BENCH_ARGS="--steps 8 --repeats 3"
+# Not part of `make test` (tests/test_bench_smoke.py smoke-tests it on the tiny model). Options: BENCH_ARGS="--steps 8 --repeats 3",
+# SCALING_ARGS="--quick" for the scaling sweep. trl (the TRL baseline) comes from benchmarks/requirements.txt, for the benchmark only.
 BENCH_ARGS ?=
-bench: setup
+SCALING_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): benchmarks/requirements.txt $(STAMP)
+	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/scaling.py $(SCALING_ARGS)
+
+bench-compare: setup $(BENCH_STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-scaling: setup
+	$(PY) benchmarks/scaling.py $(SCALING_ARGS)
 
 # `workbench serve`: first token, one stream, 8 concurrent streams, memory (about 3 min). Options: BENCH_SERVE_ARGS="--threads 1"
 BENCH_SERVE_ARGS ?=

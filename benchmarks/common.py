@@ -1,6 +1,6 @@
 """What the two benchmark runners share: the command line, the config, the sample stream and the result.
 
-Both runners (`run_workbench.py`, `baseline_peft.py`) build the same `Config`
+The runners (`run_workbench.py`, `baseline_peft.py`, `baseline_trl.py`) build the same `Config`
 from a recipe and the command line (`bench_config`), take the same samples in
 the same order from it (`sample_stream`: step s trains samples s*B .. s*B+B-1),
 and write a result JSON of the same shape: one record per optimizer step
@@ -179,15 +179,18 @@ def finish_result(header: dict, steps: list[dict], extra: dict, started: float) 
 
 
 def write_result(path: str | Path, result: dict) -> Path:
+    from workbench.io import atomic_write_json
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(path, result, indent=1)
     return path
 
 
-def run_main(side: str, train_fn, description: str, started: float, argv: list[str] | None = None) -> int:
-    """One measured run of `side` ("workbench" or "baseline"): parse, train, summarise, write the result JSON."""
-    args = runner_parser(description).parse_args(argv)
+def run_main(side: str, train_fn, description: str, started: float, argv: list[str] | None = None,
+             parser: argparse.ArgumentParser | None = None) -> int:
+    """One measured run of `side` ("workbench", "baseline" or "trl"): parse, train, summarise, write the result JSON."""
+    args = (parser or runner_parser(description)).parse_args(argv)
     set_threads(args.threads)
     cfg = bench_config(args.config, args.model, args.method, args.steps, args.gradient_checkpointing,
                        not args.no_fast_path)

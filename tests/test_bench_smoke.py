@@ -2,10 +2,13 @@
 
 2 steps, 1 repeat, both data sets (the mixed one with a small stand-in for the
 general conversations, so the test does not depend on data/general_conversations.jsonl),
-LoRA and QLoRA. Checks that RESULTS.md and results.json have the expected rows
-and columns, that the numbers are sane, and that both sides trained exactly the
-same samples and tokens at every step.
+LoRA and QLoRA, and TRL's SFTTrainer on the mixed one when trl is installed
+(benchmarks/requirements.txt; else those checks are skipped with a message and
+the run uses --no-trl). Checks that RESULTS.md and results.json have the
+expected rows and columns, that the numbers are sane, and that the workbench and
+the PEFT baseline trained exactly the same samples and tokens at every step.
 """
+import importlib.util
 import json
 import math
 import subprocess
@@ -18,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 STEPS = 2
+HAVE_TRL = importlib.util.find_spec("trl") is not None
+NO_TRL = "trl is not installed (pip install -r benchmarks/requirements.txt): the TRL side is not smoke-tested"
 
 
 def general_conversations(path: Path, n: int = 24) -> Path:
@@ -39,7 +44,7 @@ def bench_out(tmp_path_factory):
     out = tmp / "results"
     cmd = [sys.executable, str(BENCH), "--model", "embedded:tiny-random", "--steps", str(STEPS), "--repeats", "1",
            "--qlora-steps", str(STEPS), "--datasets", f"mixed={tmp / 'mixed.yaml'},tutorial", "--methods", "lora,qlora",
-           "--threads", "1", "--matmul-seconds", "0.2", "--out", str(out)]
+           "--threads", "1", "--matmul-seconds", "0.2", "--out", str(out)] + ([] if HAVE_TRL else ["--no-trl"])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -57,23 +62,28 @@ def test_results_markdown_has_rows_and_columns(bench_out):
     for column in ("real tokens/s", "s/step", "samples/step", "real tokens/step", "computed tokens/step",
                    "time to loss < 0.7", "final loss", "peak RSS MiB", "achieved GFLOP/s", "base model in memory MiB"):
         assert column in md
-    assert md.count("| workbench |") >= 3 and md.count("| baseline |") >= 3
-    assert md.count("| baseline, no checkpointing |") >= 1 and "## Sides" in md
-    assert "workbench / baseline real tokens/s" in md and "Against the reference" in md
+    assert md.count("| workbench |") >= 3 and md.count("| PEFT baseline |") >= 3
+    assert md.count("| PEFT baseline, no checkpointing |") >= 1 and "## Sides" in md and "## Headline" in md
+    assert "- workbench / PEFT baseline" in md and "loss at equal tokens seen" in md and "| loss at equal tokens |" in md
+    if HAVE_TRL:
+        assert md.count("| TRL SFTTrainer |") >= 1 and md.count("| TRL SFTTrainer, no checkpointing |") >= 1
+        assert "- workbench / TRL SFTTrainer" in md and "TRL 1.16.0" in md
     assert "benchmarks/bench.py --model embedded:tiny-random --steps 2" in md
     assert "CPU" in md and "torch threads" in md
 
 
 def test_every_run_is_there_and_sane(report):
     jobs = [(r["job"]["dataset"], r["job"]["method"], r["job"]["side"]) for r in report["runs"]]
+    trl = [("mixed", "lora", "trl"), ("mixed", "lora", "trl_no_ckpt")] if HAVE_TRL else []
     assert jobs == [("mixed", "lora", "workbench"), ("mixed", "lora", "baseline"), ("mixed", "lora", "baseline_no_ckpt"),
-                    ("tutorial", "lora", "workbench"), ("tutorial", "lora", "baseline"),
+                    *trl, ("tutorial", "lora", "workbench"), ("tutorial", "lora", "baseline"),
                     ("mixed", "qlora", "workbench"), ("mixed", "qlora", "baseline")]
     for run in report["runs"]:
         s = run["summary"]
         assert len(run["steps_log"]) == STEPS
         assert s["tokens_per_s"] > 0 and s["step_time_s"] > 0 and math.isfinite(s["final_loss"])
-        assert s["samples_per_step"] == 4 and 0 < s["tokens_per_step"] <= s["positions_per_step"]
+        assert 0 < s["tokens_per_step"] <= s["positions_per_step"]
+        assert s["samples_per_step"] == 4 or run["side"] == "trl"
         assert 100 < run["peak_rss_mib"] < 20_000 and run["base_model_bytes"] > 0 and run["trainable_params"] > 0
     assert report["matmul"]["gflops"] > 0 and report["flops"]["flops_per_token"] > 0
     assert set(report["summary"]) == {"mixed/lora", "tutorial/lora", "mixed/qlora"}
@@ -82,16 +92,58 @@ def test_every_run_is_there_and_sane(report):
 
 def check_targets(report):
     """Each target's `met` follows from the summary's numbers, and `measured` shows them."""
-    from benchmarks.bench import TARGET_MATMUL_SHARE, TARGET_SPEEDUP
+    from benchmarks.summary import TARGET_MATMUL_SHARE, TARGET_SPEEDUP, TARGET_STRONGEST
 
     main = report["summary"]["mixed/lora"]
     speed, loss, share = main["ratio"]["tokens_per_s"], main["loss"], main["sides"]["workbench"]["matmul_share"]
     assert loss["difference"] == pytest.approx(loss["workbench"] - loss["baseline"])
     assert loss["workbench"] == main["sides"]["workbench"]["final_loss"]
-    speed_t, loss_t, share_t = report["targets"]
+    speed_t, loss_t, best_t, best_loss_t, share_t = report["targets"]
     assert speed_t["met"] is (speed >= TARGET_SPEEDUP) and speed_t["measured"] == f"{speed:.2f}x"
     assert loss_t["met"] is (abs(loss["difference"]) <= 2 * loss["noise"]) and f"{loss['workbench']:.4f}" in loss_t["measured"]
+    best = main["strongest"]
+    best_speed = main["ratios"][best]["tokens_per_s"]
+    assert best_t["met"] is (best_speed >= TARGET_STRONGEST) and best_t["measured"] == f"{best_speed:.2f}x"
+    assert main["sides"][best]["tokens_per_s"] == max(s["tokens_per_s"] for k, s in main["sides"].items() if k != "workbench")
+    assert best_loss_t["met"] is main["losses_at_tokens"][best]["within_noise"]
     assert share_t["met"] is (share >= TARGET_MATMUL_SHARE) and share_t["measured"] == f"{share:.1%}"
+
+
+def test_loss_at_equal_tokens_reads_every_curve_on_one_grid(report):
+    from benchmarks.summary import interpolate, loss_curve
+
+    runs = {(r["job"]["dataset"], r["job"]["method"], r["job"]["side"]): r for r in report["runs"]}
+    for side, cmp in report["summary"]["mixed/lora"]["losses_at_tokens"].items():
+        wb, base = loss_curve(runs["mixed", "lora", "workbench"]["steps_log"]), loss_curve(runs["mixed", "lora", side]["steps_log"])
+        assert cmp["tokens"] == sorted(cmp["tokens"]) and cmp["tokens"][-1] <= min(wb[-1][0], base[-1][0])
+        assert cmp["workbench_curve"] == pytest.approx([interpolate(wb, x) for x in cmp["tokens"]])
+        assert cmp["baseline_curve"] == pytest.approx([interpolate(base, x) for x in cmp["tokens"]])
+        assert cmp["difference"] == pytest.approx(cmp["workbench"] - cmp["baseline"]) and cmp["noise"] >= 0.01
+
+
+def test_trl_side_packs_and_trains_the_completion_only(report):
+    if not HAVE_TRL:
+        pytest.skip(NO_TRL)
+    runs = {r["job"]["side"]: r for r in report["runs"] if r["job"]["dataset"] == "mixed" and r["job"]["method"] == "lora"}
+    for side, checkpointing in (("trl", True), ("trl_no_ckpt", False)):
+        run = runs[side]
+        assert run["trl"]["version"] == "1.16.0" and run["trl"]["gradient_checkpointing"] is checkpointing
+        assert run["trl"]["completion_only_loss"] is True and run["trl"]["packed_rows"] >= STEPS
+        for step in run["steps_log"]:
+            assert step["positions"] == step["tokens"] <= run["max_length"]  # packed, padding-free, one row
+            assert 0 < step["trained_tokens"] < step["tokens"] and step["samples"] >= 1
+        assert run["trainable_params"] == runs["workbench"]["trainable_params"]  # the same LoRA
+    for a, b in zip(runs["trl"]["steps_log"], runs["trl_no_ckpt"]["steps_log"]):  # checkpointing does not change the maths
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_bench_refuses_clearly_without_trl(tmp_path):
+    """Where trl is missing, the benchmark says how to install it (or --no-trl) before any run starts."""
+    if HAVE_TRL:
+        pytest.skip("trl is installed here; the refusal is for an environment without it")
+    proc = subprocess.run([sys.executable, str(BENCH), "--model", "embedded:tiny-random", "--datasets", "tutorial",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "benchmarks/requirements.txt" in proc.stderr and "--no-trl" in proc.stderr
 
 
 def test_both_sides_train_the_same_samples_and_tokens(report):
