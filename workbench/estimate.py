@@ -1,11 +1,16 @@
 """Estimate what a run will need on this machine before starting it: memory and time.
 
 Memory = base weights (4, 2 or ~0.56 bytes per parameter for fp32, bf16/fp16 or
-NF4) + for the trained weights their gradient and two AdamW moments + the
-activations of one micro-batch + the logits. Time = training FLOPs per token
-(about 6 x parameters for full fine-tuning, 4 x parameters for LoRA/QLoRA, where
-frozen weights need no weight gradient) x tokens / (this machine's measured
-matrix-multiply throughput x a typical efficiency). Estimates, not promises:
+NF4; under NF4 only the linear layers are 4-bit, the embeddings and an untied
+output head keep the compute dtype) + for the trained weights their gradient
+and two AdamW moments + the activations of one micro-batch + the logits (one
+float32 matrix of tokens x vocabulary with the fast path's fused loss, three
+without it) + on a CPU the process itself (Python, torch, transformers).
+Time = training FLOPs per token (about 6 x parameters for full fine-tuning,
+4 x parameters for LoRA/QLoRA, where frozen weights need no weight gradient,
+plus the attention's 6 x layers x hidden x context, which grows with the
+sequence) x tokens / (this machine's measured matrix-multiply throughput x a
+typical efficiency). Estimates, not promises:
 they are right within a factor of about two, which is what a student needs to
 choose between "a coffee" and "overnight".
 """
@@ -21,6 +26,7 @@ from workbench.models import pick_device, pick_dtype, resolve_model_path
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
 EFFICIENCY = {"cpu": 0.7, "cuda": 0.35}  # share of peak matmul throughput training typically reaches
+RUNTIME_GB = {"cpu": 0.47, "cuda": 0.0}  # the process itself in RAM (peak RSS of a run on the tiny random model)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Estimate:
     seconds_per_step: float
     total_minutes: float
     device: str
+    runtime_gb: float = 0.0
 
     def as_table(self):
         import pandas as pd
@@ -48,6 +55,7 @@ class Estimate:
             ("base weights", f"{self.weights_gb:.2f} GB ({self.weight_dtype})"),
             ("gradients + AdamW state", f"{self.optimizer_gb:.2f} GB"),
             ("activations + logits (one micro-batch)", f"{self.activations_gb:.2f} GB"),
+            ("the process itself (Python, torch)", f"{self.runtime_gb:.2f} GB"),
             ("memory needed, about", f"{self.total_gb:.2f} GB"),
             ("tokens per step", f"{self.tokens_per_step:,}"),
             ("steps", f"{self.steps}"),
@@ -74,6 +82,12 @@ def measure_matmul_gflops(device: str = "cpu", size: int = 1024, dtype=torch.flo
 
 def count_params(cfg: Config) -> tuple[int, int]:
     """(total, trainable) parameters for the config's model and method, without loading weights."""
+    counts = param_counts(cfg)
+    return counts["total"], counts["trainable"]
+
+
+def param_counts(cfg: Config) -> dict[str, int]:
+    """total, trainable, and `linear`: the weights of the linear layers but the output head (what NF4 quantises)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -82,39 +96,52 @@ def count_params(cfg: Config) -> tuple[int, int]:
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
     model.tie_weights()
     total = sum(p.numel() for p in model.parameters())
-    if cfg.method == "full":
-        return total, total
-    targets = cfg.lora_target_modules
     out_head = model.get_output_embeddings()
-    trainable = 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or mod is out_head:
-            continue
-        if targets == "all-linear" or name.split(".")[-1] in targets:
-            trainable += cfg.lora_r * (mod.in_features + mod.out_features)
-    return total, trainable
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not out_head]
+    linear = sum(mod.weight.numel() for _, mod in linears)
+    if cfg.method == "full":
+        return {"total": total, "trainable": total, "linear": linear}
+    targets = cfg.lora_target_modules
+    trainable = sum(cfg.lora_r * (mod.in_features + mod.out_features) for name, mod in linears
+                    if targets == "all-linear" or name.split(".")[-1] in targets)
+    return {"total": total, "trainable": trainable, "linear": linear}
 
 
-def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None = None, gflops: float | None = None) -> Estimate:
-    """Memory and time for `cfg` on this machine. tokens_per_row defaults to max_length (packed rows are nearly full)."""
+def weight_bytes(counts: dict[str, int], dtype: str, compute_dtype: str) -> float:
+    """The base weights in memory: under NF4 the linear layers are 4-bit, the rest (embeddings) stays in the compute dtype."""
+    if dtype != "nf4":
+        return counts["total"] * BYTES_PER_PARAM[dtype]
+    return counts["linear"] * BYTES_PER_PARAM["nf4"] + (counts["total"] - counts["linear"]) * BYTES_PER_PARAM[compute_dtype]
+
+
+def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None = None, gflops: float | None = None,
+             context: int | None = None) -> Estimate:
+    """Memory and time for `cfg` on this machine. tokens_per_row defaults to max_length (packed rows are nearly full);
+    context (the length of one conversation, what attention spans) defaults to tokens_per_row, an upper bound."""
     from transformers import AutoConfig
 
     device = pick_device(cfg.device)
-    dtype = "nf4" if cfg.method == "qlora" else str(pick_dtype(cfg.torch_dtype, device)).replace("torch.", "")
-    total, trainable = count_params(cfg)
+    compute = str(pick_dtype(cfg.torch_dtype, device)).replace("torch.", "")
+    dtype = "nf4" if cfg.method == "qlora" else compute
+    counts = param_counts(cfg)
+    total, trainable = counts["total"], counts["trainable"]
     mcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.pretrained_model_name_or_path), trust_remote_code=cfg.trust_remote_code)
-    tokens = (tokens_per_row or cfg.max_length) * cfg.batch_size
+    row = tokens_per_row or cfg.max_length
+    tokens = row * cfg.batch_size
     act_bytes = 4 if device.type == "cpu" else 2
     per_token_layer = mcfg.hidden_size * (34 if not cfg.gradient_checkpointing else 2) * act_bytes
-    activations = tokens * mcfg.num_hidden_layers * per_token_layer + 3 * tokens * mcfg.vocab_size * 4
-    weights = total * BYTES_PER_PARAM[dtype]
+    logit_copies = 1 if getattr(cfg, "fast_path", True) else 3  # the fused loss turns the logits into their gradient in place
+    activations = tokens * mcfg.num_hidden_layers * per_token_layer + logit_copies * tokens * mcfg.vocab_size * 4
+    weights = weight_bytes(counts, dtype, compute)
     optimizer = trainable * (4 + 4 + 8)
-    flops_per_token = (6 if cfg.method == "full" else 4) * total
+    attention = 6 * mcfg.num_hidden_layers * mcfg.hidden_size * (context or row)  # QK^T and AV over a causal context, x3
+    flops_per_token = (6 if cfg.method == "full" else 4) * total + attention
     if gflops is None:
         gflops = measure_matmul_gflops(device.type, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     tokens_per_step = tokens * cfg.accumulative_counts
     sec = flops_per_token * tokens_per_step / (gflops * 1e9 * EFFICIENCY[device.type])
     n_steps = steps or cfg.max_steps or 100
+    runtime = RUNTIME_GB[device.type] * 1e9
     return Estimate(total, trainable, dtype, weights / 1e9, optimizer / 1e9, activations / 1e9,
-                    (weights + optimizer + activations) / 1e9 * 1.15, tokens_per_step, n_steps, flops_per_token,
-                    gflops, sec, sec * n_steps / 60, device.type)
+                    (weights + optimizer + activations) / 1e9 * 1.15 + runtime / 1e9, tokens_per_step, n_steps,
+                    flops_per_token, gflops, sec, sec * n_steps / 60, device.type, runtime / 1e9)
