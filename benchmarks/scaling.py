@@ -17,7 +17,8 @@ exactly max_length tokens. Next to each measurement stands what
 `workbench.estimate.estimate` predicts for the same config, with the matmul
 throughput measured once at the start, and the ratio estimate / measured (time
 per step, memory); points outside ±25% are flagged. Memory is the peak RSS of
-the point's process on a CPU (peak GPU memory allocated on a GPU).
+the training on a CPU (the high-water mark after the model is loaded; the
+lifetime peak RSS beside it), the peak GPU memory allocated on a GPU.
 """
 from __future__ import annotations
 
@@ -141,8 +142,7 @@ def run_point(point: Point, args, gflops: float, runs_dir: Path) -> dict:
 def with_ratios(result: dict) -> dict:
     """estimate / measured for the time per step and the memory; flagged outside ±TOLERANCE."""
     m, e = result["measured"], result["estimate"]
-    mem_mib = m["peak_gpu_mib"] if m.get("peak_gpu_mib") else m["peak_rss_mib"]
-    ratios = {"time": e["seconds_per_step"] / m["seconds_per_step"], "memory": e["memory_gb"] * 1e9 / MIB / mem_mib}
+    ratios = {"time": e["seconds_per_step"] / m["seconds_per_step"], "memory": e["memory_gb"] * 1e9 / MIB / m["memory_mib"]}
     flags = [k for k, v in ratios.items() if abs(v - 1) > TOLERANCE]
     return {**result, "ratios": ratios, "flags": flags}
 
@@ -155,7 +155,7 @@ def run_sweep(points: dict[Point, list[str]], args, gflops: float, runs_dir: Pat
         results.append(r)
         elapsed = time.perf_counter() - t0
         print(f"[{i}/{len(points)}] {point.name}: {r['measured']['tokens_per_s']:.0f} real tokens/s, peak RSS "
-              f"{r['measured']['peak_rss_mib']:.0f} MiB; estimate/measured time {r['ratios']['time']:.2f}, memory "
+              f"{r['measured']['memory_mib']:.0f} MiB; estimate/measured time {r['ratios']['time']:.2f}, memory "
               f"{r['ratios']['memory']:.2f} ({elapsed / 60:.1f} min so far, about "
               f"{elapsed / i * (len(points) - i) / 60:.1f} min to go)", flush=True)
     return results
@@ -165,15 +165,16 @@ def run_sweep(points: dict[Point, list[str]], args, gflops: float, runs_dir: Pat
 # Output: scaling.md, scaling.json, scaling.png
 # ---------------------------------------------------------------------------
 HEAD = ["sweep", "model", "method", "max_length", "rows/step", "real tokens/s", "s/step", "peak memory MiB",
+        "lifetime peak RSS MiB",
         "estimate: tokens/s", "estimate: memory MiB", "estimate/measured: time", "estimate/measured: memory", "within ±25%"]
 
 
 def table_row(r: dict) -> str:
     m, e, q = r["measured"], r["estimate"], r["ratios"]
-    mem = m["peak_gpu_mib"] if m.get("peak_gpu_mib") else m["peak_rss_mib"]
     flag = "yes" if not r["flags"] else "**no** (" + ", ".join(r["flags"]) + ")"
     cells = [", ".join(r["sweeps"]), r["model"], r["method"], str(r["max_length"]), str(r["rows"]),
-             f"{m['tokens_per_s']:.0f}", f"{m['seconds_per_step']:.2f}", f"{mem:.0f}", f"{e['tokens_per_s']:.0f}",
+             f"{m['tokens_per_s']:.0f}", f"{m['seconds_per_step']:.2f}", f"{m['memory_mib']:.0f}",
+             f"{m['peak_rss_mib']:.0f}", f"{e['tokens_per_s']:.0f}",
              f"{e['memory_gb'] * 1e9 / MIB:.0f}", f"{q['time']:.2f}", f"{q['memory']:.2f}", flag]
     return "| " + " | ".join(cells) + " |"
 
@@ -190,7 +191,9 @@ def render_markdown(report: dict) -> str:
              f"{flagged} of {len(rs)} points are outside ±{TOLERANCE:.0%}.", "", "![scaling](scaling.png)", "",
              "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += [table_row(r) for r in rs]
-    lines += ["", f"Memory: peak RSS of the process (CPU) or peak GPU memory allocated. Machine: {mach['cpu']}, "
+    lines += ["", "Peak memory: the peak RSS of the training itself (the high-water mark reset once the model is "
+              "loaded, so the model file's pages read while loading do not count; the process's lifetime peak beside "
+              f"it), or the peak GPU memory allocated on a GPU. Machine: {mach['cpu']}, "
               f"{mach['torch_threads']} torch threads, GPU {mach['gpu'] or 'none'}, torch {mach['torch']}, "
               f"load average at start / end {_load(report['load_average_start'])} / {_load(report['load_average_end'])}.", ""]
     return "\n".join(lines)
@@ -234,7 +237,7 @@ def plot(report: dict, path: Path) -> Path:
 def plot_method(axes, pts: list[dict], key: str, method: str, color: str) -> None:
     """Measured (solid) and estimated (dotted) tokens/s and memory of one method along one sweep."""
     xs = [r[key] / 1e6 if key == "total_params" else r[key] for r in pts]
-    mem = [r["measured"]["peak_gpu_mib"] or r["measured"]["peak_rss_mib"] for r in pts]
+    mem = [r["measured"]["memory_mib"] for r in pts]
     axes[0].plot(xs, [r["measured"]["tokens_per_s"] for r in pts], "o-", color=color, label=f"{method} measured")
     axes[0].plot(xs, [r["estimate"]["tokens_per_s"] for r in pts], "o:", color=color, alpha=0.5, label=f"{method} estimate")
     axes[1].plot(xs, mem, "o-", color=color, label=f"{method} measured")

@@ -8,8 +8,11 @@ one synthetic conversation of exactly max_length tokens (seeded random token
 ids; the first quarter is the prompt, the rest the trained answer), through
 `workbench.train.Trainer` as run_workbench.py does (the rows and the model given
 to `Trainer.setup`). Real tokens/s is over the steps after the warm-up, each
-step timed by the loop itself; peak memory is the process's peak RSS (and peak
-GPU memory on a GPU). It also writes what `workbench.estimate.estimate`
+step timed by the loop itself. Peak memory is the peak RSS of the training
+itself (Linux: the high-water mark VmHWM, reset through /proc/self/clear_refs
+once the model is loaded, so that the pages of the model file read while loading
+do not count), the process's lifetime peak RSS beside it, and the peak GPU memory
+on a GPU. It also writes what `workbench.estimate.estimate`
 predicts for the same config (time per step and memory), with the matmul
 throughput the sweep measured once (`--gflops`).
 
@@ -106,9 +109,31 @@ def train_point(cfg, args) -> tuple[list[dict], dict]:
         model = build_model(trainer.cfg, trainer.device, trainer.strategy, base=base)
         rows = synthetic_rows(cfg.max_steps * args.rows, args.max_length, vocab, cfg.seed)
         trainer.setup(rows=rows, model=model, builder=builder)
+        reset = reset_peak_rss()
         trainer.train()
-    return log, {"base_model_bytes": base_bytes, "total_params": sum(p.numel() for p in model.parameters()),
-                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        train_peak = vm_hwm_mib() if reset else None
+    return log, {"base_model_bytes": base_bytes, "loaded_params": sum(p.numel() for p in model.parameters()),
+                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 "train_peak_rss_mib": train_peak}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) on Linux; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return vm_hwm_mib() is not None
+    except OSError:
+        return False
+
+
+def vm_hwm_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def predicted(cfg, gflops: float) -> dict:
@@ -117,8 +142,16 @@ def predicted(cfg, gflops: float) -> dict:
 
     e = estimate(cfg, tokens_per_row=cfg.max_length, steps=cfg.max_steps, gflops=gflops)
     return {"seconds_per_step": e.seconds_per_step, "tokens_per_s": e.tokens_per_step / e.seconds_per_step,
+            "total_params": e.total_params, "trainable_params": e.trainable_params,
             "memory_gb": e.total_gb, "weights_gb": e.weights_gb, "activations_gb": e.activations_gb,
             "optimizer_gb": e.optimizer_gb}
+
+
+def predicted_params(cfg) -> int:
+    """The model's parameters counted from its config (a 4-bit model's packed weights count half in numel())."""
+    from workbench.estimate import param_counts
+
+    return param_counts(cfg)["total"]
 
 
 def measured(log: list[dict], warmup: int) -> dict:
@@ -135,11 +168,12 @@ def run_point(args) -> dict:
     set_threads(args.threads)
     cfg = point_config(args)
     log, extra = train_point(cfg, args)
-    memory = peak_memory()
+    memory = {**peak_memory(), "train_peak_rss_mib": extra.pop("train_peak_rss_mib")}
+    memory["memory_mib"] = memory["peak_gpu_mib"] or memory["train_peak_rss_mib"] or memory["peak_rss_mib"]
     result = {"model": args.label or args.model, "path": args.model, "method": args.method, "max_length": args.max_length,
               "rows": args.rows, "warmup": args.warmup, "steps": args.steps, "threads": torch.get_num_threads(),
               "measured": {**measured(log, args.warmup), **memory}, "estimate": predicted(cfg, args.gflops),
-              **extra, "process_s": round(time.perf_counter() - STARTED, 2), "steps_log": log}
+              "total_params": predicted_params(cfg), **extra, "process_s": round(time.perf_counter() - STARTED, 2), "steps_log": log}
     return result
 
 
@@ -176,7 +210,8 @@ def main(argv=None) -> int:
     write_result(args.out, result)
     m, e = result["measured"], result["estimate"]
     print(f"{result['model']} {args.method} L={args.max_length} rows={args.rows}: {m['tokens_per_s']:.0f} real tokens/s "
-          f"(estimate {e['tokens_per_s']:.0f}), peak RSS {m['peak_rss_mib']:.0f} MiB (estimate {e['memory_gb'] * 1e9 / MIB:.0f})")
+          f"(estimate {e['tokens_per_s']:.0f}), peak memory {m['memory_mib']:.0f} MiB (estimate {e['memory_gb'] * 1e9 / MIB:.0f}; "
+          f"lifetime peak RSS {m['peak_rss_mib']:.0f})")
     return 0
 
 

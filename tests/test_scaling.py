@@ -49,9 +49,12 @@ def test_points_are_measured_and_estimated(scaling):
         m, e, q = r["measured"], r["estimate"], r["ratios"]
         assert m["tokens_per_step"] == r["max_length"] * r["rows"] and m["steps_timed"] == 1
         assert m["tokens_per_s"] > 0 and m["peak_rss_mib"] > 100 and r["base_model_bytes"] > 0
+        if m["train_peak_rss_mib"] is not None:  # Linux: the training's own peak, after the model is loaded
+            assert 100 < m["train_peak_rss_mib"] <= m["peak_rss_mib"] * 1.02 and m["memory_mib"] == m["train_peak_rss_mib"]
         assert len(r["steps_log"]) == r["warmup"] + r["steps"]
         assert q["time"] == pytest.approx(e["seconds_per_step"] / m["seconds_per_step"])
-        assert q["memory"] == pytest.approx(e["memory_gb"] * 1e9 / 2**20 / m["peak_rss_mib"])
+        assert q["memory"] == pytest.approx(e["memory_gb"] * 1e9 / 2**20 / m["memory_mib"])
+        assert r["total_params"] == e["total_params"]  # counted from the config, also for a 4-bit model
         assert r["flags"] == [k for k in ("time", "memory") if abs(q[k] - 1) > TOLERANCE]
     lora = {r["max_length"]: r for r in report["points"] if "max_length" in r["sweeps"]}
     assert lora[64]["estimate"]["memory_gb"] > lora[32]["estimate"]["memory_gb"]  # the estimate grows with max_length
