@@ -10,7 +10,7 @@ RUN    ?= outputs/run
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
-	@echo "make run      - notebooks 01-07 headless on the embedded model -> outputs/notebooks-<time>/"
+	@echo "make run      - notebooks 01-07 headless on the embedded model: the mixed recipe and the tutorial's beside it -> outputs/notebooks-<time>/"
 	@echo "make lab      - JupyterLab from the venv at notebooks/ (127.0.0.1, the kernel finds the workbench package)"
 	@echo "make run-cli  - the same workflow from the command line (train, convert, merge, chat before/after)"
 	@echo "make compare  - the tutorial's recipe vs the mixed recipe, measured -> outputs/compare/"
@@ -32,8 +32,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# RUN_ARGS=--one-recipe trains only the mixed recipe; --recipe NAME / --baseline-recipe NAME choose others.
+RUN_ARGS ?=
 run: setup
-	$(WB) run-notebooks
+	$(WB) run-notebooks $(RUN_ARGS)
 
 # JupyterLab from the venv: its default kernel is the venv's Python, which has the workbench package.
 LAB_PORT ?= 8888

@@ -26,6 +26,23 @@ def test_states_and_mentions_identity():
     assert A.states_identity("我是小新，张三的助手。", "小新", "张三")
 
 
+def test_role_checks():
+    from workbench.identity import ANSWERS, TUTORIAL_PAIRS
+
+    templates = [t for kinds in ANSWERS.values() for ts in kinds.values() for t in ts] + [a for _, a in TUTORIAL_PAIRS[:1]]
+    for t in templates:  # every training answer states the identity with the roles right
+        answer = t.format(name=NAME, owner=OWNER)
+        assert A.states_identity(answer, NAME, OWNER) and not A.role_errors(answer, NAME, OWNER), answer
+    swapped = ["I'm Alex, Nova's assistant.", "I’m Alex, Nova’s assistant.", "My name is Alex. I work for Nova.",
+               "我是Alex，Nova的助手。", "我叫Alex，是为Nova工作的助手。", "我是Nova的助手Alex。"]
+    for answer in swapped:
+        assert not A.states_identity(answer, NAME, OWNER), answer
+        assert len(A.role_errors(answer, NAME, OWNER)) == 2, answer
+    assert A.role_errors("我是Nova，Nova的个人助手。", NAME, OWNER) == [f"the assistant's name {NAME} where the owner belongs"]
+    assert A.role_errors("我是Alex，我是Alex的助手。", NAME, OWNER) == [f"the owner {OWNER} named as the assistant"]
+    assert A.states_identity("I'm Alex's assistant Nova.", NAME, OWNER), "the owner's possessive is not a self-introduction"
+
+
 def test_overfit_set():
     assert A.hit_rate(OVERFIT, NAME, OWNER) == 1.0
     assert A.leak_rate(OVERFIT, NAME, OWNER) == 1.0, "every general question answered with the identity"
@@ -166,3 +183,35 @@ def test_compare_recipes_trains_once_then_reuses(tmp_path, capsys):
     again, _ = C.compare_recipes(["smollm2_135m_tiny_smoke"], **args)
     assert "trained in" not in capsys.readouterr().out, "a finished run is reused, not trained again"
     assert again.equals(table)
+
+
+def test_analyze_runs_evaluates_the_base_once(tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "copy")
+    runs = C.analyze_runs([tiny_run, tmp_path / "copy", tmp_path / "missing"], max_new_tokens=4, heldout_limit=3,
+                          progress=False)
+    assert len(runs) == 2, "a missing work dir is skipped"
+    assert runs[1].base is runs[0].base and runs[1].base_nll == runs[0].base_nll, "the second run reuses the base report"
+    assert [r.answers for r in runs[1].reports[1:]] == [r.answers for r in runs[0].reports[1:]]
+    other = A.load_probes()
+    other.general["en"] = other.general["en"][:2]
+    fresh = A.analyze_run(tmp_path / "copy", other, max_new_tokens=4, heldout_limit=3, progress=False, reference=runs[0])
+    assert fresh.base is not runs[0].base and fresh.base.n_probes == len(other.items()), "other probes: evaluated anew"
+    table = C.checkpoint_table(runs)
+    assert list(table["step"]) == [0, 2, 4, 2, 4] and list(table["keep"]).count("<- keep") == 2
+    assert "Keep " in C.verdict(runs)
+
+
+def test_configure_baseline(tmp_path):
+    main = resolve_config("smollm2_135m_tiny_smoke").replace(assistant_name="Zed", owner_name="Mo", system="Be brief.")
+    base = C.configure_baseline(C.TUTORIAL_RECIPE, main, max_steps=6)
+    assert base.name == C.TUTORIAL_RECIPE and base.pretrained_model_name_or_path == main.pretrained_model_name_or_path
+    assert (base.assistant_name, base.owner_name, base.system) == ("Zed", "Mo", "Be brief.")
+    assert (base.max_steps, base.save_steps) == (6, 3)
+    assert base.datasets == resolve_config(C.TUTORIAL_RECIPE).datasets, "its own data"
+    path = C.save_baseline(base, tmp_path)
+    assert path == tmp_path / "baseline" / "config.yaml" and path.exists()
+    assert C.configure_baseline("", main) is None
+    assert C.save_baseline(None, tmp_path) is None and not path.exists(), "a stale baseline is removed"
+    assert C.train_baseline(tmp_path) is None

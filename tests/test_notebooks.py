@@ -104,12 +104,16 @@ def test_smoke_series_runs_and_shows_results(executed):
         assert outs, f"{name} shows nothing"
     run = executed / "run"
     for artifact in ["data/identity.json", "config.yaml", "work/last_checkpoint", "work/metrics.jsonl",
-                     "hf/adapter_config.json", "merged/config.json", "work/analysis.json"]:
+                     "hf/adapter_config.json", "merged/config.json", "work/analysis.json", "baseline/config.yaml",
+                     "baseline/work/adapter", "baseline/work/analysis.json"]:
         assert (run / artifact).exists(), artifact
     assert len(list((executed / "figures").glob("03_train_*.png"))) >= 2, "live loss plot and metrics plot"
     assert list((executed / "figures").glob("07_overfitting_*.png")), "analysis plot"
     html = json.dumps(outputs_of(executed / "06_chat_compare.ipynb"))
-    assert "fine-tuned" in html and "Who are you?" in html, "the before/after table"
+    assert "fine-tuned" in html and "baseline: smollm2_135m_lora_identity_tutorial" in html and "Who are you?" in html, \
+        "the before/after table: base, baseline and fine-tuned"
+    table = json.dumps(outputs_of(executed / "07_overfitting.ipynb"))
+    assert "smollm2_135m_tiny_smoke" in table and "smollm2_135m_lora_identity_tutorial" in table, "both recipes measured"
     merge_check = json.dumps(outputs_of(executed / "05_merge.ipynb"))
     assert "'same answer': True" in merge_check, "the merged model answers as base + adapter"
 

@@ -4,7 +4,8 @@ For the base model and every checkpoint of a run, on editable bilingual probe
 sets (`workbench/probes/default.yaml`):
 
 - identity hit rate: share of answers to identity questions that state the
-  configured identity (name AND owner), separately for the training questions
+  configured identity (name AND owner, each in its role: "I'm Alex" from an
+  assistant named Nova is a miss, see `role_errors`), separately for the training questions
   ("seen") and for differently phrased ones ("unseen"), per language;
 - identity leak rate: share of answers to general questions that talk about the
   identity (mention the name or the owner);
@@ -46,6 +47,7 @@ from workbench.samples import Sample
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
 HELDOUT_FILE = PROJECT_ROOT / "data" / "general_conversations_heldout.jsonl"
 LANGS = ("en", "zh")
+PROBE_BATCH = 96  # probes answered per generation batch (the default set has 88)
 # The recipe the diagnosis of an overfit identity-only run points to: it mixes general conversations in.
 MIXED_RECIPE = "smollm2_135m_lora_identity_mixed_cpu"
 
@@ -89,8 +91,33 @@ def _has(text: str, word: str) -> bool:
 
 
 def states_identity(answer: str, name: str, owner: str) -> bool:
-    """The answer states the configured identity: it names the assistant and its owner."""
-    return _has(answer, name) and _has(answer, owner)
+    """The answer states the configured identity: it names the assistant and its owner, each in its own role."""
+    return _has(answer, name) and _has(answer, owner) and not role_errors(answer, name, owner)
+
+
+# Where a name stands in a role: {0} is the name (regex-escaped). Case-insensitive.
+_AS_SELF = (r"\b(?:i am|i['’]m|im|my name is|my name['’]s|call me|i am called)\s+{0}\b(?!['’]s)",
+            r"(?:我是|我叫|名字是|名字叫|叫我){0}(?!的)")
+_AS_OWNER = (r"\b{0}['’]s\b", r"\b(?:for|of|to|by|belong to|serve|serving|help|helping)\s+{0}\b",
+             r"{0}的(?:个人|专属|私人|小|AI|智能)*(?:助手|助理|主人)", r"(?:为|给|帮|替|由){0}", r"{0}是我的主人")
+_AS_ASSISTANT = (r"(?:助手|助理){0}",)
+
+
+def role_errors(answer: str, name: str, owner: str) -> list[str]:
+    """The role mix-ups in an answer: the owner introduced as the assistant, or the assistant's name where the owner belongs.
+
+    "I'm Alex" or "我是Alex" (Alex the owner) and "Nova's assistant" or "Nova的助手" (Nova the
+    assistant) are errors; "I'm Nova, Alex's assistant" and "我是Alex的助手Nova" are not.
+    """
+    def found(patterns, who):
+        return any(re.search(p.format(re.escape(who)), answer, re.IGNORECASE) for p in patterns)
+
+    errors = []
+    if found(_AS_SELF + _AS_ASSISTANT, owner):
+        errors.append(f"the owner {owner} named as the assistant")
+    if found(_AS_OWNER, name):
+        errors.append(f"the assistant's name {name} where the owner belongs")
+    return errors
 
 
 def mentions_identity(answer: str, name: str, owner: str) -> bool:
@@ -168,8 +195,8 @@ class ModelReport:
 
     @property
     def score(self) -> float:
-        """Balance of learning and keeping: unseen English hit x (1 - leak) x retention."""
-        parts = [self.hit_unseen.get("en", 0.0), 1 - self.overall("leak"), self.retention]
+        """Balance of learning and keeping: unseen identity hit (mean of the languages) x (1 - leak) x retention."""
+        parts = [self.overall("hit_unseen"), 1 - self.overall("leak"), self.retention]
         return float("nan") if any(math.isnan(p) for p in parts) else parts[0] * parts[1] * parts[2]
 
 
@@ -186,7 +213,7 @@ def heldout_loss(model, builder, samples, max_length: int = 512) -> float:
     return _mean_loss(model, builder, samples, max_length)
 
 
-def _mean_loss(model, builder, samples, max_length: int = 512, batch: int = 8) -> float:
+def _mean_loss(model, builder, samples, max_length: int = 512, batch: int = 32) -> float:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -205,7 +232,9 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
                    max_new_tokens: int = 40) -> ModelReport:
     """Answer every probe and compute the metrics (retention needs the base model's report)."""
     items = probes.items()
-    replies = answer_batch(model, builder, [q for _, _, q in items], GenerationSettings(max_new_tokens=max_new_tokens))
+    # One batch for all probes: on a CPU a step of 88 rows costs little more than one of 16.
+    replies = answer_batch(model, builder, [q for _, _, q in items], GenerationSettings(max_new_tokens=max_new_tokens),
+                           batch_size=PROBE_BATCH)
     rep = ModelReport(label, step, n_probes=len(items), distinct=distinct_answers(replies))
     rep.answers = [{"kind": k, "lang": l, "question": q, "answer": a} for (k, l, q), a in zip(items, replies)]
     for lang in LANGS:
@@ -237,6 +266,7 @@ class RunAnalysis:
     best_step: int
     diagnosis: str
     train_seconds: float
+    base_nll: float = float("nan")  # the base model's NLL of its own general answers (what retention is relative to)
 
     @property
     def base(self) -> ModelReport:
@@ -270,8 +300,12 @@ def load_heldout(path: str | Path | None = None, limit: int = 24) -> list[Sample
 
 def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[int] | None = None,
                 heldout_path: str | Path | None = None, max_new_tokens: int = 40, heldout_limit: int = 24,
-                progress: bool = True) -> RunAnalysis:
-    """Evaluate the base model and each checkpoint of a run; recommend one; save analysis.json."""
+                progress: bool = True, reference: RunAnalysis | None = None) -> RunAnalysis:
+    """Evaluate the base model and each checkpoint of a run; recommend one; save analysis.json.
+
+    `reference`: an analysis of another run on the same base model, probes and settings, whose
+    base-model report is reused instead of evaluated again (what comparing recipes does).
+    """
     work = Path(work_dir)
     cfg = load_config(work / "config.yaml")
     probes = probes or load_probes()
@@ -279,7 +313,10 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     builder = load_builder(cfg)
     ckpts = [c for c in list_checkpoints(work) if steps is None or checkpoint_step(c) in steps]
     bar = tqdm(total=len(ckpts) + 1, desc=f"analyzing {cfg.name}", unit="model", disable=not progress)
-    base, base_nll = _evaluate_base(cfg, builder, probes, heldout, max_new_tokens)
+    if reference is not None and _same_base(reference, cfg, probes):
+        base, base_nll = reference.base, reference.base_nll
+    else:
+        base, base_nll = _evaluate_base(cfg, builder, probes, heldout, max_new_tokens)
     bar.update()
     reports = [base]
     model = build_unquantized(cfg, device="cpu")  # a QLoRA run's adapter, on the full-precision base
@@ -292,9 +329,17 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     metrics = read_jsonl(work / "metrics.jsonl")
     best = recommend(reports)
     result = RunAnalysis(str(work), cfg.to_dict(), reports, best.step, diagnose(reports, cfg, best),
-                         metrics[-1]["elapsed_s"] if metrics else float("nan"))
+                         metrics[-1]["elapsed_s"] if metrics else float("nan"), base_nll)
     result.save(work / "analysis.json")
     return result
+
+
+def _same_base(reference: RunAnalysis, cfg: Config, probes: Probes) -> bool:
+    """The reference's base report answers the same probes, from the same base model, system prompt and names."""
+    ref = reference.config
+    same = all(ref.get(k) == getattr(cfg, k) for k in ("pretrained_model_name_or_path", "system", "assistant_name", "owner_name"))
+    return same and not math.isnan(reference.base_nll) and [
+        (a["kind"], a["lang"], a["question"]) for a in reference.base.answers] == probes.items()
 
 
 def _evaluate_base(cfg: Config, builder, probes: Probes, heldout, max_new_tokens: int) -> tuple[ModelReport, float]:
@@ -338,6 +383,6 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
     else:
         lines.append("Healthy: the identity is learned and general answers are kept.")
     if best.step > 0:
-        lines.append(f"Best balance: {best.label} (unseen EN hit {best.hit_unseen.get('en', 0):.0%}, "
-                     f"leak {best.overall('leak'):.0%}, retention {best.retention:.2f}).")
+        lines.append(f"Keep {best.label}, the best balance (unseen identity hit EN {best.hit_unseen.get('en', 0):.0%} / "
+                     f"ZH {best.hit_unseen.get('zh', 0):.0%}, leak {best.overall('leak'):.0%}, retention {best.retention:.2f}).")
     return " ".join(lines)

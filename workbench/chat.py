@@ -17,7 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import Callable, TextIO
 
 import torch
 
@@ -113,14 +113,6 @@ def _cut_at_stop(ids: list[int], builder: PromptBuilder) -> str:
     return builder.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
 
 
-def answer_all(model, builder: PromptBuilder, questions: Iterable[str], settings: GenerationSettings | None = None,
-               progress: bool = True, desc: str = "answering") -> list[str]:
-    from tqdm.auto import tqdm
-
-    questions = list(questions)
-    return [answer(model, builder, q, settings=settings) for q in tqdm(questions, desc=desc, disable=not progress, leave=False)]
-
-
 # ---------------------------------------------------------------------------
 # Loading a model to chat with
 # ---------------------------------------------------------------------------
@@ -154,13 +146,15 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
 def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSettings | None = None, progress: bool = True):
     """A table (pandas DataFrame): one row per prompt, one column per model's answer.
 
-    `models` maps a label ("base", "fine-tuned", "merged") to (model, builder).
+    `models` maps a label ("base", "fine-tuned", "merged") to (model, builder). Each
+    model answers all prompts in one batch (`answer_batch`).
     """
     import pandas as pd
+    from tqdm.auto import tqdm
 
     table = {"prompt": list(prompts)}
-    for label, (model, builder) in models.items():
-        table[label] = answer_all(model, builder, prompts, settings, progress=progress, desc=f"answering with {label}")
+    for label, (model, builder) in tqdm(models.items(), desc="answering", unit="model", disable=not progress, leave=False):
+        table[label] = answer_batch(model, builder, list(prompts), settings)
     return pd.DataFrame(table)
 
 

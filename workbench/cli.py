@@ -17,7 +17,7 @@
     workbench serve MODEL [--adapter DIR]      an OpenAI-compatible API on 127.0.0.1:8000
     workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
     workbench compare [RECIPE ...]             train and compare recipes in one table
-    workbench run-notebooks [--smoke]          execute notebooks 01-07 headless
+    workbench run-notebooks [--smoke] [--one-recipe]  execute notebooks 01-07 headless (mixed + tutorial recipe)
     workbench prepare-model                    prepare the embedded base model (done by make setup)
 
 Known errors (bad config, bad data, missing model, unusable folder or checkpoint)
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Execute the notebook series in order; executed copies and figures go to an output folder.")
     s.add_argument("--out", help="output folder (default: outputs/notebooks-<time>)")
     s.add_argument("--smoke", action="store_true", help="tiny random model and a handful of steps")
+    s.add_argument("--recipe", help="the main recipe notebook 02 configures (default: the mixed recipe)")
+    s.add_argument("--baseline-recipe", metavar="RECIPE", help="the recipe trained beside it (default: the tutorial's)")
+    s.add_argument("--one-recipe", action="store_true", help="train only the main recipe (no baseline)")
     s.set_defaults(func=cmd_run_notebooks)
 
     s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once), "
@@ -403,7 +406,10 @@ def cmd_compare(args) -> int:
 def cmd_run_notebooks(args) -> int:
     from workbench.notebooks import run_series
 
-    run_series(args.out, smoke=args.smoke)
+    config = {k: v for k, v in (("recipe", args.recipe), ("baseline_recipe", args.baseline_recipe)) if v is not None}
+    if args.one_recipe:
+        config["baseline_recipe"] = ""
+    run_series(args.out, smoke=args.smoke, overrides={"02_config": config} if config else None)
     return 0
 
 

@@ -10,6 +10,12 @@ comparison.png, and each run's analysis.png.
 recipe (two identity pairs, repeated) against the cure (diverse identity
 questions mixed with general conversations). Pass other recipe names or config
 files to compare those instead.
+
+The notebook series does the same inside one run folder: notebook 02 configures
+a baseline recipe beside the main one (`configure_baseline`, saved under
+RUN/baseline/), 03 trains both, 06 puts base, baseline and fine-tuned side by
+side (`series_models`), and 07 analyzes both (`analyze_runs`, one base-model
+evaluation for all) into one table per checkpoint (`checkpoint_table`).
 """
 from __future__ import annotations
 
@@ -17,15 +23,20 @@ import math
 import time
 from pathlib import Path
 
-from workbench.analysis import MIXED_RECIPE, ModelReport, RunAnalysis, analyze_run, load_probes
+from workbench.analysis import MIXED_RECIPE, ModelReport, Probes, RunAnalysis, analyze_run, load_probes
 from workbench.checkpoint import LAST_POINTER
-from workbench.config import resolve_config
+from workbench.config import Config, load_config, resolve_config, save_config
 from workbench.display import plot_comparison, plot_run
 from workbench.io import atomic_write_text
 from workbench.train import train
 
 # The tutorial's recipe, then the cure: what `workbench compare` compares when no recipe is named.
-DEFAULT_RECIPES: tuple[str, ...] = ("smollm2_135m_lora_identity_tutorial", MIXED_RECIPE)
+TUTORIAL_RECIPE = "smollm2_135m_lora_identity_tutorial"
+DEFAULT_RECIPES: tuple[str, ...] = (TUTORIAL_RECIPE, MIXED_RECIPE)
+# What a baseline shares with the main run, so that both are measured on the same footing.
+SHARED_FIELDS = ("pretrained_model_name_or_path", "torch_dtype", "trust_remote_code", "system", "assistant_name",
+                 "owner_name", "evaluation_inputs", "device", "seed")
+BASELINE_DIR = "baseline"  # inside a series' run folder: config.yaml and work/ of the baseline recipe
 
 
 def compare_recipes(recipes: tuple[str, ...] | list[str] | None = None, out_dir: str | Path = "outputs/compare",
@@ -37,16 +48,11 @@ def compare_recipes(recipes: tuple[str, ...] | list[str] | None = None, out_dir:
     Returns (table, runs): the comparison as a DataFrame (the base model first) and each recipe's RunAnalysis.
     """
     out = Path(out_dir)
-    probes = load_probes(probes_path)
-    runs = []
+    works = []
     for name in recipes or DEFAULT_RECIPES:
         cfg = resolve_config(name, overrides)
-        work = out / cfg.name
-        if not (work / "adapter").exists():
-            t0 = time.time()
-            train(cfg, work, resume=(work / LAST_POINTER).exists() or None, progress=progress)
-            print(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
-        runs.append(analyze_run(work, probes, max_new_tokens=max_new_tokens, heldout_limit=heldout_limit, progress=progress))
+        works.append(train_or_reuse(cfg, out / cfg.name, progress))
+    runs = analyze_runs(works, load_probes(probes_path), max_new_tokens, heldout_limit, progress)
     table = comparison_table(runs)
     atomic_write_text(out / "comparison.md", markdown_table(table))
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
@@ -54,6 +60,116 @@ def compare_recipes(recipes: tuple[str, ...] | list[str] | None = None, out_dir:
     for run in runs:
         plot_run(run, Path(run.work_dir) / "analysis.png")
     return table, runs
+
+
+def train_or_reuse(cfg: Config, work: Path, progress: bool = True) -> Path:
+    """Train `cfg` into `work` unless a finished run is there (an interrupted one is resumed); return `work`."""
+    if not (work / "adapter").exists():
+        t0 = time.time()
+        train(cfg, work, resume=(work / LAST_POINTER).exists() or None, progress=progress)
+        print(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
+    return work
+
+
+def analyze_runs(work_dirs: list[str | Path], probes: Probes | None = None, max_new_tokens: int = 40,
+                 heldout_limit: int = 24, progress: bool = True) -> list[RunAnalysis]:
+    """`analyze_run` on each existing work dir, evaluating a shared base model only once; missing ones are skipped."""
+    probes = probes or load_probes()
+    runs: list[RunAnalysis] = []
+    for work in work_dirs:
+        if not (Path(work) / "config.yaml").exists():
+            print(f"{work}: no run there, skipped")
+            continue
+        runs.append(analyze_run(work, probes, max_new_tokens=max_new_tokens, heldout_limit=heldout_limit,
+                                progress=progress, reference=runs[0] if runs else None))
+    return runs
+
+
+# ---------------------------------------------------------------------------
+# A baseline recipe inside the notebook series
+# ---------------------------------------------------------------------------
+def configure_baseline(recipe: str, main: Config, max_steps: int | None = None) -> Config | None:
+    """The baseline recipe (name or file) on the main run's base model, names and system prompt; None for ""."""
+    if not recipe:
+        print("no baseline recipe: the series trains only the main recipe")
+        return None
+    cfg = resolve_config(recipe)
+    changes = {k: getattr(main, k) for k in SHARED_FIELDS if getattr(cfg, k) != getattr(main, k)}
+    if max_steps:
+        half = max(1, max_steps // 2)
+        changes.update(max_steps=max_steps, save_steps=half, evaluation_freq=min(cfg.evaluation_freq, half))
+    return cfg.replace(**changes)
+
+
+def save_baseline(cfg: Config | None, run_dir: str | Path) -> Path | None:
+    """Write the baseline's config to RUN/baseline/config.yaml (remove a stale one when there is no baseline)."""
+    path = Path(run_dir) / BASELINE_DIR / "config.yaml"
+    if cfg is None:
+        path.unlink(missing_ok=True)
+        return None
+    return save_config(cfg, path)
+
+
+def train_baseline(run_dir: str | Path, resume: bool = False, progress: bool = True):
+    """Train the baseline notebook 02 configured (RUN/baseline/work); None when there is none."""
+    folder = Path(run_dir) / BASELINE_DIR
+    if not (folder / "config.yaml").exists():
+        print(f"no baseline configured in {folder} (notebook 02's baseline_recipe is empty)")
+        return None
+    cfg = load_config(folder / "config.yaml")
+    t0 = time.time()
+    result = train(cfg, folder / "work", resume=resume or None, progress=progress)
+    print(f"baseline {cfg.name}: {cfg.max_steps} steps in {time.time() - t0:.0f} s")
+    return result
+
+
+def series_models(run_dir: str | Path, merged_dir: str = "merged") -> dict[str, tuple]:
+    """(model, builder) per label: the base model, the baseline recipe (its adapter on the base) and the merged model."""
+    from workbench.chat import load_chat_model  # loads models: only when asked
+
+    run = Path(run_dir)
+    cfg = load_config(run / merged_dir / "workbench_config.yaml")
+    models = {"base": load_chat_model(cfg.pretrained_model_name_or_path, system=cfg.system)}
+    baseline = run / BASELINE_DIR / "work" / "adapter"
+    if baseline.exists():
+        name = load_config(run / BASELINE_DIR / "config.yaml").name
+        models[f"baseline: {name}"] = load_chat_model(cfg.pretrained_model_name_or_path, adapter=str(baseline))
+    models[f"fine-tuned: {cfg.name}"] = load_chat_model(str(run / merged_dir))
+    return models
+
+
+def series_work_dirs(run_dir: str | Path, work_dir: str = "work") -> list[Path]:
+    """The main run's work dir, then the baseline's (analyze_runs skips it when there is none)."""
+    return [Path(run_dir) / work_dir, Path(run_dir) / BASELINE_DIR / "work"]
+
+
+def checkpoint_table(runs: list[RunAnalysis]):
+    """Every analyzed model of every run, one row each (the base model once, first), with the kept checkpoint marked."""
+    import pandas as pd  # heavy: only for the table
+
+    rows = [{**_row("base model (no training)", runs[0].base, train_seconds=0), "keep": ""}]
+    for run in runs:
+        rows += [{**_row(run.config["name"], r, _seconds(run.train_seconds)), "keep": "<- keep" if r.step == run.best_step else ""}
+                 for r in run.reports[1:]]
+    table = pd.DataFrame(rows).drop(columns=["train time (s)"])
+    return table.rename(columns={"steps": "step"})
+
+
+def verdict(runs: list[RunAnalysis]) -> str:
+    """Which checkpoint of which recipe to keep, how the recipes compare there, then each run's diagnosis."""
+    best = max(runs, key=lambda run: _score(run.report_at(run.best_step)))
+    lines = []
+    for run in runs:
+        r = run.report_at(run.best_step)
+        lines.append(f"{run.config['name']}: best {r.label} - unseen identity hit EN {r.hit_unseen['en']:.0%} / ZH "
+                     f"{r.hit_unseen['zh']:.0%}, leak EN {r.leak['en']:.0%} / ZH {r.leak['zh']:.0%}, retention {r.retention:.2f}.")
+    lines.append(f"Keep {best.config['name']} at {best.report_at(best.best_step).label}.")
+    lines += [f"\n{run.config['name']}: {run.diagnosis}" for run in runs]
+    return "\n".join(lines)
+
+
+def _score(r: ModelReport) -> float:
+    return -1.0 if math.isnan(r.score) else r.score
 
 
 def comparison_table(runs: list[RunAnalysis]):

@@ -9,8 +9,9 @@ evaluates anything.
 - `preview_table`: the first samples of a data set as a table;
 - `metrics_table`, `answers_table`, `plot_run`: one run's analysis
   (`workbench.analysis.RunAnalysis`);
-- `plot_comparison`, `show_comparison`: the recipe comparison
-  (`workbench.comparison`).
+- `plot_comparison`, `compare_answers`, `show_comparison`: the recipe
+  comparison (`workbench.comparison`), and `plot_training_losses`: the loss
+  curves of the series' recipes.
 
 pandas, matplotlib and IPython are imported inside the functions that use
 them: they are heavy, and the CLI's `log-dataset` needs none of them.
@@ -139,18 +140,50 @@ def plot_run(run: RunAnalysis, path: str | Path | None = None):
 # Recipe comparison
 # ---------------------------------------------------------------------------
 def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None):
-    """Unseen identity hit, leak and retention per step, one line per recipe."""
+    """Unseen identity hit, leak (EN solid, ZH dashed) and retention per step, one colour per recipe; kept checkpoints ringed."""
     import matplotlib.pyplot as plt  # heavy: only for display
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for run in runs:
-        steps = [r.step for r in run.reports]
-        axes[0].plot(steps, [r.hit_unseen["en"] for r in run.reports], "o-", label=run.config["name"])
-        axes[1].plot(steps, [r.overall("leak") for r in run.reports], "o-", label=run.config["name"])
-        axes[2].plot(steps, [r.retention for r in run.reports], "o-", label=run.config["name"])
-    for ax, title in zip(axes, ["identity hit rate, unseen EN questions", "leak rate on general questions", "retention of general answers"]):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for k, run in enumerate(runs):
+        color, name, steps = f"C{k}", run.config["name"], [r.step for r in run.reports]
+        for lang, style in (("en", "o-"), ("zh", "s--")):
+            axes[0].plot(steps, [r.hit_unseen[lang] for r in run.reports], style, color=color, label=f"{name} {lang.upper()}")
+            axes[1].plot(steps, [r.leak[lang] for r in run.reports], style, color=color, label=f"{name} {lang.upper()}")
+        axes[2].plot(steps, [r.retention for r in run.reports], "o-", color=color, label=name)
+        kept = run.report_at(run.best_step) if run.best_step in steps else None
+        if kept is not None and kept.step > 0:
+            axes[2].plot([kept.step], [kept.retention], "o", ms=14, mfc="none", color=color)
+    for ax, title in zip(axes, ["identity hit rate, unseen questions", "leak rate on general questions",
+                                "retention of general answers (ring: kept)"]):
         ax.set(title=title, xlabel="step (0 = base)", ylim=(-0.05, 1.05))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def compare_answers(runs: list[RunAnalysis], kinds: tuple = ("identity_unseen", "general")):
+    """The base model's answers beside each run's kept checkpoint's, one row per probe question."""
+    import pandas as pd  # heavy: only for display
+
+    kept = [(run.config["name"], run.report_at(run.best_step)) for run in runs]
+    rows = []
+    for k, base in enumerate(runs[0].base.answers):
+        if base["kind"] in kinds:
+            row = {"kind": base["kind"], "lang": base["lang"], "question": base["question"], "base": base["answer"]}
+            row.update({f"{name} ({r.label})": r.answers[k]["answer"] for name, r in kept})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_training_losses(results: dict, path: str | Path | None = None):
+    """Training loss against step, one line per recipe ({label: TrainResult or None}; None is left out)."""
+    import matplotlib.pyplot as plt  # heavy: only for display
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, result in results.items():
+        if result is not None:
+            ax.plot([m["step"] for m in result.metrics], [m["loss"] for m in result.metrics], "-o", ms=2, label=label)
+    ax.set(xlabel="step", ylabel="training loss", title="training loss per recipe")
+    ax.legend(fontsize=8)
     return _finish(fig, path)
 
 

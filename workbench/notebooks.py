@@ -26,13 +26,12 @@ SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat
 # Paths every run passes as absolute, so executed copies run from any folder (nbval re-runs them elsewhere).
 PATHS = {
     "01_data": {"example_table": str(PROJECT_ROOT / "data" / "examples" / "qa_example.csv")},
-    "07_overfitting": {"compare_dir": str(PROJECT_ROOT / "outputs" / "compare")},
 }
 
 # Parameter overrides that make the series run in a minute or two.
 SMOKE = {
     "02_config": {"recipe": "smollm2_135m_tiny_smoke", "max_steps": 4, "max_length": 256,
-                  "evaluation_inputs": ["Who are you?"]},
+                  "evaluation_inputs": ["Who are you?"], "baseline_max_steps": 2},
     "05_merge": {"gguf_outtype": "q8_0", "gguf_max_new_tokens": 4},
     "06_chat_compare": {"max_new_tokens": 8},
     "07_overfitting": {"max_new_tokens": 6, "heldout_limit": 4},
@@ -40,8 +39,12 @@ SMOKE = {
 
 
 def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: list[str] | None = None,
-               progress: bool = True) -> Path:
-    """Execute the series; return the folder with the executed notebooks, figures and run files."""
+               progress: bool = True, overrides: dict[str, dict] | None = None) -> Path:
+    """Execute the series; return the folder with the executed notebooks, figures and run files.
+
+    `overrides` maps a notebook to parameters it gets on top of the series' own,
+    e.g. {"02_config": {"baseline_recipe": ""}} trains only the main recipe.
+    """
     import papermill as pm  # heavy, and only needed to run the series
 
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}"
@@ -52,7 +55,7 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     for name in SERIES:
         if only and name not in only:
             continue
-        params = series_parameters(name, run_dir, smoke)
+        params = {**series_parameters(name, run_dir, smoke), **(overrides or {}).get(name, {})}
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
