@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workbench.chat import GenerationSettings, answer
+from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import (check_fresh_work_dir, check_same_plan, checkpoint_name, find_resume_checkpoint,
                                   load_checkpoint, load_trainable, prune_checkpoints, read_state, refuse_pickles,
                                   rng_state, save_checkpoint, save_rng, write_pointer)
@@ -341,8 +341,8 @@ class TrainLoop:
             model = self.t.accelerator.unwrap_model(self.t.model)
             settings = GenerationSettings(max_new_tokens=self.cfg.evaluation_max_new_tokens)
             with self.dist.root_unsharded(model):
-                out = [{"step": step, "question": q, "answer": answer(model, self.t.builder, q, settings=settings)}
-                       for q in self.cfg.evaluation_inputs]
+                answers = answer_batch(model, self.t.builder, list(self.cfg.evaluation_inputs), settings)
+                out = [{"step": step, "question": q, "answer": a} for q, a in zip(self.cfg.evaluation_inputs, answers)]
         if self.dist.is_main:
             for rec in out:
                 append_jsonl(self.work / EVAL_LOG, rec)
