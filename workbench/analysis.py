@@ -213,11 +213,12 @@ def heldout_loss(model, builder, samples, max_length: int = 512) -> float:
     return _mean_loss(model, builder, samples, max_length)
 
 
-def _mean_loss(model, builder, samples, max_length: int = 512, batch: int = 32) -> float:
+def _mean_loss(model, builder, samples, max_length: int = 512, batch: int = 8) -> float:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [builder.encode(s.messages, max_length) for s in samples if s.messages]
+    # Sorted by length, so that a batch pads little (the sum does not depend on the order).
+    encoded = sorted((builder.encode(s.messages, max_length) for s in samples if s.messages), key=lambda e: len(e.input_ids))
     total = n = 0.0
     for i in range(0, len(encoded), batch):
         b = collate([[e] for e in encoded[i:i + batch]], builder.tokenizer.pad_token_id)
