@@ -74,7 +74,8 @@ def tokenized_dataset(stream: list, tokenizer, system: str, max_length: int):
 
 
 class CountingCollator:
-    """DataCollatorForSeq2Seq, counting the real, computed and trained tokens of each batch it builds, in order."""
+    """A collator (DataCollatorForSeq2Seq here, TRL's padding-free one in baseline_trl.py), counting the real,
+    computed and trained tokens and the samples of each batch it builds, in order (packed rows: position 0 starts a sample)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -82,8 +83,11 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.batches.append({"tokens": int(batch["attention_mask"].sum()), "positions": batch["input_ids"].numel(),
-                             "trained_tokens": int((batch["labels"][:, 1:] != IGNORE).sum()), "samples": len(features)})
+        pos = batch.get("position_ids")
+        samples = int((pos == 0).sum()) if pos is not None else len(features)
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        self.batches.append({"tokens": tokens, "positions": batch["input_ids"].numel(),
+                             "trained_tokens": int((batch["labels"][:, 1:] != IGNORE).sum()), "samples": samples})
         return batch
 
 

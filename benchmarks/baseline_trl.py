@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.baseline_peft import IGNORE, load_base_model, step_records, step_timer  # noqa: E402
+from benchmarks.baseline_peft import CountingCollator, load_base_model, step_records, step_timer  # noqa: E402
 from benchmarks.common import run_main, runner_parser, sample_stream, with_system  # noqa: E402
 
 TRL_VERSION = "1.16.0"
@@ -88,23 +88,6 @@ def trl_records(cfg, tokenizer, rows_needed: int, start: int) -> list[dict]:
         if rows >= rows_needed:
             return records
         n = int(n * rows_needed / max(rows, 1) * 1.1) + 1
-
-
-class CountingCollator:
-    """TRL's padding-free collator, counting each batch's real, computed and trained tokens and its samples."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.batches: list[dict] = []
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        pos = batch.get("position_ids")
-        samples = int((pos == 0).sum()) if pos is not None else len(features)
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        self.batches.append({"tokens": tokens, "positions": batch["input_ids"].numel(),
-                             "trained_tokens": int((batch["labels"][:, 1:] != IGNORE).sum()), "samples": samples})
-        return batch
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from workbench.analysis import MIXED_RECIPE, ModelReport, Probes, RunAnalysis, analyze_run, load_probes
 from workbench.checkpoint import LAST_POINTER
-from workbench.config import Config, load_config, resolve_config, save_config
+from workbench.config import Config, configure, load_config, resolve_config, save_config
 from workbench.display import plot_comparison, plot_run
 from workbench.io import atomic_write_text
 from workbench.train import train
@@ -94,11 +94,8 @@ def configure_baseline(recipe: str, main: Config, max_steps: int | None = None) 
         print("no baseline recipe: the series trains only the main recipe")
         return None
     cfg = resolve_config(recipe)
-    changes = {k: getattr(main, k) for k in SHARED_FIELDS if getattr(cfg, k) != getattr(main, k)}
-    if max_steps:
-        half = max(1, max_steps // 2)
-        changes.update(max_steps=max_steps, save_steps=half, evaluation_freq=min(cfg.evaluation_freq, half))
-    return cfg.replace(**changes)
+    shared = {k: getattr(main, k) for k in SHARED_FIELDS if getattr(cfg, k) != getattr(main, k)}
+    return configure(recipe, max_steps=max_steps, **shared)  # max_steps also halves save_steps, as in notebook 02
 
 
 def save_baseline(cfg: Config | None, run_dir: str | Path) -> Path | None:
