@@ -2,17 +2,25 @@
 
 Memory = base weights (4, 2 or ~0.56 bytes per parameter for fp32, bf16/fp16 or
 NF4; under NF4 only the linear layers are 4-bit, the embeddings and an untied
-output head keep the compute dtype) + for the trained weights their gradient
-and two AdamW moments + the activations of one micro-batch + the logits (one
-float32 matrix of tokens x vocabulary with the fast path's fused loss, three
-without it) + on a CPU the process itself (Python, torch, transformers).
-Time = training FLOPs per token (about 6 x parameters for full fine-tuning,
-4 x parameters for LoRA/QLoRA, where frozen weights need no weight gradient,
-plus the attention's 6 x layers x hidden x context, which grows with the
-sequence) x tokens / (this machine's measured matrix-multiply throughput x a
-typical efficiency). Estimates, not promises:
-they are right within a factor of about two, which is what a student needs to
-choose between "a coffee" and "overnight".
+output head keep the compute dtype; on a CPU a QLoRA step's peak is measured at
+about LoRA's, so there the weights count at the compute dtype) + for the trained
+weights their gradient and two AdamW moments + the activations of one
+micro-batch + the logits (one float32 matrix of tokens x vocabulary with the
+fast path's fused loss, three without it) + on a CPU the process itself
+(Python, torch, transformers).
+Time per micro-batch = a fixed cost (every weight read in the forward and the
+backward, Python and autograd for thousands of operators: per layer, measured
+on a CPU) + training FLOPs per token (about 6 x parameters for full
+fine-tuning, 4 x parameters for LoRA/QLoRA, where frozen weights need no weight
+gradient, plus the attention's 6 x layers x hidden x context, which grows with
+the sequence) x tokens / (this machine's measured matrix-multiply throughput x
+the share of it training reaches).
+
+The constants were fitted to `make bench`'s scaling sweep (benchmarks/scaling.py:
+max_length 16-2048, 1-4 rows a step, 135M-0.5B models, LoRA and QLoRA, on a
+2-core CPU), where every point is within 25% of the measurement. Estimates,
+not promises: on other machines they are right within a factor of about two,
+which is what a student needs to choose between "a coffee" and "overnight".
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ from workbench.config import Config
 from workbench.models import pick_device, pick_dtype, resolve_model_path
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
-EFFICIENCY = {"cpu": 0.7, "cuda": 0.35}  # share of peak matmul throughput training typically reaches
+EFFICIENCY = {"cpu": 0.75, "cuda": 0.35}  # share of peak matmul throughput training reaches (CPU: fitted, scaling sweep)
+STEP_OVERHEAD_S_PER_LAYER = {"cpu": 0.016, "cuda": 0.0}  # fixed cost of a micro-batch per layer (CPU: 0.48 s for 30 layers)
+ACTIVATION_FLOATS = 30  # activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on 135M)
 RUNTIME_GB = {"cpu": 0.47, "cuda": 0.0}  # the process itself in RAM (peak RSS of a run on the tiny random model)
 
 
@@ -54,7 +64,7 @@ class Estimate:
             ("parameters (total / trained)", f"{self.total_params / 1e6:.1f} M / {self.trainable_params / 1e6:.2f} M"),
             ("base weights", f"{self.weights_gb:.2f} GB ({self.weight_dtype})"),
             ("gradients + AdamW state", f"{self.optimizer_gb:.2f} GB"),
-            ("activations + logits (one micro-batch)", f"{self.activations_gb:.2f} GB"),
+            ("activations + logits (one micro-batch; QLoRA on a CPU: + its dequantized weights)", f"{self.activations_gb:.2f} GB"),
             ("the process itself (Python, torch)", f"{self.runtime_gb:.2f} GB"),
             ("memory needed, about", f"{self.total_gb:.2f} GB"),
             ("tokens per step", f"{self.tokens_per_step:,}"),
@@ -129,19 +139,22 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     row = tokens_per_row or cfg.max_length
     tokens = row * cfg.batch_size
     act_bytes = 4 if device.type == "cpu" else 2
-    per_token_layer = mcfg.hidden_size * (34 if not cfg.gradient_checkpointing else 2) * act_bytes
+    per_token_layer = mcfg.hidden_size * (ACTIVATION_FLOATS if not cfg.gradient_checkpointing else 2) * act_bytes
     logit_copies = 1 if getattr(cfg, "fast_path", True) else 3  # the fused loss turns the logits into their gradient in place
     activations = tokens * mcfg.num_hidden_layers * per_token_layer + logit_copies * tokens * mcfg.vocab_size * 4
     weights = weight_bytes(counts, dtype, compute)
+    if dtype == "nf4" and device.type == "cpu":  # bitsandbytes' CPU path: the step's peak is LoRA's (scaling sweep)
+        activations += weight_bytes(counts, compute, compute) - weights
     optimizer = trainable * (4 + 4 + 8)
     attention = 6 * mcfg.num_hidden_layers * mcfg.hidden_size * (context or row)  # QK^T and AV over a causal context, x3
     flops_per_token = (6 if cfg.method == "full" else 4) * total + attention
     if gflops is None:
         gflops = measure_matmul_gflops(device.type, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     tokens_per_step = tokens * cfg.accumulative_counts
-    sec = flops_per_token * tokens_per_step / (gflops * 1e9 * EFFICIENCY[device.type])
+    fixed = STEP_OVERHEAD_S_PER_LAYER[device.type] * mcfg.num_hidden_layers * cfg.accumulative_counts
+    sec = fixed + flops_per_token * tokens_per_step / (gflops * 1e9 * EFFICIENCY[device.type])
     n_steps = steps or cfg.max_steps or 100
     runtime = RUNTIME_GB[device.type] * 1e9
     return Estimate(total, trainable, dtype, weights / 1e9, optimizer / 1e9, activations / 1e9,
-                    (weights + optimizer + activations) / 1e9 * 1.15 + runtime / 1e9, tokens_per_step, n_steps,
+                    (weights + optimizer + activations + runtime) / 1e9, tokens_per_step, n_steps,
                     flops_per_token, gflops, sec, sec * n_steps / 60, device.type, runtime / 1e9)
