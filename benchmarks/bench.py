@@ -15,7 +15,9 @@ samples, LoRA settings and number of steps (benchmarks/sides.py):
   (first data set; needs trl, benchmarks/requirements.txt; `--no-trl` leaves
   them out).
 
-A round on the first data set is A B C T T'; `--repeats` rounds there,
+A round on the first data set is A B C T T' (C and T in the first
+`--reference-repeats` / `--trl-default-repeats` rounds; T' is the faster TRL
+configuration and runs in every round); `--repeats` rounds there,
 `--other-repeats` rounds of A B on the others. QLoRA runs one pair (A B) on the
 first data set, for the memory of the loaded base model and the speed. It also
 measures this machine's matmul throughput (before and after the runs) and turns
@@ -77,13 +79,15 @@ class Job:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model for every run (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps of every LoRA run (16: the tutorial data reaches the loss threshold)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps of every LoRA run (12: `make bench` within 20 min on 2 cores)")
     p.add_argument("--repeats", type=int, default=2, help="rounds (A B C T T') on the first data set (LoRA)")
     p.add_argument("--other-repeats", type=int, default=1, help="rounds (A B) on each other data set (LoRA)")
     p.add_argument("--reference-repeats", type=int, default=1,
                    help="rounds of the first data set that include the reference C (the PEFT script, checkpointing off)")
+    p.add_argument("--trl-default-repeats", type=int, default=1,
+                   help="rounds of the first data set that include T (TRL's defaults, checkpointing on; T' runs every round)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step, on both sides")
-    p.add_argument("--datasets", default="mixed,tutorial",
+    p.add_argument("--datasets", default="mixed,default",
                    help=f"comma-separated: {', '.join(f'{k} ({v})' for k, v in DATASETS.items())}, or name=RECIPE_OR_YAML")
     p.add_argument("--methods", default="lora,qlora", help="lora and/or qlora (QLoRA: first data set only, see --qlora-*)")
     p.add_argument("--qlora-steps", type=int, default=4, help="optimizer steps of each QLoRA run")
@@ -124,7 +128,7 @@ def dataset_specs(text: str) -> list[tuple[str, str]]:
 def reproduce_command(args: argparse.Namespace) -> str:
     """The command line that repeats this benchmark, every option explicit."""
     opts = ["--model", args.model, "--steps", args.steps, "--repeats", args.repeats, "--other-repeats", args.other_repeats,
-            "--reference-repeats", args.reference_repeats, "--batch-size", args.batch_size, "--datasets", args.datasets,
+            "--reference-repeats", args.reference_repeats, "--trl-default-repeats", args.trl_default_repeats, "--batch-size", args.batch_size, "--datasets", args.datasets,
             "--methods", args.methods, "--qlora-steps", args.qlora_steps, "--qlora-repeats", args.qlora_repeats,
             "--threshold", args.threshold, "--threads", args.threads, "--trl-rows-per-step", args.trl_rows_per_step,
             "--matmul-seconds", args.matmul_seconds]
@@ -153,7 +157,8 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
 def first_data_sides(args: argparse.Namespace, repeat: int) -> list[str]:
     """The sides beyond A B in round `repeat` of the first data set."""
     reference = [REFERENCE] if not args.no_reference and repeat < args.reference_repeats else []
-    return reference + ([] if args.no_trl else list(TRL_SIDES))
+    trl = [] if args.no_trl else [s for s in TRL_SIDES if s != "trl" or repeat < args.trl_default_repeats]
+    return reference + trl
 
 
 def run_job(job: Job, args: argparse.Namespace, runs_dir: Path) -> dict:
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_end"] = load_average()
     flops = flops_per_token(args)
     summary = summarize_all(results, flops, matmul["gflops"])
-    settings = {k: getattr(args, k) for k in ("model", "steps", "repeats", "other_repeats", "reference_repeats",
+    settings = {k: getattr(args, k) for k in ("model", "steps", "repeats", "other_repeats", "reference_repeats", "trl_default_repeats",
                                               "batch_size", "datasets", "methods", "qlora_steps", "qlora_repeats",
                                               "threshold", "threads", "no_reference", "no_trl", "trl_rows_per_step")}
     settings["first_dataset"] = args.dataset_specs[0][0]

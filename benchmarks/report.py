@@ -130,7 +130,7 @@ def settings_lines(report: dict) -> list[str]:
              f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, targets {lora.get('targets')}",
              f"- {st['batch_size']} samples per optimizer step (workbench: packed into one row; PEFT: one padded batch); "
              f"{st['steps']} steps; {st['repeats']} rounds on the first data set (the PEFT reference in "
-             f"{st['reference_repeats']}), {st['other_repeats']} on the others; QLoRA {st['qlora_steps']} steps x "
+             f"{st['reference_repeats']}, TRL's defaults in {st.get('trl_default_repeats', st['repeats'])}), {st['other_repeats']} on the others; QLoRA {st['qlora_steps']} steps x "
              f"{st['qlora_repeats']} pair on the first data set"]
     if trl:
         lines.append(f"- TRL {trl['version']}: {trl['rows_per_step']} packed row(s) of at most max_length tokens per step, "

@@ -228,7 +228,9 @@ def make_optimizer(cfg: Config, model, rows, world_size: int, optimizer=None):
     plan = StepPlan(len(rows), cfg.batch_size, cfg.accumulative_counts, world_size, cfg.seed, cfg.max_steps, cfg.max_epochs)
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        fused = all(p.device.type == "cpu" for p in params)  # CPU: one fused kernel, not 4 ops per tensor (same maths)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      **({"fused": True} if fused else {}))
     warmup = int(round(cfg.warmup_ratio * plan.total_steps))
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
     return optimizer, scheduler, plan
