@@ -43,7 +43,7 @@ def bench_out(tmp_path_factory):
     (tmp / "mixed.yaml").write_text(yaml.safe_dump(mixed), encoding="utf-8")
     out = tmp / "results"
     cmd = [sys.executable, str(BENCH), "--model", "embedded:tiny-random", "--steps", str(STEPS), "--repeats", "1",
-           "--qlora-steps", str(STEPS), "--datasets", f"mixed={tmp / 'mixed.yaml'},tutorial", "--methods", "lora,qlora",
+           "--reference-repeats", "1", "--qlora-steps", str(STEPS), "--datasets", f"mixed={tmp / 'mixed.yaml'},tutorial", "--methods", "lora,qlora",
            "--threads", "1", "--matmul-seconds", "0.2", "--out", str(out)] + ([] if HAVE_TRL else ["--no-trl"])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
