@@ -10,7 +10,7 @@ fast path's fused loss, three without it) + on a CPU the process itself
 (Python, torch, transformers).
 Time per micro-batch = a fixed cost (every weight read in the forward and the
 backward, Python and autograd for thousands of operators: per layer, measured
-on a CPU) + training FLOPs per token (about 6 x parameters for full
+on a CPU; under QLoRA also the dequantization of the 4-bit weights) + training FLOPs per token (about 6 x parameters for full
 fine-tuning, 4 x parameters for LoRA/QLoRA, where frozen weights need no weight
 gradient, plus the attention's 6 x layers x hidden x context, which grows with
 the sequence) x tokens / (this machine's measured matrix-multiply throughput x
@@ -35,6 +35,7 @@ from workbench.models import pick_device, pick_dtype, resolve_model_path
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
 EFFICIENCY = {"cpu": 0.75, "cuda": 0.35}  # share of peak matmul throughput training reaches (CPU: fitted, scaling sweep)
 STEP_OVERHEAD_S_PER_LAYER = {"cpu": 0.016, "cuda": 0.0}  # fixed cost of a micro-batch per layer (CPU: 0.48 s for 30 layers)
+NF4_DEQUANT_S_PER_PARAM = {"cpu": 1.5e-9, "cuda": 0.0}  # QLoRA: dequantizing the 4-bit weights, forward and backward (CPU: fitted)
 ACTIVATION_FLOATS = 30  # activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on 135M)
 RUNTIME_GB = {"cpu": 0.47, "cuda": 0.0}  # the process itself in RAM (peak RSS of a run on the tiny random model)
 
@@ -151,7 +152,10 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     if gflops is None:
         gflops = measure_matmul_gflops(device.type, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     tokens_per_step = tokens * cfg.accumulative_counts
-    fixed = STEP_OVERHEAD_S_PER_LAYER[device.type] * mcfg.num_hidden_layers * cfg.accumulative_counts
+    fixed = STEP_OVERHEAD_S_PER_LAYER[device.type] * mcfg.num_hidden_layers
+    if dtype == "nf4":
+        fixed += NF4_DEQUANT_S_PER_PARAM[device.type] * counts["linear"]
+    fixed *= cfg.accumulative_counts  # once per micro-batch
     sec = fixed + flops_per_token * tokens_per_step / (gflops * 1e9 * EFFICIENCY[device.type])
     n_steps = steps or cfg.max_steps or 100
     runtime = RUNTIME_GB[device.type] * 1e9
