@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model for every run (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of every LoRA run (12: `make bench` within 20 min on 2 cores)")
-    p.add_argument("--repeats", type=int, default=2, help="rounds (A B C T T') on the first data set (LoRA)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds (A B T', plus T and C in the first rounds their options give) on the first data set (LoRA)")
     p.add_argument("--other-repeats", type=int, default=1, help="rounds (A B) on each other data set (LoRA)")
     p.add_argument("--reference-repeats", type=int, default=0,
                    help="rounds of the first data set that include the reference C (the PEFT script, checkpointing off; "

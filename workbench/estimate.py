@@ -10,11 +10,11 @@ fast path's fused loss, three without it) + on a CPU the process itself
 (Python, torch, transformers).
 Time per micro-batch = a fixed cost (every weight read in the forward and the
 backward, Python and autograd for thousands of operators: per layer, measured
-on a CPU; under QLoRA also the dequantization of the 4-bit weights) + training FLOPs per token (about 6 x parameters for full
-fine-tuning, 4 x parameters for LoRA/QLoRA, where frozen weights need no weight
-gradient, plus the attention's 6 x layers x hidden x context, which grows with
-the sequence) x tokens / (this machine's measured matrix-multiply throughput x
-the share of it training reaches).
+on a CPU; under QLoRA also the dequantization of the 4-bit weights) + training
+FLOPs per token (about 6 x parameters for full fine-tuning, 4 x parameters for
+LoRA/QLoRA, where frozen weights need no weight gradient, plus the attention's
+6 x layers x hidden x context, which grows with the sequence) x tokens / (this
+machine's measured matrix-multiply throughput x the share of it training reaches).
 
 The constants were fitted to `make bench`'s scaling sweep (benchmarks/scaling.py:
 max_length 16-2048, 1-4 rows a step, 135M-0.5B models, LoRA and QLoRA, on a
