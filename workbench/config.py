@@ -97,7 +97,8 @@ class Config:
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
-    fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy. Off: transformers' and peft's plain path, for comparison.")
+    fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy; on a CUDA GPU (workbench/fastpath_cuda.py) packed micro-batches through PyTorch's varlen flash kernel, Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy when liger-kernel is installed (requirements-gpu.txt), fused AdamW. Off: transformers' and peft's plain path, for comparison.")
+    micro_batch_tokens: int | None = _f(None, help="GPU fast path only: most tokens one forward/backward carries. The rows of an optimizer step (batch_size x accumulative_counts) are laid end to end into as few micro-batches of at most this many tokens as fit; null sizes it from the free GPU memory after the model is loaded (at most 65536). Ignored on CPU.")
     # --- data ---------------------------------------------------------------
     datasets: list[DataSource] = _f(help="Training data sources (XTuner's data_path), mixed together. Each has path or generate, plus format, repeat or fraction.", factory=lambda: [DataSource(generate="identity")])
     assistant_name: str = _f("Nova", help="The assistant's name, used by generated identity data and by the identity metrics.")
@@ -155,6 +156,8 @@ class Config:
             errors.append(f"{where}.betas: must be two numbers in [0, 1), got {self.betas!r}")
         if self.save_total_limit == 0 or self.save_total_limit < -1:
             errors.append(f"{where}.save_total_limit: must be -1 (keep all) or >= 1, got {self.save_total_limit}")
+        if self.micro_batch_tokens is not None and (not isinstance(self.micro_batch_tokens, int) or self.micro_batch_tokens < 16):
+            errors.append(f"{where}.micro_batch_tokens: must be an integer >= 16 or null, got {self.micro_batch_tokens!r}")
         if self.evaluation_freq < 0:
             errors.append(f"{where}.evaluation_freq: must be >= 0, got {self.evaluation_freq}")
         if not isinstance(self.lora_target_modules, (str, list)) or (isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear"):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_ATTENTION = "workbench_packed_sdpa"
+VARLEN_ATTENTION = "workbench_varlen"  # the CUDA path's (workbench/fastpath_cuda.py)
 _GAP_HEADROOM = 8.0  # FastDropout draws the expected number of gaps plus this many standard deviations
 
 
@@ -113,7 +114,7 @@ def enable_packed_attention(model) -> bool:
 def disable_packed_attention(model) -> None:
     """Back to SDPA (before a model is saved, so its config names a standard implementation)."""
     base = _transformers_model(model)
-    if base is not None and getattr(base.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if base is not None and getattr(base.config, "_attn_implementation", None) in (PACKED_ATTENTION, VARLEN_ATTENTION):
         base.set_attn_implementation("sdpa")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workbench import fastpath
+from workbench import fastpath, fastpath_cuda
 from workbench.prompt import IGNORE
 
 
@@ -21,7 +21,9 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     the compute and memory of a chat fine-tune.
     """
     targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    keep = batch["keep"] if "keep" in batch else (targets != IGNORE).any(0).nonzero().squeeze(1)
+    if fastpath_cuda.uses_liger_loss(model) and fastpath_cuda.can_call_decoder(model):
+        return fastpath_cuda.fused_linear_loss_sum(model, batch, keep, targets[:, keep], IGNORE, attention_kwargs(model, batch))
     logits = forward_logits(model, batch, keep).float()
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
     if fastpath.uses_fused_loss(model):
@@ -31,9 +33,8 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     """Logits at positions `keep` (models without `logits_to_keep` compute all and are sliced)."""
-    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    if fastpath.uses_packed_attention(model):
-        kwargs.update(fastpath.packed_kwargs(batch["position_ids"]))
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  **attention_kwargs(model, batch))
     if getattr(model, "_wb_no_logits_to_keep", False):
         return model(**kwargs).logits[:, keep]
     try:
@@ -41,3 +42,12 @@ def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     except TypeError:  # remote-code models that predate logits_to_keep
         model._wb_no_logits_to_keep = True
         return model(**kwargs).logits[:, keep]
+
+
+def attention_kwargs(model, batch: dict) -> dict:
+    """The conversation boundaries the fast path's attention needs (none for the plain path)."""
+    if fastpath_cuda.uses_varlen_attention(model) and "cu_seq_lens" in batch:
+        return fastpath_cuda.flat_kwargs(batch)
+    if fastpath.uses_packed_attention(model) or fastpath_cuda.uses_varlen_attention(model):
+        return fastpath.packed_kwargs(batch["position_ids"])
+    return {}

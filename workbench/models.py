@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from workbench import fastpath
+from workbench import fastpath, fastpath_cuda
 from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, Config, ConfigError, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.io import atomic_dir
@@ -282,17 +282,24 @@ def build_unquantized(cfg: Config, device: torch.device | str = "cpu"):
 
 
 def with_fast_path(model, cfg: Config, strategy=None):
-    """The speed-ups of workbench/fastpath.py, unless cfg.fast_path is off.
+    """The speed-ups of the fast path, unless cfg.fast_path is off: the GPU's on CUDA, the CPU's elsewhere.
 
     The lean LoRA forward reads the weights directly, so it is left out where each
     process holds only a shard of them (ZeRO-3, FSDP gather weights in module hooks).
     """
-    if cfg.fast_path:
+    if not cfg.fast_path:
+        return model
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda:
+        if not fastpath_cuda.enable_varlen_attention(model):
+            fastpath.enable_packed_attention(model)
+        fastpath_cuda.use_liger(model)
+    else:
         fastpath.enable_packed_attention(model)
         fastpath.use_fast_lora_dropout(model)
-        fastpath.use_fused_loss(model)
-        if strategy is None or not strategy.shards_weights:
-            fastpath.use_lean_lora_forward(model)
+        fastpath.use_fused_loss(model)  # on a GPU its chunked backward would cost thousands of launches
+    if strategy is None or not strategy.shards_weights:
+        fastpath.use_lean_lora_forward(model)
     return model
 
 

@@ -70,6 +70,36 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
 
 
+def collate_flat(rows: list[Row]) -> dict:
+    """Every conversation of `rows` end to end in one row of batch 1, no padding (the GPU fast path's micro-batch).
+
+    Besides input_ids, labels and position_ids it carries what the varlen kernel and
+    the loss need, computed here on the host so that the forward never waits for the
+    GPU: `cu_seq_lens` (int32 starts of the conversations plus the end), `max_length`
+    (the longest conversation, an int) and `keep` (the positions whose next token is
+    trained, for the output head).
+    """
+    samples = [s for row in rows for s in row]
+    ids, labels, pos, starts = [], [], [], [0]
+    for s in samples:
+        ids += s.input_ids
+        labels += s.labels
+        pos += range(len(s))
+        starts.append(starts[-1] + len(s))
+    label_t = torch.tensor([labels])
+    keep = (label_t[0, 1:] != IGNORE).nonzero().squeeze(1)
+    return {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
+            "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
+            "max_length": max(len(s) for s in samples)}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (pinned and copied without blocking on CUDA); other values as they are."""
+    cuda = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass
 class StepPlan:
     """Which rows each optimizer step uses, for any number of processes."""

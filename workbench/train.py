@@ -48,6 +48,7 @@ from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import (check_fresh_work_dir, check_same_plan, checkpoint_name, find_resume_checkpoint,
                                   load_checkpoint, load_trainable, prune_checkpoints, read_state, refuse_pickles,
                                   rng_state, save_checkpoint, save_rng, write_pointer)
+from workbench import fastpath_cuda
 from workbench.config import Config, save_config
 from workbench.convert import export_trained
 from workbench.encoding import encode_samples
@@ -57,7 +58,7 @@ from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, re
 from workbench.loss import token_loss_sum
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, load_builder
-from workbench.packing import StepPlan, collate, pack, row_length, row_trained_tokens, unpacked
+from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
 
@@ -228,7 +229,8 @@ def make_optimizer(cfg: Config, model, rows, world_size: int, optimizer=None):
     plan = StepPlan(len(rows), cfg.batch_size, cfg.accumulative_counts, world_size, cfg.seed, cfg.max_steps, cfg.max_epochs)
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
-        fused = all(p.device.type == "cpu" for p in params)  # CPU: one fused kernel, not 4 ops per tensor (same maths)
+        # One fused kernel, not 4 ops per tensor (same maths): on a CPU, and on CUDA where every weight is a float there.
+        fused = all(p.device.type == "cpu" for p in params) or all(p.is_cuda and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                       **({"fused": True} if fused else {}))
     warmup = int(round(cfg.warmup_ratio * plan.total_steps))
@@ -256,6 +258,19 @@ def export_from_checkpoint(cfg: Config, builder: PromptBuilder, ckpt: Path, save
     return export_trained(model, builder, cfg, save_dir)
 
 
+def gpu_budget(trainer: Trainer) -> int:
+    """The GPU fast path's micro-batch token budget (0: not on it), said once by the main process."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not fastpath_cuda.uses_varlen_attention(model):
+        return 0
+    budget = fastpath_cuda.budget_tokens(model, trainer.cfg.max_length, trainer.device, trainer.cfg.micro_batch_tokens)
+    if trainer.dist.is_main:
+        liger = ", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else ""
+        print(f"GPU fast path: varlen flash attention{liger}, micro-batches of up to {budget} tokens"
+              f"{'' if trainer.cfg.micro_batch_tokens else ' (sized from free GPU memory)'}")
+    return budget
+
+
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
@@ -267,6 +282,7 @@ class TrainLoop:
         self.cfg, self.work, self.dist = trainer.cfg, trainer.work, trainer.dist
         self.pad_id = trainer.builder.tokenizer.pad_token_id
         self.elapsed = 0.0
+        self.budget = gpu_budget(trainer)  # tokens a flat micro-batch holds on the GPU fast path; 0 elsewhere
 
     def run(self) -> None:
         start, total = self.t.start_step, self.t.plan.total_steps
@@ -310,16 +326,34 @@ class TrainLoop:
         """Forward and backward over this process's micro-batches; the sum of their token losses."""
         acc, model, device = self.t.accelerator, self.t.model, self.t.device
         loss_sum = torch.zeros((), device=device)
-        micro = self.t.plan.micro_batches(step, self.dist.rank)
+        micro = self.micro_batches(step)
         scale = self.dist.loss_scale(self.cfg)
         for i, idx in enumerate(micro):
-            batch = collate([self.t.rows[j] for j in idx], self.pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = self.batch([self.t.rows[j] for j in idx])
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
                 s = token_loss_sum(model, batch)
                 acc.backward(s * scale / max(n_trained, 1))
             loss_sum += s.detach()
         return loss_sum
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches of a step; on the GPU fast path regrouped by the token budget.
+
+        DeepSpeed and FSDP count the micro-batches of a step themselves, so there the
+        accumulation's grouping stays and only the flat layout applies.
+        """
+        micro = self.t.plan.micro_batches(step, self.dist.rank)
+        if not self.budget or self.dist.strategy.engine_state:
+            return micro
+        rows = [j for m in micro for j in m]
+        groups = fastpath_cuda.group_by_budget([row_length(self.t.rows[j]) for j in rows], self.budget)
+        return [[rows[g] for g in group] for group in groups]
+
+    def batch(self, rows: list) -> dict:
+        """A micro-batch on the device: one flat row on the GPU fast path, padded rows otherwise."""
+        if self.budget:
+            return to_device(collate_flat(rows), self.t.device)
+        return to_device(collate(rows, self.pad_id), self.t.device)
 
     def optimizer_step(self) -> float:
         """Clip, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
@@ -342,7 +376,7 @@ class TrainLoop:
         if self.dist.is_main or self.dist.generates_everywhere:
             model = self.t.accelerator.unwrap_model(self.t.model)
             settings = GenerationSettings(max_new_tokens=self.cfg.evaluation_max_new_tokens)
-            with self.dist.root_unsharded(model):
+            with self.dist.root_unsharded(model), fastpath_cuda.standard_attention(model):
                 answers = answer_batch(model, self.t.builder, list(self.cfg.evaluation_inputs), settings)
                 out = [{"step": step, "question": q, "answer": a} for q, a in zip(self.cfg.evaluation_inputs, answers)]
         if self.dist.is_main:

@@ -1,0 +1,160 @@
+"""The GPU fast path's plumbing (workbench/fastpath_cuda.py), checked on the CPU.
+
+The varlen flash kernel itself runs only on CUDA (tests/test_gpu.py compares it with
+the masked path there). Here it is replaced by a reference (causal SDPA per
+conversation, from the same cumulative boundaries), so that everything around it is
+checked on any machine: the flat micro-batch (`packing.collate_flat`: boundaries,
+positions, trained positions computed on the host), the attention's reshaping of a
+packed batch, the loss over a flat batch against the plain path on padded rows (same
+loss, same gradients), the token budget's grouping, and the switch back to SDPA for
+generation.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench import fastpath_cuda
+from workbench.config import Config
+from workbench.loss import token_loss_sum
+from workbench.models import TINY_MODEL, build_model, load_tokenizer
+from workbench.packing import collate, collate_flat, pack, row_length
+from workbench.prompt import IGNORE, PromptBuilder
+
+QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
+      ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
+      ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")]
+
+
+def reference_varlen(q, k, v, cu, longest, scale):
+    """What varlen_attn computes, the slow way: causal SDPA on each conversation (tokens, heads, head_dim)."""
+    bounds = cu.tolist()
+    assert longest == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    if q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    parts = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                            is_causal=True, scale=scale).transpose(0, 1)
+             for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts)
+
+
+@pytest.fixture
+def emulated_kernel(monkeypatch):
+    monkeypatch.setattr(fastpath_cuda, "varlen_available", lambda: True)
+    monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
+    monkeypatch.setattr(fastpath_cuda, "_varlen_call", lambda: reference_varlen)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    builder = PromptBuilder(load_tokenizer("embedded"))
+    samples = [builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    rows = pack(samples, max_length=80)
+    assert len(rows) >= 2 and max(len(r) for r in rows) >= 2
+    return rows
+
+
+def tiny_lora():
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=False, device="cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu"))
+        for name, p in model.named_parameters():  # non-zero LoRA B, so the adapters take part in the gradients
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_collate_flat_lays_rows_end_to_end(rows):
+    flat = collate_flat(rows)
+    samples = [s for r in rows for s in r]
+    assert flat["input_ids"].shape == (1, sum(row_length(r) for r in rows))
+    lengths = flat["cu_seq_lens"].diff().tolist()
+    assert lengths == [len(s) for s in samples] and flat["cu_seq_lens"].dtype == torch.int32
+    assert flat["max_length"] == max(lengths)
+    starts = flat["cu_seq_lens"][:-1].long()
+    assert (flat["position_ids"][0, starts] == 0).all() and int((flat["position_ids"] == 0).sum()) == len(samples)
+    expected_keep = (flat["labels"][0, 1:] != IGNORE).nonzero().squeeze(1)
+    assert torch.equal(flat["keep"], expected_keep) and len(flat["keep"]) == sum(s.n_trained for s in samples)
+
+
+def test_flat_varlen_batch_equals_padded_plain_path(rows, emulated_kernel, one_torch_thread):
+    plain, fast = tiny_lora(), tiny_lora()
+    assert fastpath_cuda.enable_varlen_attention(fast) and fastpath_cuda.uses_varlen_attention(fast)
+    loss_p, grads_p = loss_and_grads(plain, collate(rows, pad_id=0))
+    loss_f, grads_f = loss_and_grads(fast, collate_flat(rows))
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 0
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_varlen_attention_on_padded_rows_uses_boundaries(rows, emulated_kernel, one_torch_thread):
+    """The analysis' padded batches (several rows) go through the same kernel, boundaries over the flattened batch."""
+    plain, fast = tiny_lora(), tiny_lora()
+    fastpath_cuda.enable_varlen_attention(fast)
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        assert token_loss_sum(fast, batch).item() == pytest.approx(token_loss_sum(plain, batch).item(), rel=1e-5)
+
+
+def test_standard_attention_for_generation(emulated_kernel, one_torch_thread):
+    model = tiny_lora()
+    fastpath_cuda.enable_varlen_attention(model)
+    base = model.get_base_model()
+    with fastpath_cuda.standard_attention(model):
+        assert base.config._attn_implementation == "sdpa"
+    assert base.config._attn_implementation == fastpath_cuda.VARLEN_ATTENTION
+
+
+def test_varlen_refused_without_the_kernel_or_in_float32():
+    model = tiny_lora()  # float32 on a CPU: the flash kernel takes bf16/fp16 on CUDA only
+    assert fastpath_cuda.enable_varlen_attention(model) is False
+    assert not fastpath_cuda.uses_varlen_attention(model)
+    assert fastpath_cuda.use_liger(model) == []  # no liger-kernel, no CUDA
+
+
+def test_group_by_budget():
+    assert fastpath_cuda.group_by_budget([10, 10, 10, 10], 25) == [[0, 1], [2, 3]]
+    assert fastpath_cuda.group_by_budget([30, 5, 5], 25) == [[0], [1, 2]]  # a longer row goes alone
+    assert fastpath_cuda.group_by_budget([8] * 6, 1000) == [list(range(6))]
+    groups = fastpath_cuda.group_by_budget([7, 3, 9, 1, 4, 6], 10)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(sum([7, 3, 9, 1, 4, 6][i] for i in g) <= 10 for g in groups)
+
+
+def test_budget_tokens_on_cpu_and_requested():
+    model = tiny_lora()
+    assert fastpath_cuda.budget_tokens(model, 512, torch.device("cpu"), None) == 512
+    assert fastpath_cuda.budget_tokens(model, 512, torch.device("cpu"), 16384) == 16384
+    assert fastpath_cuda.budget_tokens(model, 2048, torch.device("cpu"), 1024) == 2048  # at least one row
+
+
+def test_training_loop_budget_keeps_the_step_maths(tmp_path, emulated_kernel, monkeypatch, one_torch_thread):
+    """Micro-batches regrouped by a small token budget give the losses of the plain path's padded micro-batches."""
+    from workbench import models
+    from workbench.config import load_recipe
+    from workbench.io import read_jsonl
+    from workbench.train import train
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke").replace(max_steps=3, save_steps=3, evaluation_freq=0, lora_dropout=0.0,
+                                                         batch_size=4, max_length=64)
+    plain = train(cfg.replace(fast_path=False), tmp_path / "plain", progress=False)
+    real = models.with_fast_path
+
+    def varlen_fast_path(model, cfg, strategy=None):  # what a CUDA model gets: the varlen attention
+        fastpath_cuda.enable_varlen_attention(model)
+        return model
+
+    monkeypatch.setattr(models, "with_fast_path", varlen_fast_path)
+    flat = train(cfg.replace(micro_batch_tokens=100), tmp_path / "flat", progress=False)
+    assert real is not varlen_fast_path
+    assert [r["loss"] for r in flat.metrics] == pytest.approx([r["loss"] for r in plain.metrics], rel=1e-4)
+    assert [r["tokens"] for r in flat.metrics] == [r["tokens"] for r in plain.metrics]
+    assert len(read_jsonl(tmp_path / "flat" / "metrics.jsonl")) == 3

@@ -1,0 +1,291 @@
+"""The CUDA training fast path: packed micro-batches through a varlen flash kernel, Liger's fused kernels.
+
+`workbench/fastpath.py` is the CPU's fast path (tuned on a 2-core CPU); this is the
+GPU's, beside it. `models.with_fast_path` picks one by the device the model is on,
+behind the one `fast_path` switch of the config. What a GPU step needs differs from
+a CPU step: a GPU step is bound by kernel launches and host synchronisations unless
+it carries tens of thousands of tokens in few kernels, so:
+
+* **Varlen flash attention** (`enable_varlen_attention`). A micro-batch is one flat
+  row: every conversation of every packed row laid end to end, no padding
+  (`packing.collate_flat`), with the conversation boundaries (`cu_seq_lens`) and the
+  longest conversation computed on the host while the batch is built. One call of
+  PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, torch >=
+  2.10) per layer attends within each conversation, causally; no mask is built (the
+  implementation has no mask function, so transformers skips mask creation), no
+  Python loop over conversations, no `.item()` or `.tolist()` inside the forward or
+  backward. Without boundaries (generation) it is transformers' SDPA, and evaluation
+  switches the model to SDPA for its masks (`standard_attention`).
+
+* **Liger Kernel** (`use_liger`, optional: `requirements-gpu.txt`). Triton kernels of
+  a maintained library instead of hand-written ones: RMSNorm and the SwiGLU MLP patched
+  on this model's modules only (the library's own `apply_liger_kernel_to_*` also
+  replaces the classes globally, which would break CPU models built later in the same
+  process), RoPE through a wrapper that uses Liger's kernel for CUDA tensors and the
+  model's own function otherwise, and the fused linear cross-entropy
+  (`fused_linear_loss_sum`) that never materialises the (tokens x vocabulary) logits.
+  LoRA layers inside the patched MLP keep working: Liger's SwiGLU forward calls the
+  module's (peft-wrapped) projections.
+
+* **Token budget** (`micro_batch_tokens`). The rows of an optimizer step are grouped
+  into flat micro-batches of at most `cfg.micro_batch_tokens` tokens (null: sized from
+  the free GPU memory after the model is built, with the activation cost per token of
+  `workbench.estimate`), so a step runs as few forwards as memory allows whatever
+  `batch_size` says; the loss is still divided by the trained tokens of the whole step,
+  so the maths is the step's, not the micro-batch's.
+
+Fused AdamW on CUDA is chosen in `train.make_optimizer`; gradient checkpointing stays
+the config's choice (off by default: it pays only when the budget would otherwise fall
+below one row of max_length, and `budget_tokens` says so).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from workbench.fastpath import VARLEN_ATTENTION, _transformers_model
+
+LIGER_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")  # standard RMSNorm + SwiGLU (silu) MLPs
+_LIGER_FLAG = "_wb_liger_loss"
+MIN_BUDGET_TOKENS = 2048
+MAX_BUDGET_TOKENS = 65536
+
+
+# ---------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------
+def varlen_available() -> bool:
+    """torch ships the varlen flash kernel (torch >= 2.10) and a CUDA GPU is visible."""
+    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_call():
+    """varlen_attn with causal masking and GQA, whatever the torch version spells them.
+
+    torch 2.10 takes `is_causal=True`; from 2.11 it is `window_size=(-1, 0)`. Where
+    `enable_gqa` is missing, the key/value heads are repeated (correct, more memory).
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def call(q, k, v, cu, longest, scale):
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True, **causal)
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
+
+    return call
+
+
+# ---------------------------------------------------------------------------
+# Varlen attention
+# ---------------------------------------------------------------------------
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+    """Causal attention within each conversation of a packed batch, one kernel call for all of them.
+
+    query: (batch, heads, length, head_dim); key, value: (batch, kv_heads, length, head_dim);
+    cu_seq_lens_q: int32 conversation starts over the flattened batch plus the end, on
+    the device (the training batch is one flat row); max_length_q: the longest
+    conversation (a host int). Returns (batch, length, heads, head_dim).
+    Without boundaries (generation, evaluation) this is transformers' SDPA.
+    """
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, length = query.shape[0], query.shape[2]
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = _varlen_call()(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # (tokens, heads, head_dim)
+    return out.view(batch, length, out.shape[1], out.shape[2]), None
+
+
+def enable_varlen_attention(model) -> bool:
+    """Switch a transformers model (SDPA, standard attention interface) to `workbench_varlen`; False where it cannot.
+
+    Registered without a mask function: transformers then builds no mask at all.
+    """
+    from transformers import AttentionInterface
+
+    base = _transformers_model(model)
+    if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" \
+            or not getattr(base, "_supports_attention_backend", False) or not varlen_available() \
+            or _compute_dtype(base) not in (torch.bfloat16, torch.float16):  # the flash kernel's dtypes
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    base.set_attn_implementation(VARLEN_ATTENTION)
+    return True
+
+
+def _compute_dtype(base) -> torch.dtype:
+    return next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+
+
+def uses_varlen_attention(model) -> bool:
+    base = _transformers_model(model)
+    return base is not None and getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION
+
+
+@contextmanager
+def standard_attention(model):
+    """SDPA (with transformers' masks) for the time of a generation, then varlen again."""
+    base = _transformers_model(model)
+    if base is None or not uses_varlen_attention(model):
+        yield model
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(VARLEN_ATTENTION)
+
+
+def flat_kwargs(batch: dict) -> dict:
+    """The varlen keywords of a flat batch made by `packing.collate_flat` (boundaries already on the device)."""
+    cu = batch["cu_seq_lens"]
+    longest = batch["max_length"]
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+# ---------------------------------------------------------------------------
+# Liger Kernel
+# ---------------------------------------------------------------------------
+def use_liger(model) -> list[str]:
+    """Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy on this model; what was applied ([] if none)."""
+    base = _transformers_model(model)
+    if base is None or not liger_available() or getattr(base.config, "model_type", None) not in LIGER_MODEL_TYPES \
+            or getattr(base.config, "hidden_act", "silu") not in ("silu", "swish"):
+        return []
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    applied = []
+    norms = [m for name, m in base.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    for norm in norms:
+        _patch_rms_norm_module(norm, eps=getattr(norm, "variance_epsilon", 1e-6))
+    if norms:
+        applied.append("rms_norm")
+    mlps = [m for name, m in base.named_modules() if name.endswith(".mlp") and all(
+        hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))]
+    for mlp in mlps:
+        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
+    if mlps:
+        applied.append("swiglu")
+    if _patch_rope(type(base).__module__):
+        applied.append("rope")
+    if _head_is_plain(base):
+        setattr(base, _LIGER_FLAG, True)
+        applied.append("fused_linear_cross_entropy")
+    return applied
+
+
+def _patch_rope(module_name: str) -> bool:
+    """The modeling module's `apply_rotary_pos_emb` -> Liger's for CUDA tensors, the original otherwise."""
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    mod = sys.modules.get(module_name)
+    original = getattr(mod, "apply_rotary_pos_emb", None)
+    if original is None:
+        return False
+    if getattr(original, "_wb_liger", False):
+        return True
+
+    # Process-wide, so it dispatches by device: a CPU model built later keeps the model's own RoPE.
+    @functools.wraps(original)
+    def rope(q, k, cos, sin, *args, **kwargs):
+        if q.is_cuda and not args and set(kwargs) <= {"unsqueeze_dim", "position_ids"}:
+            return liger_rotary_pos_emb(q, k, cos, sin, **kwargs)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    rope._wb_liger = True
+    mod.apply_rotary_pos_emb = rope
+    return True
+
+
+def _head_is_plain(base) -> bool:
+    """The output head is a plain float Linear (no LoRA on it, no bias, no logit soft-capping)."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return type(head) is torch.nn.Linear and head.bias is None and not getattr(config, "final_logit_softcapping", None)
+
+
+def uses_liger_loss(model) -> bool:
+    base = _transformers_model(model)
+    return bool(getattr(base, _LIGER_FLAG, False))
+
+
+def fused_linear_loss_sum(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          extra: dict) -> torch.Tensor:
+    """Summed cross-entropy of the head over the hidden states at `keep`, by Liger's fused kernel (no logits kept).
+
+    The decoder is called directly (the head is a plain Linear with no adapter); the
+    model must not be wrapped by DDP or DeepSpeed (see `can_call_decoder`).
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    base = _transformers_model(model)
+    decoder = getattr(base, base.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     **extra).last_hidden_state
+    hidden = hidden[:, keep].reshape(-1, hidden.shape[-1])
+    head = base.get_output_embeddings()
+    return liger_fused_linear_cross_entropy(hidden, head.weight, targets.reshape(-1), ignore_index=ignore_index,
+                                            reduction="sum").float()
+
+
+def can_call_decoder(model) -> bool:
+    """No DDP / DeepSpeed / FSDP wrapper whose forward must run (their hooks synchronise gradients)."""
+    return not hasattr(model, "module")
+
+
+# ---------------------------------------------------------------------------
+# The token budget of a micro-batch
+# ---------------------------------------------------------------------------
+def budget_tokens(model, max_length: int, device: torch.device, requested: int | None,
+                  activation_floats: int = 30) -> int:
+    """Tokens a flat micro-batch may hold: `requested`, or what the free GPU memory allows (at least one row).
+
+    The memory a token costs is `workbench.estimate`'s: activation_floats per layer and
+    hidden unit at the compute dtype (about what the backward keeps), plus the fused
+    loss's chunk. 80% of the free memory is used, the rest left for the allocator.
+    """
+    if requested:
+        return max(int(requested), max_length)
+    if device.type != "cuda":
+        return max_length
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
+    dtype_bytes = torch.finfo(next(p for p in model.parameters() if p.is_floating_point()).dtype).bits // 8
+    per_token = activation_floats * layers * hidden * dtype_bytes
+    tokens = int(0.8 * free / per_token)
+    return max(max_length, min(MAX_BUDGET_TOKENS, max(MIN_BUDGET_TOKENS, tokens)))
+
+
+def group_by_budget(rows_lengths: list[int], budget: int) -> list[list[int]]:
+    """Split a step's rows (in order) into groups whose lengths add up to at most `budget` (a longer row alone)."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, n in enumerate(rows_lengths):
+        if used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
