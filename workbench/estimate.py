@@ -30,13 +30,15 @@ from dataclasses import dataclass
 import torch
 
 from workbench.config import Config
+# ACTIVATION_FLOATS: activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on
+# 135M); the GPU fast path sizes its micro-batches by the same rule.
+from workbench.fastpath_cuda import ACTIVATION_FLOATS
 from workbench.models import pick_device, pick_dtype, resolve_model_path
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
 EFFICIENCY = {"cpu": 0.75, "cuda": 0.35}  # share of peak matmul throughput training reaches (CPU: fitted, scaling sweep)
 STEP_OVERHEAD_S_PER_LAYER = {"cpu": 0.016, "cuda": 0.0}  # fixed cost of a micro-batch per layer (CPU: 0.48 s for 30 layers)
 NF4_DEQUANT_S_PER_PARAM = {"cpu": 1.5e-9, "cuda": 0.0}  # QLoRA: dequantizing the 4-bit weights, forward and backward (CPU: fitted)
-ACTIVATION_FLOATS = 30  # activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on 135M)
 RUNTIME_GB = {"cpu": 0.47, "cuda": 0.0}  # the process itself in RAM (peak RSS of a run on the tiny random model)
 
 

@@ -53,6 +53,8 @@ from workbench.fastpath import VARLEN_ATTENTION, _transformers_model
 LIGER_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")  # standard RMSNorm + SwiGLU (silu) MLPs
 _LIGER_FLAG = "_wb_liger_loss"
 MIN_BUDGET_TOKENS = 2048
+ACTIVATION_FLOATS = 30  # per token, layer and hidden unit, kept for the backward (fitted on the CPU, workbench.estimate)
+CHECKPOINTED_FLOATS = 6  # the same under gradient checkpointing: layer inputs plus one layer's recomputation
 MAX_BUDGET_TOKENS = 65536
 
 
@@ -258,24 +260,34 @@ def can_call_decoder(model) -> bool:
 # The token budget of a micro-batch
 # ---------------------------------------------------------------------------
 def budget_tokens(model, max_length: int, device: torch.device, requested: int | None,
-                  activation_floats: int = 30) -> int:
-    """Tokens a flat micro-batch may hold: `requested`, or what the free GPU memory allows (at least one row).
+                  checkpointing: bool = False) -> tuple[int, bool]:
+    """(tokens a flat micro-batch may hold, whether gradient checkpointing is needed for one row to fit).
 
-    The memory a token costs is `workbench.estimate`'s: activation_floats per layer and
-    hidden unit at the compute dtype (about what the backward keeps), plus the fused
-    loss's chunk. 80% of the free memory is used, the rest left for the allocator.
+    `requested` (the config's micro_batch_tokens) is taken as it is (at least one row).
+    Otherwise the free GPU memory decides, at the memory a token costs by
+    `workbench.estimate`'s rule: ACTIVATION_FLOATS per layer and hidden unit at the
+    compute dtype (about what the backward keeps), or CHECKPOINTED_FLOATS under
+    gradient checkpointing; 80% of the free memory is used, the rest left to the
+    allocator. Checkpointing is asked for only when not even one row of max_length
+    fits without it.
     """
     if requested:
-        return max(int(requested), max_length)
+        return max(int(requested), max_length), False
     if device.type != "cuda":
-        return max_length
+        return max_length, False
+    fits = _tokens_that_fit(model, device, CHECKPOINTED_FLOATS if checkpointing else ACTIVATION_FLOATS)
+    if fits < max_length and not checkpointing:
+        fits = _tokens_that_fit(model, device, CHECKPOINTED_FLOATS)
+        return max(max_length, min(MAX_BUDGET_TOKENS, fits)), True
+    return max(max_length, min(MAX_BUDGET_TOKENS, max(MIN_BUDGET_TOKENS, fits))), False
+
+
+def _tokens_that_fit(model, device: torch.device, floats: int) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
     dtype_bytes = torch.finfo(next(p for p in model.parameters() if p.is_floating_point()).dtype).bits // 8
-    per_token = activation_floats * layers * hidden * dtype_bytes
-    tokens = int(0.8 * free / per_token)
-    return max(max_length, min(MAX_BUDGET_TOKENS, max(MIN_BUDGET_TOKENS, tokens)))
+    return int(0.8 * free / (floats * layers * hidden * dtype_bytes))
 
 
 def group_by_budget(rows_lengths: list[int], budget: int) -> list[list[int]]:

@@ -259,15 +259,23 @@ def export_from_checkpoint(cfg: Config, builder: PromptBuilder, ckpt: Path, save
 
 
 def gpu_budget(trainer: Trainer) -> int:
-    """The GPU fast path's micro-batch token budget (0: not on it), said once by the main process."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    """The GPU fast path's micro-batch token budget (0: not on it), said once by the main process.
+
+    Sized from free memory, it switches gradient checkpointing on only when not even
+    one row of max_length would fit without it.
+    """
+    model, cfg = trainer.accelerator.unwrap_model(trainer.model), trainer.cfg
     if not fastpath_cuda.uses_varlen_attention(model):
         return 0
-    budget = fastpath_cuda.budget_tokens(model, trainer.cfg.max_length, trainer.device, trainer.cfg.micro_batch_tokens)
+    budget, checkpoint = fastpath_cuda.budget_tokens(model, cfg.max_length, trainer.device, cfg.micro_batch_tokens,
+                                                     cfg.gradient_checkpointing)
+    if checkpoint:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if trainer.dist.is_main:
         liger = ", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else ""
-        print(f"GPU fast path: varlen flash attention{liger}, micro-batches of up to {budget} tokens"
-              f"{'' if trainer.cfg.micro_batch_tokens else ' (sized from free GPU memory)'}")
+        sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
+        note = "; gradient checkpointing switched on: one row of max_length does not fit without it" if checkpoint else ""
+        print(f"GPU fast path: varlen flash attention{liger}, micro-batches of up to {budget} tokens{sized}{note}")
     return budget
 
 
