@@ -1,0 +1,91 @@
+"""The GPU fast path on a real CUDA device: no host synchronisation, Liger's kernels with LoRA, fused AdamW.
+
+Run with `pytest -m gpu` on a machine with a CUDA GPU (skipped elsewhere, with the
+reason). The plumbing around the varlen kernel is checked on any machine by
+tests/test_fastpath_cuda.py; these need the kernel itself.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from workbench import fastpath_cuda
+from workbench.config import Config
+from workbench.loss import token_loss_sum
+from workbench.models import TINY_MODEL, build_model, load_tokenizer
+from workbench.packing import collate, collate_flat, pack, to_device
+from workbench.prompt import PromptBuilder
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest -m gpu on one)")]
+
+QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
+      ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
+      ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")] * 4
+
+
+@pytest.fixture(scope="module")
+def rows():
+    builder = PromptBuilder(load_tokenizer("embedded"))
+    samples = [builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
+    return pack(samples, max_length=160)
+
+
+def tiny(fast: bool, method: str = "lora"):
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=fast, device="cuda",
+                 torch_dtype="bfloat16", method=method)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cuda"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_varlen_forward_and_backward_never_wait_for_the_gpu(rows):
+    """Our part of the step is free of host synchronisation (Liger's loss counts its targets with one .item())."""
+    model = tiny(fast=True)
+    assert fastpath_cuda.uses_varlen_attention(model)
+    base = model.get_base_model()
+    if hasattr(base, fastpath_cuda._LIGER_FLAG):
+        delattr(base, fastpath_cuda._LIGER_FLAG)
+    batch = to_device(collate_flat(rows), "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
+def test_varlen_and_liger_equal_the_masked_path_with_lora_everywhere(rows):
+    """Loss within bf16 rounding, every LoRA gradient (attention and the Liger-fused MLP) pointing the same way."""
+    plain, fast = tiny(fast=False), tiny(fast=True)
+    applied = fastpath_cuda.use_liger(fast) if importlib.util.find_spec("liger_kernel") else []
+    loss_p, grads_p = loss_and_grads(plain, to_device(collate(rows, pad_id=0), "cuda"))
+    loss_f, grads_f = loss_and_grads(fast, to_device(collate_flat(rows), "cuda"))
+    assert loss_f == pytest.approx(loss_p, rel=2e-2)
+    mlp = [k for k in grads_p if any(m in k for m in ("gate_proj", "up_proj", "down_proj"))]
+    assert mlp and grads_p.keys() == grads_f.keys()
+    for k in grads_p:
+        cos = torch.nn.functional.cosine_similarity(grads_f[k].flatten(), grads_p[k].flatten(), dim=0).item()
+        assert cos > 0.98, (k, cos, applied)
+
+
+def test_fused_adamw_on_cuda():
+    from workbench.train import make_optimizer
+
+    model = tiny(fast=True)
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, max_steps=2)
+    optimizer, _, _ = make_optimizer(cfg, model, rows=[[]] * 4, world_size=1)
+    assert optimizer.defaults.get("fused") is True
