@@ -261,7 +261,7 @@ def build_model(cfg: Config, device: torch.device | str, strategy=None, base=Non
     if cfg.method == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return with_fast_path(model, cfg, strategy)
     from peft import get_peft_model, prepare_model_for_kbit_training  # heavy: imported when a model is built
 
@@ -271,7 +271,7 @@ def build_model(cfg: Config, device: torch.device | str, strategy=None, base=Non
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     return with_fast_path(get_peft_model(model, lora_config(cfg)), cfg, strategy)
 
@@ -301,6 +301,14 @@ def with_fast_path(model, cfg: Config, strategy=None):
     if strategy is None or not strategy.shards_weights:
         fastpath.use_lean_lora_forward(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing, non-reentrant; under either name transformers 5 has used for it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def keep_4bit_trainable(model) -> None:

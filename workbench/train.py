@@ -57,7 +57,7 @@ from workbench.distributed import (Distributed, check_supported, configure_deeps
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
 from workbench.loss import token_loss_sum
 from workbench.mixing import mix_sources
-from workbench.models import build_model, build_unquantized, load_builder
+from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder
 from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
@@ -270,7 +270,7 @@ def gpu_budget(trainer: Trainer) -> int:
     budget, checkpoint = fastpath_cuda.budget_tokens(model, cfg.max_length, trainer.device, cfg.micro_batch_tokens,
                                                      cfg.gradient_checkpointing)
     if checkpoint:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if trainer.dist.is_main:
         liger = ", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else ""
         sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
