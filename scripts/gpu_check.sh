@@ -7,7 +7,7 @@
 # On the GPU machine:            bash scripts/gpu_check.sh           # carry: .gpu-wheels ; $OUT: where results go
 # Rehearsal on this CPU:         GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh
 #   (the venv's python, nothing installed: the wheels are listed and checked; the bench with --dry-run on the
-#    tiny shapes; the GPU tests collected and skipped)
+#    tiny shapes; the GPU tests run on the CPU)
 #
 # $OUT gets: log.txt (this script's steps, versions, nvidia-smi), bench.log, pytest.log, gpu.md, gpu.json
 # (benchmarks/results/ on a real run too), runs.tar.gz (every side's command, log and result JSON).
@@ -132,6 +132,8 @@ tar -czf "$OUT/runs.tar.gz" -C "$WORK/bench" runs 2>/dev/null && log "side logs:
 
 # --- 5. the GPU tests, time-boxed
 TESTS_T=$(( $(left) - 10 )); [ "$TESTS_T" -gt "$TESTS_MAX" ] && TESTS_T=$TESTS_MAX
+# dry run: the GPU tests' code rehearsed on the CPU (WORKBENCH_GPU_TESTS_DEVICE=cpu, about a minute), not skipped
+[ "$DRY" = 1 ] && export WORKBENCH_GPU_TESTS_DEVICE=cpu
 if [ "$TESTS_T" -gt 20 ]; then
   log "pytest: timeout $TESTS_T s: -m gpu tests/test_gpu.py"
   timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu -x -q -rs -p no:randomly --durations=10 tests/test_gpu.py \

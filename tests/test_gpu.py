@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # WORKBENCH_GPU_TESTS_DEVICE=cpu rehearses these tests on a CPU (slow; float32): their code, not the GPU.
 DEVICE = os.environ.get("WORKBENCH_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                                  reason="no CUDA GPU here (the GPU tests run on one)")]
+                                                  reason="no CUDA GPU here (the GPU tests run on one)"),
+              pytest.mark.usefixtures("tiny_model")]
 
 QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
