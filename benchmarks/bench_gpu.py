@@ -80,10 +80,10 @@ SIDES = {
 }
 # What runs, most important first: the time budget cuts from the end.
 PLAN = [("qwen2.5-1.5b", "lora", ("workbench", "trl_best", "trl", "peft", "unsloth")),
-        ("qwen2.5-7b", "qlora", ("workbench", "trl_best", "peft")),
+        ("qwen2.5-7b", "qlora", ("workbench", "trl_best")),
         ("qwen2.5-7b", "lora", ("workbench",)),  # the LoRA peak memory QLoRA's is compared with
-        ("smollm2-135m", "lora", ("workbench", "trl_best")),
-        ("qwen2.5-7b", "qlora", ("trl",))]
+        ("qwen2.5-7b", "qlora", ("peft", "trl")),
+        ("smollm2-135m", "lora", ("workbench", "trl_best"))]
 
 
 @dataclass
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="rehearse every side on this CPU: tiny shapes (architecture and vocabulary kept), float32, few steps")
     p.add_argument("--tokens", type=int, default=None, help="real tokens a step, every side (default 16384; dry run 1024)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps a side, the first a warm-up (default 5; dry run 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps a side, the first a warm-up (default 4; dry run 3)")
     p.add_argument("--budget-s", type=float, default=None, help="the whole run's time box in seconds (default 450; dry run 420)")
     p.add_argument("--side-timeout-s", type=float, default=None, help="one side's time box (default 100; dry run 150)")
     p.add_argument("--shapes", default=None, help=f"comma list, a subset of {', '.join(SHAPES)}")
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     dry = args.dry_run
     args.tokens = args.tokens or (1024 if dry else 16384)
-    args.steps = args.steps or (3 if dry else 5)
+    args.steps = args.steps or (3 if dry else 4)
     args.budget_s = args.budget_s or (420.0 if dry else 450.0)
     args.side_timeout_s = args.side_timeout_s or (150.0 if dry else 100.0)
     args.out_dir = Path(args.out_dir or (Path(args.work_dir) if dry else HERE / "results"))
@@ -319,6 +319,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, deadline: float, device:
         cmd = side_command(job, args, models[job.shape], batch, rows, runs_dir / f"{job.name}.json")
         timeout = min(args.side_timeout_s * (2 if job.shape == "qwen2.5-7b" else 1), deadline - time.perf_counter())
         print(f"[{i}/{len(jobs)}] {job.name}: {batch} samples ({rows} TRL rows) a step, time box {timeout:.0f} s", flush=True)
+        job.status = "running"
         run_side(job, cmd, timeout, runs_dir)
         print(f"    {job.status} in {job.seconds} s" + (f": {job.error}" if job.error else ""), flush=True)
         report()
@@ -484,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_running)
     try:
         run_jobs(jobs, args, deadline, device, tok_dir, report)
-    finally:
+    finally:  # also when stopped (SIGTERM from `timeout`): the rows so far, the rest marked
+        for job in jobs:
+            if job.status in ("running", "planned"):
+                job.status, job.error = ("stopped" if job.status == "running" else "not run"), "the benchmark was stopped"
         rep = report()
     print(render_markdown(rep))
     print(f"-> {args.out_dir / 'gpu.md'}, {args.out_dir / 'gpu.json'}")
