@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-compare bench-scaling bench-serve lab
+.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-compare bench-scaling bench-serve bench-gpu lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-browser - the browser tests (headless Chromium): notebooks 01-07 run in JupyterLab, workbench web (part of make test)"
 	@echo "make bench-serve - workbench serve on the embedded model: first token, tokens/s of 1 and 8 streams, memory -> benchmarks/results/serve.md"
 	@echo "make bench    - workbench vs the PEFT+Trainer script and TRL's SFTTrainer, then the scaling sweep -> benchmarks/results/ (about 20 min on 2 cores)"
+	@echo "make bench-gpu - on a CUDA GPU: workbench vs TRL (best, defaults) and the tutorial's PEFT script, LoRA and QLoRA, random stand-ins of SmolLM2-135M, Qwen2.5-1.5B and 7B -> benchmarks/results/gpu.md (about 8 min; BENCH_GPU_ARGS=--dry-run rehearses it on a CPU)"
 	@echo "make bench-compare / bench-scaling - only the comparison (BENCH_ARGS=...) / only the scaling sweep (SCALING_ARGS=...)"
 
 setup: $(STAMP)
@@ -92,3 +93,13 @@ bench-scaling: setup
 BENCH_SERVE_ARGS ?=
 bench-serve: setup
 	$(PY) benchmarks/bench_serve.py $(BENCH_SERVE_ARGS)
+
+# `make bench-gpu` (benchmarks/bench_gpu.py): one CUDA GPU, nothing downloaded, within 8 minutes on an H100/H200 ->
+# benchmarks/results/gpu.md and gpu.json. requirements-gpu.txt (Liger Kernel) is installed only where torch sees a GPU.
+# BENCH_GPU_ARGS="--dry-run" rehearses every side on a CPU with tiny shapes (a few minutes; results in outputs/bench-gpu/).
+# On a GPU machine without network: scripts/gpu_wheels.sh here, then scripts/gpu_check.sh there (see that script).
+BENCH_GPU_ARGS ?=
+bench-gpu: setup $(BENCH_STAMP)
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) -m pip install --quiet -r requirements-gpu.txt; \
+	  else echo "no CUDA GPU: requirements-gpu.txt not installed"; fi
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)

@@ -24,7 +24,8 @@ and clipping; the seed; the samples and their order (`train_sampling_strategy=
 "sequential"` over `common.sample_stream`; each step trains the next B
 samples); no gradient checkpointing and no gradient accumulation (the tutorial
 uses both to save GPU memory; both slow a step down and would blur the
-comparison). The benchmark's only additions are observers: a callback that
+comparison; `--gradient-checkpointing` and `--micro-batch-size` turn them on, as
+`make bench-gpu` does to fit 16k tokens a step into GPU memory). The benchmark's only additions are observers: a callback that
 timestamps the end of every step and a wrapper that counts the real and padded
 tokens of every batch the collator builds.
 """
@@ -40,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (step_record, with_system, run_main)  # noqa: E402
+from benchmarks.common import (step_record, with_system, run_main, runner_parser)  # noqa: E402
 
 IGNORE = -100
 
@@ -131,7 +132,8 @@ def training_arguments(cfg, args, out_dir: str, device, dtype):
 
     half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     return TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        output_dir=out_dir, per_device_train_batch_size=args.batch_size // accumulation(args),
+        gradient_accumulation_steps=accumulation(args),
         max_steps=args.steps, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=int(round(cfg.warmup_ratio * args.steps)), weight_decay=cfg.weight_decay,
         adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], max_grad_norm=cfg.max_norm, seed=cfg.seed,
@@ -163,6 +165,19 @@ def step_timer():
     return StepTimer()
 
 
+def accumulation(args) -> int:
+    """Micro-batches a step: --micro-batch-size splits a step's samples (as the tutorial does to fit GPU memory)."""
+    micro = getattr(args, "micro_batch_size", None) or args.batch_size
+    if args.batch_size % micro:
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro}")
+    return args.batch_size // micro
+
+
+def per_step(batches: list[dict], n: int) -> list[dict]:
+    """The collator's batches summed n at a time (one optimizer step of n micro-batches)."""
+    return [{k: sum(b[k] for b in batches[i:i + n]) for k in batches[i]} for i in range(0, len(batches) - n + 1, n)]
+
+
 def step_records(losses: list[float], batches: list[dict], timer) -> list[dict]:
     starts = [timer.start, *timer.ends[:-1]]
     return [step_record(i + 1, loss, b["tokens"], b["positions"], b["trained_tokens"], b["samples"], end - start)
@@ -192,15 +207,23 @@ def train_baseline(cfg, args, stream: list) -> tuple[list[dict], dict]:
                           data_collator=collator, callbacks=[timer])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
-    steps = step_records(losses, collator.batches[:args.steps], timer)
+    steps = step_records(losses, per_step(collator.batches, accumulation(args))[:args.steps], timer)
     extra = {"base_model_bytes": base_bytes, "setup_s": round(timer.start - STARTED, 2),
              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "device": device.type, "dtype": "nf4" if cfg.method == "qlora" else str(dtype).replace("torch.", "")}
     return steps, extra
 
 
+def parser():
+    p = runner_parser(__doc__.splitlines()[0])
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples a forward pass (default: the whole step); the step's samples in several micro-batches "
+                        "with gradient accumulation, as the tutorial fits GPU memory")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main("baseline", train_baseline, __doc__.splitlines()[0], STARTED, argv)
+    return run_main("baseline", train_baseline, __doc__.splitlines()[0], STARTED, argv, parser=parser())
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def sft_config(cfg, args, out_dir: str, device, dtype):
         weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], max_grad_norm=cfg.max_norm,
         seed=cfg.seed, logging_steps=1, save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
         bf16=half and dtype == torch.bfloat16, fp16=half and dtype == torch.float16, dataloader_num_workers=0,
-        disable_tqdm=True, **({} if args.trl_checkpointing else {"gradient_checkpointing": False}))
+        disable_tqdm=True, **({} if args.trl_checkpointing else {"gradient_checkpointing": False}),
+        **({"padding_free": True} if args.padding_free else {}), **({"use_liger_kernel": True} if args.liger_kernel else {}))
 
 
 def lora_config(cfg):
@@ -145,6 +146,7 @@ def train_trl(cfg, args, stream: list) -> tuple[list[dict], dict]:
              "device": device.type, "dtype": "nf4" if cfg.method == "qlora" else str(dtype).replace("torch.", ""),
              "trl": {"version": require_trl().__version__, "gradient_checkpointing": trainer.args.gradient_checkpointing,
                      "rows_per_step": args.rows_per_step, "packed_rows": len(trainer.train_dataset),
+                     "padding_free": trainer.args.padding_free, "use_liger_kernel": trainer.args.use_liger_kernel,
                      "samples_given": len(records), "completion_only_loss": trainer.completion_only_loss}}
     return steps, extra
 
@@ -154,6 +156,9 @@ def parser():
     p.add_argument("--rows-per-step", type=int, default=1, help="packed rows of max_length tokens per optimizer step")
     p.add_argument("--no-gradient-checkpointing", dest="trl_checkpointing", action="store_false",
                    help="turn TRL's default gradient checkpointing off")
+    p.add_argument("--padding-free", action="store_true", help="SFTConfig(padding_free=True): one flattened row per batch")
+    p.add_argument("--liger-kernel", action="store_true",
+                   help="SFTConfig(use_liger_kernel=True): Liger's fused kernels (needs liger-kernel and a GPU)")
     return p
 
 

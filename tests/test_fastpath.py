@@ -26,6 +26,16 @@ QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")]
 
 
+pytestmark = pytest.mark.usefixtures("tiny_model")
+
+
+@pytest.fixture(autouse=True)
+def isolated_rng():
+    """Every test's draws (manual_seed included) stay inside it: the tests pass alone and in any order."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def builder():
     return PromptBuilder(load_tokenizer("embedded"))
@@ -43,12 +53,14 @@ def batch(builder):
 def tiny_lora(fast: bool, dropout: float = 0.0, checkpointing: bool = False):
     cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=dropout, fast_path=fast, device="cpu",
                  gradient_checkpointing=checkpointing)
-    torch.manual_seed(0)
-    model = build_model(cfg, torch.device("cpu"))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # non-zero LoRA B, so the adapters take part in the gradients
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices drawn from seed 0, whatever ran before
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-zero LoRA B, so the adapters take part in the gradients
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 
 

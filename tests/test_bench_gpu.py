@@ -1,0 +1,132 @@
+"""`make bench-gpu` (benchmarks/bench_gpu.py) without a GPU: its plan, time boxes, rows and report, and its dry run.
+
+The fast tests check the parts that decide what a one-shot GPU run gives back: a side that fails or outlives
+its time box becomes a row with the error and the run goes on; a spent budget skips the rest with a reason;
+the report names the machine and checks issue 21's targets from the rows. The slow test runs the dry run
+(tiny shapes on this CPU) end to end for one shape.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_gpu  # noqa: E402
+
+
+def args_of(*argv):
+    return bench_gpu.parse_args(["--dry-run", *argv])
+
+
+def fake_result(tokens_per_s: float, losses: list[float], peak_gpu_mib: float | None = None) -> dict:
+    steps = [{"step": i + 1, "loss": loss, "tokens": 1000, "positions": 1000, "trained_tokens": 400, "samples": 10,
+              "time_s": 1000 / tokens_per_s} for i, loss in enumerate(losses)]
+    return {"summary": {"tokens_per_s": tokens_per_s, "step_time_s": 1000 / tokens_per_s, "tokens_per_step": 1000,
+                        "positions_per_step": 1000, "final_loss": losses[-1]},
+            "peak_gpu_mib": peak_gpu_mib, "peak_rss_mib": 100.0, "setup_s": 1.0, "steps_log": steps}
+
+
+def test_plan_is_ordered_and_filtered():
+    jobs = bench_gpu.plan_jobs(args_of())
+    assert (jobs[0].shape, jobs[0].method, jobs[0].side) == ("qwen2.5-1.5b", "lora", "workbench"), "the headline first"
+    assert {j.method for j in jobs if j.shape == "qwen2.5-7b"} == {"lora", "qlora"}
+    assert any(j.side == "unsloth" for j in jobs)
+    some = bench_gpu.plan_jobs(args_of("--shapes", "smollm2-135m", "--sides", "workbench"))
+    assert [(j.shape, j.side) for j in some] == [("smollm2-135m", "workbench")]
+    with pytest.raises(SystemExit, match="unknown"):
+        bench_gpu.plan_jobs(args_of("--sides", "nope"))
+
+
+def test_stand_in_shapes_keep_their_vocabulary_and_the_tokenizer_ids(tokenizer):
+    for shape, (_, dims) in bench_gpu.SHAPES.items():
+        for tiny in (False, True):
+            cfg = bench_gpu.shape_config(shape, tokenizer, tiny)
+            assert cfg.vocab_size == dims["vocab_size"] >= len(tokenizer)
+            assert cfg.eos_token_id == tokenizer.eos_token_id and cfg.pad_token_id == tokenizer.pad_token_id
+            assert (cfg.hidden_size == 64) == tiny
+    # 4 x the linear weights: Qwen2.5-1.5B has 1.54B weights, 0.23B of them the (tied) embedding = its output head
+    assert bench_gpu.linear_params("qwen2.5-1.5b", False, tokenizer) == pytest.approx(1.54e9, rel=0.02)
+
+
+def test_a_failing_side_and_a_side_past_its_time_box_are_rows(tmp_path):
+    failing = bench_gpu.Job("smollm2-135m", "lora", "workbench")
+    bench_gpu.run_side(failing, [sys.executable, "-c", "raise SystemExit('boom: out of memory')", str(tmp_path / "a.json")],
+                       60, tmp_path)
+    assert failing.status == "failed" and "boom: out of memory" in failing.error
+    slow = bench_gpu.Job("smollm2-135m", "lora", "peft")
+    t0 = time.perf_counter()
+    bench_gpu.run_side(slow, [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "b.json")], 1, tmp_path)
+    assert slow.status == "timeout" and time.perf_counter() - t0 < 20
+    ok = bench_gpu.Job("smollm2-135m", "lora", "trl")
+    (tmp_path / "c.json").write_text(json.dumps(fake_result(500, [2.0, 1.5])))
+    bench_gpu.run_side(ok, [sys.executable, "-c", "pass", str(tmp_path / "c.json")], 60, tmp_path)
+    assert ok.status == "ok" and ok.result["summary"]["tokens_per_s"] == 500
+
+
+def test_a_spent_budget_skips_the_rest_with_a_reason(tmp_path):
+    args = args_of("--work-dir", str(tmp_path))
+    jobs = bench_gpu.plan_jobs(args)
+    bench_gpu.run_jobs(jobs, args, time.perf_counter(), "cpu", tmp_path, lambda: None)  # deadline: now
+    no_trl = importlib.util.find_spec("trl") is None
+    runnable = [j for j in jobs if j.side != "unsloth" and not (no_trl and j.side.startswith("trl"))]
+    assert all(j.status == "skipped" and "time box" in j.error for j in runnable)
+    unsloth = next(j for j in jobs if j.side == "unsloth")
+    assert unsloth.status in ("not installed", "skipped") and unsloth.error
+
+
+def test_rows_report_and_targets():
+    jobs = [bench_gpu.Job("qwen2.5-1.5b", "lora", "workbench", "ok", result=fake_result(3000, [2.0, 1.5, 1.2, 1.1])),
+            bench_gpu.Job("qwen2.5-1.5b", "lora", "trl_best", "ok", result=fake_result(1500, [2.0, 1.5, 1.2, 1.1])),
+            bench_gpu.Job("qwen2.5-1.5b", "lora", "peft", "failed", error="exit 1: CUDA out of memory"),
+            bench_gpu.Job("qwen2.5-7b", "qlora", "workbench", "ok", result=fake_result(800, [2.0, 1.6, 1.3], 20000)),
+            bench_gpu.Job("qwen2.5-7b", "qlora", "trl_best", "ok", result=fake_result(1000, [2.0, 1.6, 1.3], 30000)),
+            bench_gpu.Job("qwen2.5-7b", "lora", "workbench", "ok", result=fake_result(900, [2.0, 1.6, 1.3], 40000))]
+    flops = {"qwen2.5-1.5b": 1.5e9, "qwen2.5-7b": 7e9}
+    rows = [bench_gpu.job_row(j, jobs, flops, 1000.0) for j in jobs]
+    wb, best = rows[0], rows[1]
+    assert wb["mfu"] == pytest.approx(4 * 1.5e9 * 3000 / 1e15)
+    assert best["workbench_speedup"] == pytest.approx(2.0) and best["loss_at_equal_tokens"]["difference"] == pytest.approx(0)
+    by_words = {t["target"]: t["met"] for t in bench_gpu.targets(rows)}
+    assert by_words["1.5B LoRA: >= 1.5x TRL's best in real tokens/s, loss at equal tokens within noise"] is True
+    assert by_words["1.5B LoRA: >= 40% MFU"] is False  # 1.8%
+    assert by_words["7B QLoRA: peak GPU memory <= 0.6x LoRA's"] is True  # 20000 / 40000
+    assert len(by_words) == 4
+    assert by_words["7B QLoRA: faster than TRL's QLoRA"] is False  # 800 vs 1000
+    report = {"machine": {"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17", "peft": "0.21.2", "trl": "1.16.0",
+                          "liger_kernel": "0.8.5", "bitsandbytes": "0.50.2"},
+              "dry_run": False, "date": "today", "matmul": {"dtype": "bfloat16", "size": 8192, "tflops": 1000.0},
+              "tokens_per_step": 16384, "steps": 5, "config": "c", "rows": rows, "targets": bench_gpu.targets(rows),
+              "command": "benchmarks/bench_gpu.py", "elapsed_s": 400.0}
+    md = bench_gpu.render_markdown(report)
+    assert "NVIDIA H200" in md and "## qwen2.5-1.5b, lora" in md and "## Targets (issue 21)" in md
+    assert "failed: exit 1: CUDA out of memory" in md and "| workbench | 3,000 |" in md
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+    """The dry run on the tiny Qwen2.5-1.5B shape (its vocabulary kept): the workbench, the PEFT script, TRL's best (when trl is installed), Unsloth's row."""
+    sides = "workbench,peft,unsloth" + (",trl_best" if importlib.util.find_spec("trl") else "")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--shapes", "qwen2.5-1.5b",
+           "--sides", sides, "--steps", "2", "--tokens", "512", "--work-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))
+    rows = {r["side"]: r for r in report["rows"]}
+    assert report["dry_run"] is True and report["machine"]["gpu"] is None
+    for side in sides.split(","):
+        if side == "unsloth":
+            assert rows[side]["status"] in ("not installed", "skipped")
+            continue
+        r = rows[side]
+        assert r["status"] == "ok", r["error"]
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 and r["tokens_per_step"] > 200
+        if side != "workbench":
+            loss = r["loss_at_equal_tokens"]
+            assert abs(loss["side"] - loss["workbench"]) < 0.5, "the same random model on the same samples"
+    assert "## qwen2.5-1.5b, lora" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
