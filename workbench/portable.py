@@ -29,10 +29,8 @@ import yaml
 from workbench.config import EMBEDDED_MODEL, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL
-from workbench.prompt import PromptBuilder
+from workbench.prompt import PromptBuilder, strip_default_system, with_default_system  # noqa: F401 - re-exported
 
-_BEGIN = "{#- workbench: the trained system prompt is the default -#}"
-_END = "{#- workbench: end of default #}"  # no trailing "-": the template after it keeps its leading whitespace
 LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}  # SmolLM2 is published under Apache 2.0
 
 
@@ -41,19 +39,7 @@ LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}  # SmolLM2 is published under Apache 
 # ---------------------------------------------------------------------------
 def template_with_default_system(builder: PromptBuilder) -> str:
     """The builder's chat template, inserting `builder.system` when the conversation brings no system message."""
-    base = strip_default_system(builder.chat_template)
-    literal = json.dumps(builder.system, ensure_ascii=False)  # a valid Jinja (and minja) string literal
-    block = (f"{_BEGIN}{{%- if not (messages and messages[0]['role'] == 'system') -%}}"
-             f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
-             f"{{%- endif -%}}{_END}")
-    return block + base
-
-
-def strip_default_system(template: str) -> str:
-    """A template without the block `template_with_default_system` put in front (so it is never added twice)."""
-    if template.startswith(_BEGIN) and _END in template:
-        return template.split(_END, 1)[1]
-    return template
+    return with_default_system(builder.chat_template, builder.system)
 
 
 def save_export_tokenizer(builder: PromptBuilder, folder: str | os.PathLike) -> None:
