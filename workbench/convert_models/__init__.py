@@ -10,3 +10,7 @@
 Nothing here imports the rest of the workbench beyond its leaves (config, io, prompt), so that
 `workbench.models` can convert on first load without an import cycle.
 """
+
+
+class ConversionError(ValueError):
+    """A folder cannot be converted, or its conversion failed its check; the message says which file and why."""

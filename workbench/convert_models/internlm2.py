@@ -31,6 +31,7 @@ import json
 import time
 from pathlib import Path
 
+from workbench.convert_models import ConversionError
 from workbench.io import atomic_dir, atomic_write_json, atomic_write_text
 
 CONVERTER_VERSION = 1
@@ -42,7 +43,7 @@ HASH_WHOLE = 64 << 20  # files up to 64 MiB are hashed whole; larger ones by siz
 HASH_EDGE = 8 << 20
 
 
-class InternLM2Error(ValueError):
+class InternLM2Error(ConversionError):
     """An InternLM2 folder cannot be converted; the message names the file and field."""
 
 

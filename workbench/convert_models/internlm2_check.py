@@ -19,10 +19,12 @@ import math
 
 import torch
 
+from workbench.convert_models import ConversionError
+
 TOLERANCE = 1e-4  # float32 forward of the same weights in two implementations: differences ~1e-6 of the logits' scale
 
 
-class ConversionCheckError(RuntimeError):
+class ConversionCheckError(ConversionError):
     """The converted model does not compute what the original weights compute."""
 
 

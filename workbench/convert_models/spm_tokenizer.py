@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from workbench.convert_models import ConversionError
+
 CHECK_TEXTS = [
     "Hello world", "Who are you? I am an assistant.", "  two leading spaces and  double  spaces ",
     "line one\nline two\n\nindented\n    code()", "你好，你是谁？我是一个助手。", "数字 12345 and 3.14159",
@@ -27,7 +29,7 @@ CHECK_TEXTS = [
 ]
 
 
-class TokenizerConversionError(ValueError):
+class TokenizerConversionError(ConversionError):
     """The sentencepiece tokenizer cannot be converted, or the converted one does not give its ids."""
 
 
