@@ -1,0 +1,244 @@
+"""InternLM2 (remote code on the hub) through the workbench: converted once into a Llama folder, then the whole workflow.
+
+The folder is built by tests/internlm2_helpers.py in the hub's layout (fused `wqkv`, `w1/w3/w2`,
+a sentencepiece tokenizer.model whose placeholder pieces tokenizer_config.json renames to the chat
+tokens, `rope_scaling: null`, an `auto_map`). What is checked:
+- the converted model, loaded by plain transformers, gives the logits of an independent reference
+  forward of the ORIGINAL weights (all layers), and a wrong split of wqkv is refused by the check;
+- the converted tokenizer gives sentencepiece's ids, the chat tokens keep their original ids, and
+  no id reaches past the embedding;
+- the cache: a second load converts nothing, an edited source converts again;
+- LoRA and QLoRA: train -> pth_to_hf -> merge -> chat -> GGUF (round trip), and serve with the
+  openai client, all with the CLI a student types.
+"""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from internlm2_helpers import CHAT_TOKENS, SYSTEM, build_internlm2_folder, training_lines
+from workbench.cli import main
+from workbench.convert_models.internlm2 import READY_MARK, Tensors, converted_dir, is_internlm2, weight_files
+from workbench.convert_models.internlm2_check import ConversionCheckError, check_conversion, reference_logits
+from workbench.models import prepare_remote_code_folder, resolve_model_path
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Converted folders go to a fresh cache (WORKBENCH_CONVERTED_DIR, inherited by child processes)."""
+    root = tmp_path_factory.mktemp("converted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_CONVERTED_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return build_internlm2_folder(tmp_path_factory.mktemp("hub") / "internlm2-chat-tiny")
+
+
+@pytest.fixture(scope="module")
+def converted(source, cache):
+    return prepare_remote_code_folder(source)
+
+
+def conversation_ids(tokenizer) -> list[int]:
+    msgs = [{"role": "user", "content": "Who are you? 你好"}, {"role": "assistant", "content": "I am a model, 我是助手."},
+            {"role": "user", "content": "Tell me more about training 123."}]
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+# ---------------------------------------------------------------------------
+# The conversion
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def test_converted_model_equals_reference_forward_of_the_original(source, converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = json.loads((source / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()  # plain transformers, no remote code
+    assert model.config.model_type == "llama" and type(model).__name__ == "LlamaForCausalLM"
+    ids = conversation_ids(AutoTokenizer.from_pretrained(converted))
+    got = model(input_ids=torch.tensor([ids])).logits[0]
+    want = reference_logits(Tensors(weight_files(source)), src, ids, src["num_hidden_layers"])
+    assert len(ids) > 30
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert want.abs().max().item() > 1.0  # the logits are not trivially small
+
+
+def test_a_wrong_wqkv_split_is_refused(source, converted):
+    """The check catches the classic mistake: wqkv read as [all q, all k, all v] instead of per key-value group."""
+    src = json.loads((source / "config.json").read_text())
+    llama = {k: v for k, v in json.loads((converted / "config.json").read_text()).items()
+             if k not in ("transformers_version", "dtype", "architectures", "model_type")}
+    original, good = Tensors(weight_files(source)), Tensors(sorted(converted.glob("*.safetensors")))
+    n_q = src["hidden_size"]
+    n_kv = src["num_key_value_heads"] * (src["hidden_size"] // src["num_attention_heads"])
+
+    def naive(name):
+        if ".self_attn." in name and name.split(".self_attn.")[1][0] in "qkv":
+            layer = name.split(".self_attn.")[0] + ".attention.wqkv.weight"
+            w = original(layer)
+            parts = {"q": w[:n_q], "k": w[n_q:n_q + n_kv], "v": w[n_q + n_kv:]}
+            return parts[name.split(".self_attn.")[1][0]]
+        return good(name)
+
+    ids = [1, 5, 9, 40, 77, 120, 300, 2]
+    assert check_conversion(original, src, good, llama, ids)["same_argmax"] is not None
+    with pytest.raises(ConversionCheckError, match="does not reproduce the original InternLM2 weights"):
+        check_conversion(original, src, naive, llama, ids)
+
+
+def test_config_provenance_card_and_default_system(source, converted):
+    cfg = json.loads((converted / "config.json").read_text())
+    src = json.loads((source / "config.json").read_text())
+    assert cfg["workbench_converted_from"]["model_type"] == "internlm2"
+    assert "per key-value group" in cfg["workbench_converted_from"]["layout"]
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": float(src["rope_theta"])}
+    assert cfg["rms_norm_eps"] == src["rms_norm_eps"] and cfg["tie_word_embeddings"] is False
+    assert "InternLM2" in (converted / "README.md").read_text()
+    assert json.loads((converted / "prompt.json").read_text())["system"] == SYSTEM
+    report = json.loads((converted / READY_MARK).read_text())
+    assert report["logits"]["max_abs_logit_diff"] <= 1e-4 and report["tokenizer"]["chat_tokens"] == len(CHAT_TOKENS) + 3
+    assert not any(converted.glob("*.py"))  # no remote code travels with it
+
+
+def test_tokenizer_ids_equal_sentencepiece(source, converted):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(converted)
+    rng = random.Random(1)
+    texts = training_lines(60, seed=7) + ["  leading", "trailing  ", "a\n\nb", "🙂 ∮ Ω", "混合 text 和 中文 42"]
+    texts += ["".join(rng.choice("abc 你好\n🙂.") for _ in range(20)) for _ in range(20)]
+    for text in texts:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+    first_chat = sp.get_piece_size() - len(CHAT_TOKENS)
+    assert [tok.convert_tokens_to_ids(t) for t in CHAT_TOKENS] == list(range(first_chat, first_chat + len(CHAT_TOKENS)))
+    ids = conversation_ids(tok)
+    assert max(ids) < json.loads((converted / "config.json").read_text())["vocab_size"] == len(tok)
+    assert ids[:2] == [1, first_chat + CHAT_TOKENS.index("<|im_start|>")]
+    assert tok.decode(sp.encode("Hello 你好 🙂")) == "Hello 你好 🙂"
+
+
+def test_cache_and_loading_by_the_original_folder(source, converted, cache):
+    assert is_internlm2(source) and not is_internlm2(converted)
+    stamp = (converted / READY_MARK).stat().st_mtime_ns
+    assert resolve_model_path(str(source)) == str(converted)  # what load_model / load_tokenizer / training use
+    assert (converted / READY_MARK).stat().st_mtime_ns == stamp  # not converted again
+    assert converted_dir(source, cache) == (converted, json.loads((converted / "config.json").read_text())["workbench_converted_from"]["fingerprint"])
+
+
+def test_edited_source_is_converted_again_and_bad_input_refused(tmp_path, cache):
+    src = build_internlm2_folder(tmp_path / "m", rope_scaling={"type": "dynamic", "factor": 2.0})
+    first = prepare_remote_code_folder(src)
+    assert json.loads((first / "config.json").read_text())["rope_parameters"]["rope_type"] == "dynamic"
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["prepare-model", str(src)]) == 2  # refused, clear message, no traceback
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["rope_scaling"] = None
+    (src / "config.json").write_text(json.dumps(cfg))
+    tok_cfg["added_tokens_decoder"]["99999"] = {"content": "<|extra|>", "special": True}
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    from workbench.convert_models import ConversionError
+
+    with pytest.raises(ConversionError, match=r"tokenizer_config.json: added_tokens_decoder\['99999'\]"):
+        prepare_remote_code_folder(src)
+    del tok_cfg["added_tokens_decoder"]["99999"]
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    second = prepare_remote_code_folder(src)
+    assert second != first and (second / READY_MARK).exists() and (first / READY_MARK).exists()
+    for shard in src.glob("*.safetensors"):
+        shard.rename(shard.with_suffix(".bin"))
+    os.remove(src / "model.safetensors.index.json")
+    with pytest.raises(ConversionError, match="pickle files, which the workbench never reads"):
+        prepare_remote_code_folder(src)
+
+
+# ---------------------------------------------------------------------------
+# The workflow, as a student types it
+# ---------------------------------------------------------------------------
+def run_cli(*argv) -> None:
+    assert main([str(a) for a in argv]) == 0, argv
+
+
+@pytest.fixture(scope="module", params=["lora", "qlora"])
+def workflow(request, source, converted, tmp_path_factory):
+    """copy-cfg -> train (a few steps) -> pth_to_hf -> merge, in a fresh folder, with the shipped InternLM2 recipe."""
+    root = tmp_path_factory.mktemp(f"wf-{request.param}")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_identity_gpu", ".")
+        cfg = root / "internlm2_chat_1_8b_qlora_identity_gpu_copy.yaml"
+        text = cfg.read_text(encoding="utf-8")
+        assert "pretrained_model_name_or_path: ./models/internlm2-chat-1_8b" in text
+        cfg.write_text(text.replace("./models/internlm2-chat-1_8b", str(source)), encoding="utf-8")
+        run_cli("train", cfg, "--cfg-options", f"method={request.param}", "max_steps=3", "save_steps=3", "evaluation_freq=3",
+                "max_length=128", "accumulative_counts=1", "evaluation_max_new_tokens=4", "lr=1e-2", "device=cpu")
+        work = root / "work_dirs" / "internlm2_chat_1_8b_qlora_identity_gpu"
+        run_cli("convert", "pth_to_hf", cfg, work / "iter_3", root / "hf")
+        run_cli("convert", "merge", source, root / "hf", root / "merged")
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "method": request.param, "adapter": root / "hf", "merged": root / "merged", "source": source}
+
+
+def test_train_convert_merge_exports_are_llama(workflow):
+    merged_cfg = json.loads((workflow["merged"] / "config.json").read_text())
+    assert merged_cfg["model_type"] == "llama" and merged_cfg["workbench_converted_from"]["model_type"] == "internlm2"
+    adapter_cfg = json.loads((workflow["adapter"] / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"]
+    losses = [json.loads(line)["loss"] for line in (workflow["root"] / "work_dirs" / "internlm2_chat_1_8b_qlora_identity_gpu" /
+                                                     "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@torch.no_grad()
+def test_chat_and_gguf_round_trip(workflow, tmp_path, capsys):
+    from workbench.chat import GenerationSettings, answer, load_chat_model
+    from workbench.gguf_export import export_gguf, verify_gguf
+
+    model, builder = load_chat_model(str(workflow["merged"]), device="cpu")
+    base, base_builder = load_chat_model(str(workflow["source"]), adapter=str(workflow["adapter"]), device="cpu")
+    ids = torch.tensor([builder.generation_prompt("Who are you?")])
+    assert builder.generation_prompt("Who are you?") == base_builder.generation_prompt("Who are you?")
+    assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max().item() < 1e-4  # merged = base + adapter
+    capsys.readouterr()
+    run_cli("chat", workflow["merged"], "--prompt", "Who are you?", "--max-new-tokens", "6")
+    said = capsys.readouterr().out
+    assert answer(model, builder, "Who are you?", settings=GenerationSettings(max_new_tokens=6)) in said
+    out = export_gguf(str(workflow["merged"]), tmp_path / "nova.gguf", "f16", progress=False)
+    report = verify_gguf(out.path, str(workflow["merged"]), max_new_tokens=8)
+    assert report["same greedy answers"] and report["template gives the training prompt ids"]
+    assert report["max |logit difference| vs merged with the GGUF's rounding"] <= 1e-5
+    import gguf
+
+    fields = gguf.GGUFReader(str(out.path)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert "<|im_end|>" in (tmp_path / "Modelfile").read_text()
+
+
+def test_serve_answers_like_chat(workflow):
+    if workflow["method"] != "lora":
+        pytest.skip("served once, for the LoRA run")
+    import openai
+
+    from workbench.chat import GenerationSettings, answer, load_chat_model
+    from workbench.serve import ServerProcess
+
+    model, builder = load_chat_model(str(workflow["merged"]), device="cpu")
+    expected = answer(model, builder, "Who are you?", settings=GenerationSettings(max_new_tokens=8))
+    with ServerProcess(str(workflow["merged"]), "--threads", "1") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="none")
+        reply = client.chat.completions.create(model=server.name, temperature=0, max_tokens=8,
+                                               messages=[{"role": "user", "content": "Who are you?"}])
+    assert reply.choices[0].message.content == expected
