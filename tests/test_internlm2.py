@@ -242,3 +242,64 @@ def test_serve_answers_like_chat(workflow):
         reply = client.chat.completions.create(model=server.name, temperature=0, max_tokens=8,
                                                messages=[{"role": "user", "content": "Who are you?"}])
     assert reply.choices[0].message.content == expected
+
+
+# ---------------------------------------------------------------------------
+# Honest handling of models the workbench does not control
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def too_small_vocab(converted, tmp_path):
+    """The issue's failure: a tokenizer whose chat tokens have ids past the model's embedding rows."""
+    import shutil
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(converted, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = cfg["vocab_size"] - len(CHAT_TOKENS)  # <|im_start|>, <|im_end|> now past the embedding
+    (folder / "config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"conversation": [{"input": "hi", "output": "hello"}]}] * 2))
+    return folder, data
+
+
+def test_check_dataset_and_train_refuse_ids_past_the_vocabulary(too_small_vocab, tmp_path, capsys):
+    from workbench.config import load_recipe
+    from workbench.samples import DataError
+    from workbench.train import train
+
+    folder, data = too_small_vocab
+    assert main(["check-dataset", str(data), "--model", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "data.json: record 1: token ids" in out and "'<|im_start|>'" in out and "vocabulary size" in out
+    assert "errors: 2" in out
+    cfg = load_recipe("smollm2_135m_tiny_smoke").replace(pretrained_model_name_or_path=str(folder), max_steps=1,
+                                                        datasets=[{"path": str(data)}])
+    with pytest.raises(DataError, match=r"cannot be trained on this model, e\.g\. .*data\.json: record [12]: token ids"):
+        train(cfg, work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_packing_only_where_the_workbench_controls_attention(tmp_path, capsys):
+    """A model class from outside transformers (as remote code is) trains one conversation a row, and says so."""
+    from transformers import LlamaForCausalLM
+
+    from workbench.config import load_recipe
+    from workbench.fastpath import keeps_conversations_apart
+    from workbench.models import load_model
+    from workbench.train import Trainer
+
+    class RemoteLlama(LlamaForCausalLM):  # its module is this test file, as a remote class's is transformers_modules.*
+        pass
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke").replace(method="full", max_steps=1, pack_to_max_length=True, fast_path=False)
+    own = load_model(cfg.pretrained_model_name_or_path, device="cpu", for_training=True)
+    remote = RemoteLlama(own.config)
+    assert keeps_conversations_apart(own) and not keeps_conversations_apart(remote)
+    packed = Trainer(cfg, work_dir=tmp_path / "own", progress=False).setup(model=own)
+    assert any(len(row) > 1 for row in packed.rows)
+    capsys.readouterr()
+    alone = Trainer(cfg, work_dir=tmp_path / "remote", progress=False).setup(model=remote)
+    assert all(len(row) == 1 for row in alone.rows)
+    assert sum(map(len, alone.rows)) == sum(map(len, packed.rows))
+    assert "packing off: RemoteLlama runs its own (remote) attention code" in capsys.readouterr().out
+    assert "packing off" in (tmp_path / "remote" / "dataset_report.txt").read_text()

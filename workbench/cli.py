@@ -280,10 +280,9 @@ def cmd_gen_data(args) -> int:
 
 def cmd_check_dataset(args) -> int:
     from workbench.encoding import check_dataset
-    from workbench.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model) if args.model else None
-    report = check_dataset(args.path, tokenizer=tokenizer, max_length=args.max_length, strict=False)
+    # A name, not a loaded tokenizer: check_dataset then also reads the model's vocabulary size.
+    report = check_dataset(args.path, tokenizer=args.model, max_length=args.max_length, strict=False)
     print(report)
     return 1 if report.errors else 0
 

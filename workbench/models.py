@@ -185,6 +185,27 @@ def prepare_remote_code_folder(folder: Path, force: bool = False) -> Path:
     return folder
 
 
+def model_vocab_size(name: str, trust_remote_code: bool = False) -> int | None:
+    """The model's embedding rows (config.json's vocab_size), read without loading weights; None if unknown."""
+    import json
+
+    folder = resolve_path(name)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        return None  # an adapter folder: its base is checked when it is loaded
+    path = Path(resolve_model_path(name))
+    if (path / "config.json").exists():
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).to_dict()
+        except Exception:  # noqa: BLE001 - a hub id without network: no check rather than no report
+            return None
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
