@@ -303,3 +303,29 @@ def test_packing_only_where_the_workbench_controls_attention(tmp_path, capsys):
     assert sum(map(len, alone.rows)) == sum(map(len, packed.rows))
     assert "packing off: RemoteLlama runs its own (remote) attention code" in capsys.readouterr().out
     assert "packing off" in (tmp_path / "remote" / "dataset_report.txt").read_text()
+
+
+def test_serve_refuses_at_start_a_model_without_the_cache_api(monkeypatch):
+    """A model whose own code wants the old tuple caches is refused before the server listens (never HTTP 500)."""
+    from workbench.engine import cache_api_problem
+    from workbench.models import TINY_MODEL, load_model, load_tokenizer
+    from workbench.serve import ServeError, serve
+
+    model = load_model(TINY_MODEL, device="cpu")
+    ids = load_tokenizer(TINY_MODEL)("hello there")["input_ids"]
+    assert cache_api_problem(model, ids) is None
+    original = type(model).forward
+
+    def tuple_cache_forward(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            past_key_values[0][0]  # what remote code of the transformers 4 era does with a cache
+        return original(self, *args, past_key_values=past_key_values, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", tuple_cache_forward)
+    problem = cache_api_problem(model, ids)
+    assert problem and "Cache API" in problem
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # off the main thread: serve() installs signal handlers only there
+        failure = pool.submit(serve, TINY_MODEL, port=0, device="cpu").exception(timeout=120)
+    assert isinstance(failure, ServeError) and "cannot decode with transformers' Cache API" in str(failure)
