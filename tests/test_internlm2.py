@@ -196,7 +196,10 @@ def test_train_convert_merge_exports_are_llama(workflow):
     merged_cfg = json.loads((workflow["merged"] / "config.json").read_text())
     assert merged_cfg["model_type"] == "llama" and merged_cfg["workbench_converted_from"]["model_type"] == "internlm2"
     adapter_cfg = json.loads((workflow["adapter"] / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"]
+    assert adapter_cfg["base_model_name_or_path"] == resolve_model_path(str(workflow["source"]))  # the Llama copy: no remote code
+    for folder in (workflow["adapter"], workflow["merged"]):
+        card = (folder / "README.md").read_text()
+        assert "converted by workbench into the standard Llama layout" in card and "per key-value group" in card
     losses = [json.loads(line)["loss"] for line in (workflow["root"] / "work_dirs" / "internlm2_chat_1_8b_qlora_identity_gpu" /
                                                      "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
@@ -329,3 +332,38 @@ def test_serve_refuses_at_start_a_model_without_the_cache_api(monkeypatch):
     with ThreadPoolExecutor(1) as pool:  # off the main thread: serve() installs signal handlers only there
         failure = pool.submit(serve, TINY_MODEL, port=0, device="cpu").exception(timeout=120)
     assert isinstance(failure, ServeError) and "cannot decode with transformers' Cache API" in str(failure)
+
+
+def test_gguf_refuses_an_unsupported_architecture_from_config_json_alone(tmp_path):
+    from workbench.gguf_export import GGUFError, export_gguf
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]}))
+    with pytest.raises(GGUFError, match=r"config.json: model_type 'gemma3' is not supported"):
+        export_gguf(str(folder), tmp_path / "x.gguf")  # no weights there: refused before loading anything
+    assert main(["convert", "gguf", str(folder), str(tmp_path / "x.gguf")]) == 2
+
+
+def test_merge_and_chat_read_trust_remote_code_from_the_adapter(workflow, monkeypatch, tmp_path):
+    import shutil
+
+    import workbench.chat
+    import workbench.convert
+    from workbench.config import load_config, save_config
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workflow["adapter"], adapter)
+    save_config(load_config(adapter / "workbench_config.yaml").replace(trust_remote_code=True), adapter / "workbench_config.yaml")
+    seen = []
+    real = workbench.chat.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workbench.chat, "load_model", spy)
+    monkeypatch.setattr(workbench.convert, "load_model", spy)
+    workbench.chat.load_chat_model(str(workflow["source"]), adapter=str(adapter), device="cpu")
+    workbench.convert.merge(str(workflow["source"]), adapter, tmp_path / "merged", device="cpu")
+    assert seen == [True, True]

@@ -84,6 +84,20 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     return net.eval(), builder, name
 
 
+def check_config_file(model: str) -> None:
+    """Refuse an architecture this exporter does not write from config.json alone, before any weight is loaded."""
+    path = Path(resolve_model_path(model)) / "config.json"
+    if not path.exists():
+        return  # a hub id: checked on the loaded config
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except ValueError as e:
+        raise GGUFError(f"{path}: not valid JSON ({e})") from None
+    if model_type not in ARCHITECTURES:
+        raise GGUFError(f"{path}: model_type {model_type!r} is not supported by `workbench convert gguf` (only "
+                        f"{', '.join(ARCHITECTURES)}); use {LLAMA_CPP_CONVERTER} on the merged folder")
+
+
 def check_supported(config) -> str:
     """The GGUF architecture name for a transformers config, or GGUFError naming llama.cpp's converter."""
     arch = config.model_type
@@ -299,6 +313,7 @@ def export_gguf(model: str, out: str | os.PathLike, outtype: str = "f16", adapte
     if out.exists():
         raise GGUFError(f"{out} exists; choose a new file name (nothing was overwritten)")
     t0 = time.time()
+    check_config_file(model)  # before minutes of loading
     net, builder, name = load_for_export(model, adapter)
     arch = check_supported(net.config)
     modelfile = modelfile_text(out.name, builder, stop_ids(builder, net.generation_config.eos_token_id))

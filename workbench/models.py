@@ -206,6 +206,17 @@ def model_vocab_size(name: str, trust_remote_code: bool = False) -> int | None:
     return int(size) if size else None
 
 
+def converted_from(name: str) -> dict | None:
+    """Where a base model came from when the workbench converted it (InternLM2 -> Llama), else None."""
+    import json
+
+    try:
+        path = Path(resolve_model_path(name)) / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")).get("workbench_converted_from") if path.exists() else None
+    except (ModelError, OSError, ValueError):
+        return None
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

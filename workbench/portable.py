@@ -15,7 +15,8 @@ prompt the model exactly as training did:
 - `portable_base_name(name)`: the base model recorded by a name that works
   elsewhere: the embedded model by its public id, the tiny test model by a
   local id (both registered in the hub cache, see `workbench.hubcache`), a
-  user's own folder or hub id as written in the config.
+  user's own folder or hub id as written in the config (an InternLM2 folder by its converted
+  Llama copy, which loads without remote code).
 - `card_header(...)`: the YAML metadata block the Hub and other tools read.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ import yaml
 
 from workbench.config import EMBEDDED_MODEL, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
-from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL
+from workbench.convert_models.internlm2 import is_internlm2
+from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL, resolve_model_path
 from workbench.prompt import PromptBuilder, strip_default_system, with_default_system  # noqa: F401 - re-exported
 
 LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}  # SmolLM2 is published under Apache 2.0
@@ -92,6 +94,8 @@ def portable_base_name(name: str) -> str:
             return EMBEDDED_HUB_ID
         if p.resolve() == TINY_DIR.resolve():
             return TINY_HUB_ID
+        if (p / "config.json").exists() and is_internlm2(p):
+            return resolve_model_path(name)  # its converted Llama copy: plain transformers/peft load it without remote code
     return name
 
 
