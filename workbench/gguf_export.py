@@ -72,6 +72,7 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     if adapter is None and (Path(model) / "adapter_config.json").exists():
         raise GGUFError(f"{model} is an adapter folder: give its base model and `--adapter {model}`, or merge it first")
     prompt_dir = Path(check_adapter_folder(adapter)) if adapter else Path(resolve_model_path(model))
+    check_config_file(model)  # before minutes of loading
     net = load_model(model, torch_dtype="float32", device="cpu")
     if adapter:
         net = attach_adapter(net, adapter).merge_and_unload()
@@ -313,7 +314,6 @@ def export_gguf(model: str, out: str | os.PathLike, outtype: str = "f16", adapte
     if out.exists():
         raise GGUFError(f"{out} exists; choose a new file name (nothing was overwritten)")
     t0 = time.time()
-    check_config_file(model)  # before minutes of loading
     net, builder, name = load_for_export(model, adapter)
     arch = check_supported(net.config)
     modelfile = modelfile_text(out.name, builder, stop_ids(builder, net.generation_config.eos_token_id))
