@@ -135,6 +135,12 @@ def test_cache_and_loading_by_the_original_folder(source, converted, cache):
     assert converted_dir(source, cache) == (converted, json.loads((converted / "config.json").read_text())["workbench_converted_from"]["fingerprint"])
 
 
+def test_linear_rope_scaling_is_converted_and_checked(tmp_path, cache):
+    src = build_internlm2_folder(tmp_path / "linear", rope_scaling={"type": "linear", "factor": 4.0})
+    out = prepare_remote_code_folder(src)  # the check compares with the reference, which scales positions by 1/4
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["factor"] == 4.0
+
+
 def test_edited_source_is_converted_again_and_bad_input_refused(tmp_path, cache):
     src = build_internlm2_folder(tmp_path / "m", rope_scaling={"type": "dynamic", "factor": 2.0})
     first = prepare_remote_code_folder(src)
@@ -227,6 +233,7 @@ def test_chat_and_gguf_round_trip(workflow, tmp_path, capsys):
 
     fields = gguf.GGUFReader(str(out.path)).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert "Converted from InternLM2ForCausalLM" in fields["general.description"].contents()
     assert "<|im_end|>" in (tmp_path / "Modelfile").read_text()
 
 

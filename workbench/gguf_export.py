@@ -184,6 +184,10 @@ def add_model_metadata(w, config, arch: str, name: str, base: str | None) -> Non
     license = LICENSES.get(portable_base_name(base)) if base else None
     if license:
         w.add_license(license)
+    origin = getattr(config, "workbench_converted_from", None)
+    if isinstance(origin, dict):  # e.g. InternLM2, converted by the workbench: say where the weights came from
+        w.add_description(f"Converted from {origin.get('architecture')} ({origin.get('model_type')}) to the Llama layout by workbench: "
+                          f"{origin.get('layout')}")
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)

@@ -52,7 +52,10 @@ def reference_logits(tensors, config: dict, ids: list[int], layers: int) -> torc
 
     x = w("model.tok_embeddings.weight")[torch.tensor(ids)]
     inv_freq = 1.0 / (float(config.get("rope_theta", 10000)) ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = torch.outer(torch.arange(t, dtype=torch.float32), inv_freq)
+    scaling = config.get("rope_scaling") or {}
+    linear = float(scaling.get("factor", 1.0)) if scaling.get("type", scaling.get("rope_type")) == "linear" else 1.0
+    # (dynamic NTK scaling changes nothing below max_position_embeddings, far beyond the check's positions)
+    angles = torch.outer(torch.arange(t, dtype=torch.float32) / linear, inv_freq)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     causal = torch.full((t, t), float("-inf")).triu(1)
     for i in range(layers):

@@ -71,7 +71,7 @@ def renamed_proto(proto, renames: dict[int, dict]):
         piece = out.pieces[i]
         if piece.piece != entry["content"]:
             piece.piece = entry["content"]
-        if piece.type not in (kind.UNKNOWN,):
+        if piece.type != kind.UNKNOWN:
             piece.type = kind.CONTROL if entry["special"] else kind.USER_DEFINED
     return out
 
