@@ -21,7 +21,6 @@ prompt the model exactly as training did:
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
