@@ -123,8 +123,19 @@ def fingerprint(folder: Path) -> str:
     Safetensors files start with a header listing every tensor and its offsets, so the edges of a
     shard identify it; hashing all of a 15 GB model on every load would cost minutes.
     """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    stats = (str(folder), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stats not in _FINGERPRINTS:  # once per process for unchanged files (a command resolves its base several times)
+        _FINGERPRINTS[stats] = _hash_files(files)
+    return _FINGERPRINTS[stats]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256(f"workbench-internlm2-v{CONVERTER_VERSION}".encode())
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in files:
         size = path.stat().st_size
         h.update(f"{path.name}\0{size}\0".encode())
         with path.open("rb") as f:
