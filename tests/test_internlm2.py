@@ -374,3 +374,15 @@ def test_merge_and_chat_read_trust_remote_code_from_the_adapter(workflow, monkey
     workbench.chat.load_chat_model(str(workflow["source"]), adapter=str(adapter), device="cpu")
     workbench.convert.merge(str(workflow["source"]), adapter, tmp_path / "merged", device="cpu")
     assert seen == [True, True]
+
+
+def test_internlm2_5_style_dynamic_rope_goes_to_gguf(tmp_path, cache):
+    """InternLM2.5 declares dynamic NTK rope scaling: the same below max_position_embeddings, the context the GGUF declares."""
+    from workbench.gguf_export import export_gguf, verify_gguf
+
+    src = build_internlm2_folder(tmp_path / "internlm2_5-tiny", rope_scaling={"type": "dynamic", "factor": 2.0})
+    converted = prepare_remote_code_folder(src)
+    out = export_gguf(str(src), tmp_path / "gguf" / "m.gguf", "f16", progress=False)  # the original folder, as a student names it
+    report = verify_gguf(out.path, str(converted), max_new_tokens=6)
+    assert report["same greedy answers"] and report["template gives the training prompt ids"]
+    assert report["max |logit difference| vs merged with the GGUF's rounding"] <= 1e-5

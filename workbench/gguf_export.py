@@ -106,7 +106,8 @@ def check_supported(config) -> str:
         raise GGUFError(f"architecture {arch!r} is not supported by `workbench convert gguf` (only {', '.join(ARCHITECTURES)}); "
                         f"use {LLAMA_CPP_CONVERTER} on the merged folder")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    # Dynamic NTK scaling (InternLM2.5) changes nothing up to max_position_embeddings, the context the file declares.
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
         raise GGUFError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter; use {LLAMA_CPP_CONVERTER}")
     if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         raise GGUFError(f"a llama model with attention or MLP biases is not written by this exporter; use {LLAMA_CPP_CONVERTER}")
