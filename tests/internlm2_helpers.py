@@ -79,13 +79,15 @@ def internlm2_weights(cfg: dict, seed: int = 0, dtype=torch.float32) -> dict[str
     w = {"model.tok_embeddings.weight": rnd(v, h, std=0.5), "model.norm.weight": norm(), "output.weight": rnd(v, h, std=0.2)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if cfg.get("bias"):
+            w |= {p + "attention.wqkv.bias": rnd(qkv_rows, std=0.3), p + "attention.wo.bias": rnd(h, std=0.3)}
         w |= {p + "attention.wqkv.weight": rnd(qkv_rows, h, std=0.3), p + "attention.wo.weight": rnd(h, h),
               p + "feed_forward.w1.weight": rnd(inter, h), p + "feed_forward.w3.weight": rnd(inter, h),
               p + "feed_forward.w2.weight": rnd(h, inter), p + "attention_norm.weight": norm(), p + "ffn_norm.weight": norm()}
     return w
 
 
-def build_internlm2_folder(folder: str | Path, seed: int = 0, rope_scaling=None, dtype=torch.float32) -> Path:
+def build_internlm2_folder(folder: str | Path, seed: int = 0, rope_scaling=None, dtype=torch.float32, bias: bool = False) -> Path:
     """Write a tiny hub-layout InternLM2 chat model into `folder`; returns the folder."""
     from safetensors.torch import save_file
 
@@ -102,7 +104,7 @@ def build_internlm2_folder(folder: str | Path, seed: int = 0, rope_scaling=None,
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
                      "AutoModel": "modeling_internlm2.InternLM2ForCausalLM"},
-        "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
+        "bias": bias, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
         "max_position_embeddings": 2048, "model_type": "internlm2", "pad_token_id": 2, "rms_norm_eps": 1e-05,
         "rope_scaling": rope_scaling, "rope_theta": 1000000, "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": "4.41.0", "use_cache": True,

@@ -135,6 +135,22 @@ def test_cache_and_loading_by_the_original_folder(source, converted, cache):
     assert converted_dir(source, cache) == (converted, json.loads((converted / "config.json").read_text())["workbench_converted_from"]["fingerprint"])
 
 
+@torch.no_grad()
+def test_bf16_weights_with_biases_are_converted_exactly(tmp_path, cache):
+    """bias: true puts biases on wqkv and wo (split like the weights); bf16 tensors keep their dtype and values."""
+    from transformers import AutoModelForCausalLM
+
+    src = build_internlm2_folder(tmp_path / "biased", bias=True, dtype=torch.bfloat16)
+    out = prepare_remote_code_folder(src)
+    cfg = json.loads((src / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.attention_bias and model.model.layers[0].self_attn.k_proj.bias is not None
+    assert Tensors(sorted(out.glob("*.safetensors")))("model.layers.0.self_attn.q_proj.bias").dtype == torch.bfloat16
+    ids = [1, 17, 300, 42, 5, 600, 2, 99]
+    want = reference_logits(Tensors(weight_files(src)), cfg, ids, cfg["num_hidden_layers"])
+    assert (model(input_ids=torch.tensor([ids])).logits[0] - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 def test_linear_rope_scaling_is_converted_and_checked(tmp_path, cache):
     src = build_internlm2_folder(tmp_path / "linear", rope_scaling={"type": "linear", "factor": 4.0})
     out = prepare_remote_code_folder(src)  # the check compares with the reference, which scales positions by 1/4
