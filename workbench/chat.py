@@ -21,8 +21,11 @@ from typing import Callable, TextIO
 
 import torch
 
+from workbench.config import load_config
 from workbench.models import attach_adapter, load_model, load_tokenizer, resolve_model_path
 from workbench.prompt import PROMPT_FILE, PromptBuilder
+
+ADAPTER_CONFIG = "workbench_config.yaml"  # the training config saved with an adapter (workbench.convert.CONFIG_FILE)
 
 
 @dataclass
@@ -124,6 +127,8 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
     there is one, so chat uses the template and system prompt of training; an
     explicit `system` overrides it.
     """
+    if adapter and (Path(adapter) / ADAPTER_CONFIG).exists():  # as the adapter was trained
+        trust_remote_code = trust_remote_code or bool(load_config(Path(adapter) / ADAPTER_CONFIG).trust_remote_code)
     model = load_model(model_path, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     prompt_dir = None
     for folder in (adapter, resolve_model_path(model_path)):

@@ -18,7 +18,7 @@
     workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
     workbench compare [RECIPE ...]             train and compare recipes in one table
     workbench run-notebooks [--smoke] [--one-recipe]  execute notebooks 01-07 headless (mixed + tutorial recipe)
-    workbench prepare-model                    prepare the embedded base model (done by make setup)
+    workbench prepare-model [FOLDER]           prepare the embedded base model (done by make setup), or convert an InternLM2 folder
 
 Known errors (bad config, bad data, missing model, unusable folder or checkpoint)
 print one clear message and exit with status 2, without a traceback.
@@ -61,11 +61,12 @@ def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
     from workbench.checkpoint import CheckpointError
     from workbench.config import ConfigError
     from workbench.convert import ConvertError
+    from workbench.convert_models import ConversionError
     from workbench.models import ModelError
     from workbench.prompt import TemplateError
     from workbench.samples import DataError
 
-    return CheckpointError, ConfigError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
+    return CheckpointError, ConfigError, ConversionError, ConvertError, DataError, ModelError, TemplateError, FileExistsError, FileNotFoundError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--one-recipe", action="store_true", help="train only the main recipe (no baseline)")
     s.set_defaults(func=cmd_run_notebooks)
 
-    s = sub.add_parser("prepare-model", help="prepare the embedded base model", description="Convert the embedded GGUF model into a Hugging Face folder (once), "
-                       "and register it in the Hugging Face hub cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) as HuggingFaceTB/SmolLM2-135M-Instruct.")
+    s = sub.add_parser("prepare-model", help="prepare the embedded base model, or convert a remote-code folder (InternLM2)",
+                       description="Without FOLDER: convert the embedded GGUF model into a Hugging Face folder (once), "
+                       "and register it in the Hugging Face hub cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) as HuggingFaceTB/SmolLM2-135M-Instruct. "
+                       "With FOLDER (a hub-layout InternLM2 / InternLM2.5 folder): convert it once into a standard Llama folder in the "
+                       "workbench's cache, checked against the original weights and tokenizer (training does this on first load too).")
+    s.add_argument("folder", nargs="?", help="a model folder that needs remote code, e.g. ./models/internlm2-chat-1_8b")
     s.add_argument("--force", action="store_true", help="convert again even if ready")
     s.set_defaults(func=cmd_prepare_model)
     return p
@@ -275,10 +280,9 @@ def cmd_gen_data(args) -> int:
 
 def cmd_check_dataset(args) -> int:
     from workbench.encoding import check_dataset
-    from workbench.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model) if args.model else None
-    report = check_dataset(args.path, tokenizer=tokenizer, max_length=args.max_length, strict=False)
+    # A name, not a loaded tokenizer: check_dataset then also reads the model's vocabulary size.
+    report = check_dataset(args.path, tokenizer=args.model, max_length=args.max_length, strict=False)
     print(report)
     return 1 if report.errors else 0
 
@@ -415,8 +419,15 @@ def cmd_run_notebooks(args) -> int:
 
 def cmd_prepare_model(args) -> int:
     from workbench.hubcache import EMBEDDED_HUB_ID, register_snapshot
-    from workbench.models import prepare_embedded_model
+    from workbench.models import ModelError, prepare_embedded_model, prepare_remote_code_folder
 
+    if args.folder:
+        source = Path(args.folder)
+        if not (source / "config.json").exists():
+            raise ModelError(f"{source} is not a model folder (no config.json)")
+        converted = prepare_remote_code_folder(source.resolve(), force=args.force)
+        print(f"ready: {converted}" if converted != source.resolve() else f"{source} loads as it is: nothing to convert")
+        return 0
     folder = prepare_embedded_model(force=args.force)
     # Exports name their base by its public id; plain transformers/peft find it here (HF_HUB_OFFLINE=1).
     print(f"registered as {EMBEDDED_HUB_ID} in the Hugging Face cache: {register_snapshot(folder, EMBEDDED_HUB_ID)}")

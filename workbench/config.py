@@ -88,7 +88,7 @@ class Config:
     description: str = _f("", help="One line describing what this config is for (shown by `workbench list-cfg`).")
     # --- model --------------------------------------------------------------
     pretrained_model_name_or_path: str = _f(EMBEDDED_MODEL, help=f"Base model: '{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct, prepared by `make setup`), a local Hugging Face folder, or a hub id (needs network).")
-    trust_remote_code: bool = _f(False, help="Allow the model folder's own Python code to run (needed by some models such as InternLM2). Off unless you trust the folder.")
+    trust_remote_code: bool = _f(False, help="Allow the model folder's own Python code to run (auto_map in its config.json; the CLI flag is --trust-remote-code). Off unless you trust the folder. InternLM2 folders need not: they are converted to Llama once.")
     torch_dtype: str = _f("auto", help="Weight and compute dtype: auto (float32 on CPU, bfloat16 on GPUs that support it, else float16), float32, bfloat16, float16.", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", help="Where to train and generate: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     method: str = _f("lora", help="full (train every weight), lora (low-rank adapters on a frozen base) or qlora (LoRA on a 4-bit NF4 base).", choices=("full", "lora", "qlora"))

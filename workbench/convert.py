@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 
 from workbench import fastpath
-from workbench.chat import answer, load_chat_model
+from workbench.chat import ADAPTER_CONFIG, answer, load_chat_model
 from workbench.checkpoint import TRAINABLE, load_trainable
 from workbench.config import Config, load_config, save_config
 from workbench.io import atomic_dir, folder_is_nonempty
-from workbench.models import (AdapterError, attach_adapter, build_unquantized, check_adapter_folder, load_builder,
+from workbench.models import (AdapterError, attach_adapter, build_unquantized, check_adapter_folder, converted_from, load_builder,
                               load_model, load_tokenizer)
 from workbench.portable import export_generation_config, portable_base_name, save_export_tokenizer
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
-CONFIG_FILE = "workbench_config.yaml"
+CONFIG_FILE = ADAPTER_CONFIG
 
 
 class ConvertError(ValueError):
@@ -91,6 +91,11 @@ def _write_card(folder: Path, cfg: Config, kind: str, dtype: torch.dtype, note: 
         "generation_config.json stops at the end-of-turn token; `prompt.json` holds the system prompt and stop tokens.",
         "The full training config is in `workbench_config.yaml`.",
     ]
+    origin = converted_from(cfg.pretrained_model_name_or_path)
+    if origin:
+        lines += ["", f"The base came from {origin.get('architecture', 'InternLM2')} (model_type `{origin.get('model_type')}`, "
+                  f"`{origin.get('source')}`), converted by workbench into the standard Llama layout: {origin.get('layout')}. "
+                  "This is an ordinary Llama artifact: no remote code is needed to load it."]
     if note:
         lines += ["", note]
     lines += ["", "Chat with it: `workbench chat BASE --adapter THIS_FOLDER`" if kind == "LoRA adapter"
@@ -127,6 +132,7 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
         raise ConvertError(str(e)) from None
     _require_empty(save_dir)
     cfg = _adapter_config(folder)
+    trust_remote_code = trust_remote_code or bool(cfg is not None and cfg.trust_remote_code)  # as the adapter was trained
     if cfg is not None and cfg.method == "qlora":
         print("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in full precision")
     model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)

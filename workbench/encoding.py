@@ -115,8 +115,12 @@ class DatasetReport:
 
 
 def encode_samples(samples: Iterable[Sample], builder: PromptBuilder, max_length: int,
-                   loss_on: str = "all_turns") -> tuple[list[Encoded], DatasetReport]:
-    """Encode samples for training; samples with no trained token left are dropped and counted."""
+                   loss_on: str = "all_turns", vocab_size: int | None = None) -> tuple[list[Encoded], DatasetReport]:
+    """Encode samples for training; samples with no trained token left are dropped and counted.
+
+    vocab_size: the model's embedding rows; a sample with a token id at or above it is an error
+    naming the record (the tokenizer does not fit the model; training would fail on it).
+    """
     report = DatasetReport(max_length=max_length)
     encoded: list[Encoded] = []
     cache: dict = {}
@@ -127,6 +131,9 @@ def encode_samples(samples: Iterable[Sample], builder: PromptBuilder, max_length
         if sample.file:
             files.setdefault(sample.source, set()).add(sample.file)
         enc = _encode_cached(sample, builder, max_length, loss_on, cache)
+        if vocab_size is not None and enc.input_ids and max(enc.input_ids) >= vocab_size:
+            report.add_error(_out_of_vocab(sample, enc, builder, vocab_size))
+            continue
         if enc.n_trained == 0:
             report.n_dropped += 1
             if len(report.dropped) < MAX_DROPPED_SHOWN:
@@ -137,6 +144,13 @@ def encode_samples(samples: Iterable[Sample], builder: PromptBuilder, max_length
     report.n_files = sum(len(f) for f in files.values())
     report.files = {source: len(f) for source, f in files.items() if f != {source}}
     return encoded, report
+
+
+def _out_of_vocab(sample: Sample, enc: Encoded, builder: PromptBuilder, vocab_size: int) -> str:
+    bad = sorted({t for t in enc.input_ids if t >= vocab_size})
+    pieces = builder.tokenizer.convert_ids_to_tokens(bad[:3])
+    return (f"{sample.where}: token id{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:3]))} ({', '.join(map(repr, pieces))}) "
+            f"at or above the model's vocabulary size {vocab_size}: the tokenizer does not fit the model's embedding")
 
 
 def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss_on: str, cache: dict) -> Encoded:
@@ -158,17 +172,23 @@ def _count(report: DatasetReport, enc: Encoded) -> None:
 
 
 def check_dataset(path_or_config: str | os.PathLike | Config, tokenizer=None, max_length: int | None = None,
-                  strict: bool = True) -> DatasetReport:
+                  strict: bool = True, vocab_size: int | None = None) -> DatasetReport:
     """Read, validate and encode a data file, folder, pattern or a config's data mixture; report every problem.
 
     Writes nothing. tokenizer: a tokenizer, a model name, or None for the
     config's model (the embedded model for bare data). max_length: None for
     the config's. strict: samples that would be dropped (nothing trainable
-    after truncation) count as an error too, so `report.ok` is False.
+    after truncation) count as an error too, so `report.ok` is False. vocab_size: the model's
+    (default: read from the model's config when the tokenizer is given by name or comes from the
+    config); token ids at or above it are errors naming the record.
     """
     cfg, samples, errors, readings = _gather(path_or_config)
     builder = builder_for(cfg, _tokenizer(tokenizer, cfg))
-    _, report = encode_samples(samples, builder, max_length or cfg.max_length, cfg.loss_on)
+    if vocab_size is None and not (tokenizer is not None and not isinstance(tokenizer, str)):
+        from workbench.models import model_vocab_size  # models imports torch; reading data does not need it
+
+        vocab_size = model_vocab_size(tokenizer or cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+    _, report = encode_samples(samples, builder, max_length or cfg.max_length, cfg.loss_on, vocab_size)
     report.add_readings(readings)
     for error in errors:
         report.add_error(error)

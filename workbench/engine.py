@@ -319,6 +319,33 @@ class Engine:
             r.job.emit(("error", f"generation failed: {type(error).__name__}: {error}"))
 
 
+@torch.inference_mode()
+def cache_api_problem(model, prompt_ids: list[int]) -> str | None:
+    """Why the engine cannot decode with this model (None when it can), found by a two-token probe at start.
+
+    The engine keeps one transformers `DynamicCache` for the batch; a model with its own (remote)
+    code that expects the old tuple caches fails there ("'DynamicCache' object is not
+    subscriptable"). The server refuses such a model at start instead of answering HTTP 500.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    ids = torch.tensor([prompt_ids[:2] or [0]], device=next(model.parameters()).device)
+    try:
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids[:, :1], attention_mask=torch.ones_like(ids[:, :1]), past_key_values=cache, use_cache=True)
+        nxt = out.past_key_values
+        out = model(input_ids=ids[:, -1:], attention_mask=torch.ones(1, 2, dtype=ids.dtype, device=ids.device),
+                    past_key_values=nxt, use_cache=True)
+        ok = isinstance(out.past_key_values, Cache) and out.past_key_values.get_seq_length() == 2
+    except Exception as e:  # noqa: BLE001 - any failure here is the answer
+        return (f"{type(model).__name__} cannot decode with transformers' Cache API ({type(e).__name__}: {str(e)[:200]}), "
+                "which the server's batched engine needs")
+    if not ok:
+        return f"{type(model).__name__} does not keep transformers' Cache API across steps, which the server's batched engine needs"
+    return None
+
+
 def _joinable(cache) -> bool:
     """Whether caches of this model can be padded and concatenated: plain full-attention layers only (not sliding windows)."""
     from transformers.cache_utils import DynamicLayer

@@ -111,6 +111,18 @@ def enable_packed_attention(model) -> bool:
     return True
 
 
+def keeps_conversations_apart(model) -> bool:
+    """True for transformers' own model classes: their masks follow the restarting position_ids of a packed row.
+
+    A model with its own (remote) code builds its own causal mask over the whole row, so packed
+    conversations would attend to each other: the trainer then puts one conversation in a row.
+    """
+    from transformers import PreTrainedModel
+
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return bool(models) and all(type(m).__module__.startswith("transformers.") for m in models)
+
+
 def disable_packed_attention(model) -> None:
     """Back to SDPA (before a model is saved, so its config names a standard implementation)."""
     base = _transformers_model(model)

@@ -16,8 +16,8 @@ documentation (ggml docs/gguf.md):
 - f16: matrices float16, norms and biases float32 (llama.cpp's choice);
   q8_0: matrices in blocks of 32 int8 with one float16 scale each.
 
-The metadata carries the tokenizer (byte-level BPE vocabulary, merges, token
-types, special ids), the chat template with the trained system prompt as its
+The metadata carries the tokenizer (workbench.gguf_vocab: byte-level BPE, or
+sentencepiece-style BPE with byte fallback as llama.cpp's "llama" vocabulary), the chat template with the trained system prompt as its
 default (`workbench.portable`), and the end-of-turn id, so the file prompts the
 model the way training did. Architectures other than llama and qwen2 are
 refused; llama.cpp's own convert_hf_to_gguf.py covers them.
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from workbench.chat import GenerationSettings, answer
 from workbench.config import load_config
-from workbench.convert import CONFIG_FILE, ConvertError
+from workbench.convert import CONFIG_FILE
+from workbench.gguf_vocab import LLAMA_CPP_CONVERTER, GGUFError, add_vocabulary, tokenizer_kind
 from workbench.io import atomic_write_text
 from workbench.models import attach_adapter, check_adapter_folder, load_model, load_tokenizer, resolve_model_path
 from workbench.portable import LICENSES, portable_base_name, stop_ids, template_with_default_system
@@ -51,15 +52,6 @@ from workbench.prompt import PROMPT_FILE, PromptBuilder
 OUTTYPES = ("f16", "q8_0")
 ARCHITECTURES = ("llama", "qwen2")
 MODELFILE = "Modelfile"
-LLAMA_CPP_CONVERTER = "llama.cpp's convert_hf_to_gguf.py (https://github.com/ggml-org/llama.cpp)"
-
-# Byte-level BPE pre-tokenizers, recognised by their splitting regex, and llama.cpp's name for each.
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
-class GGUFError(ConvertError):
-    """The model cannot be exported to GGUF here; the message says why and what to use instead."""
-
 
 @dataclass
 class GGUFResult:
@@ -80,6 +72,7 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     if adapter is None and (Path(model) / "adapter_config.json").exists():
         raise GGUFError(f"{model} is an adapter folder: give its base model and `--adapter {model}`, or merge it first")
     prompt_dir = Path(check_adapter_folder(adapter)) if adapter else Path(resolve_model_path(model))
+    check_config_file(model)  # before minutes of loading
     net = load_model(model, torch_dtype="float32", device="cpu")
     if adapter:
         net = attach_adapter(net, adapter).merge_and_unload()
@@ -92,6 +85,20 @@ def load_for_export(model: str, adapter: str | os.PathLike | None = None):
     return net.eval(), builder, name
 
 
+def check_config_file(model: str) -> None:
+    """Refuse an architecture this exporter does not write from config.json alone, before any weight is loaded."""
+    path = Path(resolve_model_path(model)) / "config.json"
+    if not path.exists():
+        return  # a hub id: checked on the loaded config
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except ValueError as e:
+        raise GGUFError(f"{path}: not valid JSON ({e})") from None
+    if model_type not in ARCHITECTURES:
+        raise GGUFError(f"{path}: model_type {model_type!r} is not supported by `workbench convert gguf` (only "
+                        f"{', '.join(ARCHITECTURES)}); use {LLAMA_CPP_CONVERTER} on the merged folder")
+
+
 def check_supported(config) -> str:
     """The GGUF architecture name for a transformers config, or GGUFError naming llama.cpp's converter."""
     arch = config.model_type
@@ -99,7 +106,8 @@ def check_supported(config) -> str:
         raise GGUFError(f"architecture {arch!r} is not supported by `workbench convert gguf` (only {', '.join(ARCHITECTURES)}); "
                         f"use {LLAMA_CPP_CONVERTER} on the merged folder")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    # Dynamic NTK scaling (InternLM2.5) changes nothing up to max_position_embeddings, the context the file declares.
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
         raise GGUFError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter; use {LLAMA_CPP_CONVERTER}")
     if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         raise GGUFError(f"a llama model with attention or MLP biases is not written by this exporter; use {LLAMA_CPP_CONVERTER}")
@@ -177,6 +185,10 @@ def add_model_metadata(w, config, arch: str, name: str, base: str | None) -> Non
     license = LICENSES.get(portable_base_name(base)) if base else None
     if license:
         w.add_license(license)
+    origin = getattr(config, "workbench_converted_from", None)
+    if isinstance(origin, dict):  # e.g. InternLM2, converted by the workbench: say where the weights came from
+        w.add_description(f"Converted from {origin.get('architecture')} ({origin.get('model_type')}) to the Llama layout by workbench: "
+                          f"{origin.get('layout')}")
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -194,65 +206,17 @@ def add_model_metadata(w, config, arch: str, name: str, base: str | None) -> Non
         w.add_vocab_size(config.vocab_size)
 
 
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer (how text is split before BPE)."""
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise GGUFError(f"the tokenizer is {model.get('type')}, not byte-level BPE; use {LLAMA_CPP_CONVERTER}")
-    pre = data.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"  # GPT-2's splitting regex: llama.cpp's pre-tokenizer "gpt-2"
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"  # SmolLM's and StarCoder's: digits one by one, then GPT-2's regex
-    if kinds and kinds[0] == "Split":
-        regex = parts[0].get("pattern", {}).get("Regex", "")
-        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2  # heavy: only for Split tokenizers
-
-        if regex == QWEN2:
-            return "qwen2"
-        if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"):
-            return "llama-bpe"
-    raise GGUFError(f"the tokenizer's pre-tokenizer ({pre.get('type')}: {kinds}) is not one this exporter knows; use {LLAMA_CPP_CONVERTER}")
-
-
-def vocab_tables(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens by id, token types, merges) of a byte-level BPE tokenizer, padded to the model's vocab size."""
-    TokenType = gguf.TokenType
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        types.append(TokenType.NORMAL if i not in added else TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
-    return tokens, [int(t) for t in types], merges
-
-
 def add_tokenizer_metadata(w, builder: PromptBuilder, vocab_size: int) -> None:
     tok = builder.tokenizer
-    tokens, types, merges = vocab_tables(tok, vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer_name(tok))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-        if value is not None:
-            getattr(w, f"add_{key}_token_id")(value)
+    add_vocabulary(w, tok, vocab_size)
     eot = end_of_turn_id(builder)
     if eot is not None:
         w.add_eot_token_id(eot)
-    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    template = template_with_default_system(builder)
+    # A template that writes the BOS itself (InternLM2's `{{ bos_token }}`) must not get a second one from llama.cpp.
+    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)) and "bos_token" not in template)
     w.add_add_eos_token(False)
-    w.add_chat_template(template_with_default_system(builder))
+    w.add_chat_template(template)
 
 
 def end_of_turn_id(builder: PromptBuilder) -> int | None:
@@ -359,7 +323,7 @@ def export_gguf(model: str, out: str | os.PathLike, outtype: str = "f16", adapte
     arch = check_supported(net.config)
     modelfile = modelfile_text(out.name, builder, stop_ids(builder, net.generation_config.eos_token_id))
     tensors = gguf_tensors(net, arch)
-    pre_tokenizer_name(builder.tokenizer)  # refuse an unknown tokenizer before writing anything
+    tokenizer_kind(builder.tokenizer)  # refuse an unknown tokenizer before writing anything
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -440,6 +404,12 @@ def _template_matches(path, builder: PromptBuilder, question: str) -> bool:
 
     p = Path(path)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    if bytes(gguf.GGUFReader(str(p)).fields["tokenizer.ggml.model"].contents(), "utf-8") == b"llama":
+        # llama.cpp puts the space prefix in front of every text fragment after a special token (llama-vocab.cpp,
+        # `is_prev_special`); transformers' GGUF reader only in front of the first: read the file as llama.cpp does.
+        from tokenizers import pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=False)
     msgs = [{"role": "user", "content": question}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids) == builder.generation_prompt(question)

@@ -170,6 +170,9 @@ def launch(args, cfg: Config) -> int:
     check_supported(cfg, strategy)
     check_launchable(strategy)
     check_fresh_work_dir(Path(args.work_dir) if args.work_dir else cfg.resolved_work_dir, fresh=args.resume is None)
+    from workbench.models import resolve_model_path  # a remote-code folder (InternLM2) is converted once here, not in every process
+
+    resolve_model_path(cfg.pretrained_model_name_or_path)
     cmd = accelerate_command(args, path, n)
     print(f"launching {strategy.describe()}: {shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd).returncode

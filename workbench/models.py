@@ -157,11 +157,64 @@ def resolve_model_path(name: str) -> str:
     if p.exists():
         if not (p / "config.json").exists():
             raise ModelError(f"{p} exists but is not a Hugging Face model folder (no config.json). Point pretrained_model_name_or_path at the folder that holds config.json and the weights.")
-        return str(p)
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
-    if looks_local:
+        return str(prepare_remote_code_folder(p))
+    if looks_local(name):
         raise ModelError(f"model folder {name!r} not found. Download the model into that folder first, or fix pretrained_model_name_or_path.")
     return name  # a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def converted_root() -> Path:
+    """Where converted folders are cached: $WORKBENCH_CONVERTED_DIR, else beside the embedded model."""
+    return Path(os.environ.get("WORKBENCH_CONVERTED_DIR") or CACHE_DIR / "models")
+
+
+def prepare_remote_code_folder(folder: Path, force: bool = False) -> Path:
+    """A folder that needs remote code the workbench can replace (InternLM2), converted once; others as they are.
+
+    The converted copy lives in CACHE_DIR/models/, keyed by the source's content
+    (workbench.convert_models.internlm2); loading the original folder loads it.
+    """
+    from workbench.convert_models.internlm2 import is_internlm2, prepare_internlm2
+
+    if is_internlm2(folder):
+        return prepare_internlm2(folder, converted_root(), force=force)
+    return folder
+
+
+def model_vocab_size(name: str, trust_remote_code: bool = False) -> int | None:
+    """The model's embedding rows (config.json's vocab_size), read without loading weights; None if unknown."""
+    import json
+
+    folder = resolve_path(name)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        return None  # an adapter folder: its base is checked when it is loaded
+    path = Path(resolve_model_path(name))
+    if (path / "config.json").exists():
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).to_dict()
+        except Exception:  # noqa: BLE001 - a hub id without network: no check rather than no report
+            return None
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def converted_from(name: str) -> dict | None:
+    """Where a base model came from when the workbench converted it (InternLM2 -> Llama), else None."""
+    import json
+
+    try:
+        path = Path(resolve_model_path(name)) / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")).get("workbench_converted_from") if path.exists() else None
+    except (ModelError, OSError, ValueError):
+        return None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -185,12 +238,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: st
     from transformers import AutoTokenizer
 
     folder = resolve_path(name)
-    # An adapter folder has a tokenizer but no config.json: read it directly.
-    path = str(folder) if (folder / "tokenizer_config.json").exists() else resolve_model_path(name)
+    # An adapter folder has a tokenizer but no config.json: read it directly (a model folder may need converting first).
+    is_adapter = (folder / "tokenizer_config.json").exists() and not (folder / "config.json").exists()
+    path = str(folder) if is_adapter else resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - rewrap with a hint
-        raise ModelError(f"cannot read the tokenizer of {path}: {e}. Check that the folder is complete, or set trust_remote_code: true if the model needs its own code.") from None
+        raise ModelError(f"cannot read the tokenizer of {path}: {e}. Check that the folder is complete, or, if the model needs its own code and you trust it, pass --trust-remote-code (CLI) or set trust_remote_code: true (config).") from None
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:
@@ -225,7 +279,7 @@ def load_model(name: str, *, torch_dtype: str = "auto", device: str = "auto", qu
         raise ModelError(f"cannot load model {path!r}: {e}. If it is a hub id, you need network access; otherwise give a local folder.") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise ModelError(f"{path} needs its own code to load; set trust_remote_code: true in the config if you trust it.") from None
+            raise ModelError(f"{path} needs its own code to load; if you trust it, pass --trust-remote-code (CLI) or set trust_remote_code: true in the config.") from None
         raise
     if not quantize_4bit:
         model.to(dev)

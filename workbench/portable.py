@@ -15,12 +15,12 @@ prompt the model exactly as training did:
 - `portable_base_name(name)`: the base model recorded by a name that works
   elsewhere: the embedded model by its public id, the tiny test model by a
   local id (both registered in the hub cache, see `workbench.hubcache`), a
-  user's own folder or hub id as written in the config.
+  user's own folder or hub id as written in the config (an InternLM2 folder by its converted
+  Llama copy, which loads without remote code).
 - `card_header(...)`: the YAML metadata block the Hub and other tools read.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -28,11 +28,10 @@ import yaml
 
 from workbench.config import EMBEDDED_MODEL, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
-from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL
-from workbench.prompt import PromptBuilder
+from workbench.convert_models.internlm2 import is_internlm2
+from workbench.models import EMBEDDED_DIR, TINY_DIR, TINY_MODEL, resolve_model_path
+from workbench.prompt import PromptBuilder, strip_default_system, with_default_system  # noqa: F401 - re-exported
 
-_BEGIN = "{#- workbench: the trained system prompt is the default -#}"
-_END = "{#- workbench: end of default #}"  # no trailing "-": the template after it keeps its leading whitespace
 LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}  # SmolLM2 is published under Apache 2.0
 
 
@@ -41,19 +40,7 @@ LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}  # SmolLM2 is published under Apache 
 # ---------------------------------------------------------------------------
 def template_with_default_system(builder: PromptBuilder) -> str:
     """The builder's chat template, inserting `builder.system` when the conversation brings no system message."""
-    base = strip_default_system(builder.chat_template)
-    literal = json.dumps(builder.system, ensure_ascii=False)  # a valid Jinja (and minja) string literal
-    block = (f"{_BEGIN}{{%- if not (messages and messages[0]['role'] == 'system') -%}}"
-             f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
-             f"{{%- endif -%}}{_END}")
-    return block + base
-
-
-def strip_default_system(template: str) -> str:
-    """A template without the block `template_with_default_system` put in front (so it is never added twice)."""
-    if template.startswith(_BEGIN) and _END in template:
-        return template.split(_END, 1)[1]
-    return template
+    return with_default_system(builder.chat_template, builder.system)
 
 
 def save_export_tokenizer(builder: PromptBuilder, folder: str | os.PathLike) -> None:
@@ -106,6 +93,8 @@ def portable_base_name(name: str) -> str:
             return EMBEDDED_HUB_ID
         if p.resolve() == TINY_DIR.resolve():
             return TINY_HUB_ID
+        if (p / "config.json").exists() and is_internlm2(p):
+            return resolve_model_path(name)  # its converted Llama copy: plain transformers/peft load it without remote code
     return name
 
 

@@ -32,6 +32,29 @@ FALLBACK_CHATML = (
 )
 
 
+_BEGIN = "{#- workbench: the trained system prompt is the default -#}"
+_END = "{#- workbench: end of default #}"  # no trailing "-": the template after it keeps its leading whitespace
+
+
+def with_default_system(template: str, system: str) -> str:
+    """`template` inserting `system` when the conversation brings no system message (an explicit one still wins).
+
+    Generic over templates: a Jinja block in front adds the system message when `messages[0]` is not one.
+    """
+    literal = json.dumps(system, ensure_ascii=False)  # a valid Jinja (and minja) string literal
+    block = (f"{_BEGIN}{{%- if not (messages and messages[0]['role'] == 'system') -%}}"
+             f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
+             f"{{%- endif -%}}{_END}")
+    return block + strip_default_system(template)
+
+
+def strip_default_system(template: str) -> str:
+    """A template without the block `with_default_system` put in front (so it is never added twice)."""
+    if template.startswith(_BEGIN) and _END in template:
+        return template.split(_END, 1)[1]
+    return template
+
+
 class TemplateError(ValueError):
     """The chat template cannot be used to mask a conversation."""
 

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workbench.api_requests import APIError, ChatRequest, error_response, parse_chat_request, prompt_ids
-from workbench.engine import Engine
+from workbench.engine import Engine, cache_api_problem
 
 MAX_BODY_BYTES = 1 << 20          # 1 MiB: far more than any chat with a small model needs
 DRAIN_FACTOR = 8                  # an oversized body is read on (and dropped) up to 8 times the limit, then the connection closes
@@ -238,6 +238,11 @@ def serve(model: str, adapter: str | None = None, host: str = "127.0.0.1", port:
         torch.set_num_threads(threads)
     loaded, builder = load_chat_model(model, adapter, device=device, system=system, trust_remote_code=trust_remote_code)
     name = model_name or served_name(model, adapter)
+    problem = cache_api_problem(loaded, builder.generation_prompt("hi"))
+    if problem:
+        sock.close()
+        raise ServeError(f"{problem}. Serve a model of a standard transformers architecture (InternLM2 folders are converted "
+                         "to Llama automatically, see `workbench prepare-model FOLDER`), or try `workbench chat` with this one.")
     engine = Engine(loaded, builder.tokenizer, builder.stop_token_ids, max_batch=max_batch).start()
     app = create_app(engine, builder, name, context_length(loaded, builder.tokenizer), max_body_bytes)
     server = _Server(engine, uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

@@ -52,12 +52,13 @@ from workbench import fastpath_cuda
 from workbench.config import Config, save_config
 from workbench.convert import export_trained
 from workbench.encoding import encode_samples
+from workbench.fastpath import keeps_conversations_apart
 from workbench.distributed import (Distributed, check_supported, configure_deepspeed, fallback_note, make_accelerator,
                                    strategy_of)
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
 from workbench.loss import token_loss_sum
 from workbench.mixing import mix_sources
-from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder
+from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder, model_vocab_size
 from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
@@ -140,8 +141,8 @@ class Trainer:
         if rows is None:
             samples, report, rows = prepare_rows(self.cfg, self.builder, self.dist.is_main)
             data_files = (samples, report)
-        self.rows = rows
         self.model = model if model is not None else build_model(self.cfg, self.device, self.strategy)
+        self.rows = rows = self.rows_for_model(rows, data_files)
         self.optimizer, self.scheduler, self.plan = make_optimizer(self.cfg, self.model, rows,
                                                                    self.accelerator.num_processes, optimizer)
         if self.resume_from:
@@ -154,6 +155,18 @@ class Trainer:
         if self.resume_from:
             self.start_step = self.restore(self.resume_from)
         return self
+
+    def rows_for_model(self, rows: list, data_files) -> list:
+        """Packed rows only for a model whose attention the workbench controls; else one conversation a row, said in the report."""
+        if not self.cfg.pack_to_max_length or keeps_conversations_apart(self.model) or all(len(r) == 1 for r in rows):
+            return rows
+        note = (f"packing off: {type(self.accelerator.unwrap_model(self.model)).__name__} runs its own (remote) attention code, "
+                "which would let packed conversations attend to each other; training one conversation a row")
+        if self.dist.is_main:
+            print(note)
+        if data_files is not None:
+            data_files[1].notes = [*getattr(data_files[1], "notes", []), note]
+        return unpacked([sample for row in rows for sample in row])
 
     def restore(self, ckpt: Path) -> int:
         """Every process restores; under DeepSpeed/FSDP weights and optimizer come from iter_N/engine_state/
@@ -207,11 +220,15 @@ def set_seed(seed: int) -> None:
 def prepare_rows(cfg: Config, builder: PromptBuilder, is_main: bool):
     """(samples, report, rows): the config's data read, encoded and packed (or one sample per row)."""
     samples = mix_sources(cfg)
-    encoded, report = encode_samples(samples, builder, cfg.max_length, cfg.loss_on)
+    vocab_size = model_vocab_size(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+    encoded, report = encode_samples(samples, builder, cfg.max_length, cfg.loss_on, vocab_size)
     if is_main:
         print(report)
+    if report.errors:
+        raise DataError("training data", 0, None, f"{report.n_errors} record(s) cannot be trained on this model, "
+                        f"e.g. {report.errors[0]}")
     if not encoded:
-        raise DataError("no trainable samples: every record was dropped (see the report above)")
+        raise DataError("training data", 0, None, "no trainable samples: every record was dropped (see the report above)")
     rows = pack(encoded, cfg.max_length) if cfg.pack_to_max_length else unpacked(encoded)
     return samples, report, rows
 
@@ -219,7 +236,7 @@ def prepare_rows(cfg: Config, builder: PromptBuilder, is_main: bool):
 def write_data_files(work: Path, cfg: Config, samples, report) -> None:
     if any(src.generate for src in cfg.datasets):
         write_dataset([s for s in samples if s.source.startswith("generated")], work / "data" / "generated.jsonl")
-    atomic_write_text(work / "dataset_report.txt", str(report) + "\n")
+    atomic_write_text(work / "dataset_report.txt", "\n".join([str(report), *getattr(report, "notes", [])]) + "\n")
 
 
 def make_optimizer(cfg: Config, model, rows, world_size: int, optimizer=None):
