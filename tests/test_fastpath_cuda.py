@@ -139,13 +139,13 @@ def test_budget_tokens_on_cpu_and_requested():
 def test_budget_from_free_memory_switches_checkpointing_on_only_when_needed(monkeypatch):
     model = tiny_lora()
     cfg = model.config
-    per_token = fastpath_cuda.ACTIVATION_FLOATS * cfg.num_hidden_layers * cfg.hidden_size * 4  # float32 here
+    per_token = fastpath_cuda.CUDA_ACTIVATION_FLOATS * cfg.num_hidden_layers * cfg.hidden_size * 4  # float32 here
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(per_token * 40000 / 0.8), 10 ** 12))
     assert fastpath_cuda.budget_tokens(model, 2048, cuda, None) == (40000, False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(per_token * 1000 / 0.8), 10 ** 12))
     tokens, checkpoint = fastpath_cuda.budget_tokens(model, 2048, cuda, None)
-    assert checkpoint and tokens == 5000  # 30/6 times as many tokens fit with checkpointing
+    assert checkpoint and tokens == 6500  # 52/8 times as many tokens fit with checkpointing
 
 
 def test_training_loop_budget_keeps_the_step_maths(tmp_path, emulated_kernel, monkeypatch, one_torch_thread):

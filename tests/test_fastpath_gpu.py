@@ -26,7 +26,7 @@ QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
 
 @pytest.fixture(scope="module")
 def rows():
-    builder = PromptBuilder(load_tokenizer("embedded"))
+    builder = PromptBuilder(load_tokenizer(TINY_MODEL))
     samples = [builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in QA]
     return pack(samples, max_length=160)
 

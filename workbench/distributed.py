@@ -130,6 +130,10 @@ def make_accelerator(cfg: Config):
     dtype = pick_dtype(cfg.torch_dtype, device)
     half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" else "no"
     mixed = half if cfg.method != "full" or engine_requested() else "no"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a second run in it (a notebook) may change precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
 
 

@@ -353,26 +353,28 @@ class TrainLoop:
         loss_sum = torch.zeros((), device=device)
         micro = self.micro_batches(step)
         scale = self.dist.loss_scale(self.cfg)
-        for i, idx in enumerate(micro):
-            batch = self.batch([self.t.rows[j] for j in idx])
+        for i, rows in enumerate(micro):
+            batch = self.batch(rows)
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
                 s = token_loss_sum(model, batch)
                 acc.backward(s * scale / max(n_trained, 1))
             loss_sum += s.detach()
         return loss_sum
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This process's micro-batches of a step; on the GPU fast path regrouped by the token budget.
+    def micro_batches(self, step: int) -> list[list]:
+        """This process's micro-batches of a step, as lists of rows; on the GPU fast path regrouped by the token budget.
 
-        DeepSpeed and FSDP count the micro-batches of a step themselves, so there the
+        There the step's conversations (whatever rows they were packed into) are laid
+        into as few flat micro-batches of at most `budget` tokens as fit. DeepSpeed and
+        FSDP count the micro-batches of a step themselves, so under them the
         accumulation's grouping stays and only the flat layout applies.
         """
-        micro = self.t.plan.micro_batches(step, self.dist.rank)
+        micro = [[self.t.rows[j] for j in m] for m in self.t.plan.micro_batches(step, self.dist.rank)]
         if not self.budget or self.dist.strategy.engine_state:
             return micro
-        rows = [j for m in micro for j in m]
-        groups = fastpath_cuda.group_by_budget([row_length(self.t.rows[j]) for j in rows], self.budget)
-        return [[rows[g] for g in group] for group in groups]
+        samples = [s for rows in micro for row in rows for s in row]
+        groups = fastpath_cuda.group_by_budget([len(s) for s in samples], self.budget)
+        return [[[samples[g] for g in group]] for group in groups]
 
     def batch(self, rows: list) -> dict:
         """A micro-batch on the device: one flat row on the GPU fast path, padded rows otherwise."""
