@@ -170,3 +170,34 @@ def test_training_loop_budget_keeps_the_step_maths(tmp_path, emulated_kernel, mo
     assert [r["loss"] for r in flat.metrics] == pytest.approx([r["loss"] for r in plain.metrics], rel=1e-4)
     assert [r["tokens"] for r in flat.metrics] == [r["tokens"] for r in plain.metrics]
     assert len(read_jsonl(tmp_path / "flat" / "metrics.jsonl")) == 3
+
+
+def test_fused_linear_loss_path_equals_the_logits_path(rows, emulated_kernel, monkeypatch, one_torch_thread):
+    """The decoder-then-fused-head path (Liger's kernel on CUDA, a reference here) gives the plain loss and gradients."""
+    def reference(hidden, weight, target, ignore_index=-100, reduction="sum"):
+        return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index, reduction=reduction)
+
+    monkeypatch.setattr(fastpath_cuda, "_fused_linear_cross_entropy", lambda: reference)
+    plain, fast = tiny_lora(), tiny_lora()
+    lm = fastpath_cuda._causal_lm(fast)
+    assert lm is not None and fastpath_cuda._head_is_plain(lm)  # the causal LM, not the decoder peft forwards to
+    fastpath_cuda.enable_varlen_attention(fast)
+    setattr(lm, fastpath_cuda._LIGER_FLAG, True)  # what use_liger sets where liger-kernel is installed
+    assert fastpath_cuda.uses_liger_loss(fast)
+    loss_p, grads_p = loss_and_grads(plain, collate(rows, pad_id=0))
+    loss_f, grads_f = loss_and_grads(fast, collate_flat(rows))
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_qlora_base_qualifies_for_varlen_and_attends_in_half_precision():
+    class Cfg:
+        quantization_config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "torch.bfloat16"}
+
+    class Base:
+        config = Cfg()
+
+    assert fastpath_cuda._is_4bit(Base())
+    assert fastpath_cuda._half_dtype(torch.float32) == torch.bfloat16
+    assert fastpath_cuda._half_dtype(torch.float16) == torch.float16

@@ -85,6 +85,8 @@ def _varlen_call():
     gqa = "enable_gqa" in params
 
     def call(q, k, v, cu, longest, scale):
+        half = _half_dtype(q.dtype)  # QLoRA's float32 norms give float32 q/k/v: attend in bf16, as SDPA under autocast
+        q, k, v = q.to(half), k.to(half), v.to(half)
         if q.shape[1] != k.shape[1]:
             if gqa:
                 return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True, **causal)
@@ -116,7 +118,15 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     batch, length = query.shape[0], query.shape[2]
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = _varlen_call()(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # (tokens, heads, head_dim)
-    return out.view(batch, length, out.shape[1], out.shape[2]), None
+    return out.view(batch, length, out.shape[1], out.shape[2]).to(query.dtype), None
+
+
+def _half_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.bfloat16
 
 
 def enable_varlen_attention(model) -> bool:
@@ -129,11 +139,18 @@ def enable_varlen_attention(model) -> bool:
     base = _transformers_model(model)
     if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" \
             or not getattr(base, "_supports_attention_backend", False) or not varlen_available() \
-            or _compute_dtype(base) not in (torch.bfloat16, torch.float16):  # the flash kernel's dtypes
+            or not (_compute_dtype(base) in (torch.bfloat16, torch.float16) or _is_4bit(base)):  # the kernel's dtypes
         return False
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
     base.set_attn_implementation(VARLEN_ATTENTION)
     return True
+
+
+def _is_4bit(base) -> bool:
+    """QLoRA: a 4-bit base whose float32 norms (peft's k-bit preparation) are the only float32 on the way to attention."""
+    quant = getattr(base.config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
+    return bool(quant.get("load_in_4bit")) and str(quant.get("bnb_4bit_compute_dtype", "")).endswith(("bfloat16", "float16"))
 
 
 def _compute_dtype(base) -> torch.dtype:
@@ -192,10 +209,26 @@ def use_liger(model) -> list[str]:
         applied.append("swiglu")
     if _patch_rope(type(base).__module__):
         applied.append("rope")
-    if _head_is_plain(base):
-        setattr(base, _LIGER_FLAG, True)
+    lm = _causal_lm(model)
+    if lm is not None and _head_is_plain(lm):
+        setattr(lm, _LIGER_FLAG, True)
         applied.append("fused_linear_cross_entropy")
     return applied
+
+
+def _causal_lm(model):
+    """The transformers model with the output head inside a (peft-, accelerate-wrapped) model, or None.
+
+    (`fastpath._transformers_model` may stop at the decoder: peft forwards `base_model` to the
+    causal LM, whose `base_model` is its decoder.)
+    """
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and type(module).__module__.startswith("transformers.") \
+                and module.get_output_embeddings() is not None:
+            return module
+    return None
 
 
 def _patch_rope(module_name: str) -> bool:
@@ -229,8 +262,15 @@ def _head_is_plain(base) -> bool:
 
 
 def uses_liger_loss(model) -> bool:
-    base = _transformers_model(model)
-    return bool(getattr(base, _LIGER_FLAG, False))
+    lm = _causal_lm(model) if isinstance(model, torch.nn.Module) else None
+    return bool(getattr(lm, _LIGER_FLAG, False))
+
+
+def _fused_linear_cross_entropy():
+    """Liger's fused linear cross-entropy (a seam: the CPU tests put a reference in its place)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy
 
 
 def fused_linear_loss_sum(model, batch: dict, keep: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -240,16 +280,14 @@ def fused_linear_loss_sum(model, batch: dict, keep: torch.Tensor, targets: torch
     The decoder is called directly (the head is a plain Linear with no adapter); the
     model must not be wrapped by DDP or DeepSpeed (see `can_call_decoder`).
     """
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    base = _transformers_model(model)
-    decoder = getattr(base, base.base_model_prefix)
+    lm = _causal_lm(model)
+    decoder = getattr(lm, lm.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                      **extra).last_hidden_state
     hidden = hidden[:, keep].reshape(-1, hidden.shape[-1])
-    head = base.get_output_embeddings()
-    return liger_fused_linear_cross_entropy(hidden, head.weight, targets.reshape(-1), ignore_index=ignore_index,
-                                            reduction="sum").float()
+    head = lm.get_output_embeddings()
+    return _fused_linear_cross_entropy()(hidden.to(head.weight.dtype), head.weight, targets.reshape(-1),
+                                         ignore_index=ignore_index, reduction="sum").float()
 
 
 def can_call_decoder(model) -> bool:
