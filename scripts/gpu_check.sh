@@ -9,6 +9,8 @@
 #   (the venv's python, nothing installed: the wheels are listed and checked; the bench with --dry-run on the
 #    tiny shapes; the GPU tests run on the CPU)
 #
+# Knobs (environment): GPU_CHECK_BENCH_ARGS (more bench_gpu.py options, e.g. "--shapes qwen2.5-1.5b"),
+# GPU_CHECK_PYTEST_ARGS (default -x; "--maxfail=20" runs every GPU test), GPU_CHECK_LIMIT_S/_BENCH_S/_TESTS_S.
 # $OUT gets: log.txt (this script's steps, versions, nvidia-smi), bench.log, pytest.log, gpu.md, gpu.json
 # (benchmarks/results/ on a real run too), runs.tar.gz (every side's command, log and result JSON).
 set -uo pipefail
@@ -136,7 +138,7 @@ TESTS_T=$(( $(left) - 10 )); [ "$TESTS_T" -gt "$TESTS_MAX" ] && TESTS_T=$TESTS_M
 [ "$DRY" = 1 ] && export WORKBENCH_GPU_TESTS_DEVICE=cpu
 if [ "$TESTS_T" -gt 20 ]; then
   log "pytest: timeout $TESTS_T s: -m gpu tests/test_gpu.py"
-  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu -x -q -rs -p no:randomly --durations=10 tests/test_gpu.py \
+  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu ${GPU_CHECK_PYTEST_ARGS:--x} -q -rs -p no:randomly --durations=10 tests/test_gpu.py \
     > "$OUT/pytest.log" 2>&1
   log "pytest: exit $? - $(tail -n 1 "$OUT/pytest.log")"
 else
