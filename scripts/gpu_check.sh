@@ -23,7 +23,11 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
 OUT=${OUT:-outputs/gpu-check}
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/workbench-gpu-check}
-if [ "$DRY" = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-$(command -v python3 || command -v python)}; fi
+if [ "$DRY" = 1 ]; then PY=${PY:-.venv/bin/python}; fi
+for candidate in ${PY:-} python3 python; do  # the interpreter that has torch
+  if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then PY=$candidate; break; fi
+done
+PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/log.txt
 : > "$LOG"
@@ -32,15 +36,18 @@ left() { echo $((LIMIT - (SECONDS - T0))); }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   HF_DATASETS_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUNBUFFERED=1
 
-log "gpu_check: dry_run=$DRY python=$PY out=$OUT work=$WORK git=$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "gpu_check: dry_run=$DRY python=$(command -v "$PY") out=$OUT work=$WORK git=$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 [ -d "$WHEELS/wheels" ] || { log "FATAL: $WHEELS/wheels missing: run scripts/gpu_wheels.sh and carry .gpu-wheels"; exit 2; }
 
-# --- 1. the wheels the machine lacks (ours where we pin the version: peft, trl, liger, bitsandbytes, datasets, gguf)
+# --- 1. the wheels the machine lacks or has older (ours, exactly, where we pin: peft, trl, liger, bitsandbytes,
+#        datasets, gguf; a newer huggingface-hub, pandas, pyarrow ... of the machine stays)
 "$PY" - "$WHEELS/wheels" > "$WORK/to_install.txt" 2>> "$LOG" <<'PYEOF'
 import sys
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 PINNED = {"peft", "trl", "liger-kernel", "bitsandbytes", "datasets", "gguf"}
 for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
@@ -51,7 +58,11 @@ for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
     except PackageNotFoundError:
         have = None
     zipfile.ZipFile(whl).testzip()  # a damaged wheel fails here, not halfway through pip
-    if have is None or (dist in PINNED and have != want):
+    try:
+        older = have is not None and Version(have) < Version(want)
+    except InvalidVersion:
+        older = False
+    if have is None or (dist in PINNED and have != want) or older:
         print(whl)
     print(f"  {dist}: have {have}, carried {want}", file=sys.stderr)
 PYEOF
