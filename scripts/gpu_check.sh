@@ -3,7 +3,7 @@
 #   install the carried wheels the machine lacks -> versions, nvidia-smi -> `make bench-gpu` (<= 330 s)
 #   -> `pytest -m gpu` (<= 180 s) -> logs and results in $OUT (at most 8 files).
 #
-# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (~58 MiB), git-ignored
+# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (59 MiB), git-ignored
 # On the GPU machine:            bash scripts/gpu_check.sh           # carry: .gpu-wheels ; $OUT: where results go
 # Rehearsal on this CPU:         GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh
 #   (the venv's python, nothing installed: the wheels are listed and checked; the bench with --dry-run on the
@@ -149,7 +149,9 @@ TESTS_T=$(( $(left) - 10 )); [ "$TESTS_T" -gt "$TESTS_MAX" ] && TESTS_T=$TESTS_M
 [ "$DRY" = 1 ] && export WORKBENCH_GPU_TESTS_DEVICE=cpu
 if [ "$TESTS_T" -gt 20 ]; then
   log "pytest: timeout $TESTS_T s: -m gpu tests/test_gpu.py"
-  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu ${GPU_CHECK_PYTEST_ARGS:--x} -q -rs -p no:randomly --durations=10 tests/test_gpu.py \
+  # -v: one line a test, so that a run cut by `timeout` still shows where it was; a test stuck for 100 s dumps its stack
+  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu ${GPU_CHECK_PYTEST_ARGS:--x} -v -rs -p no:randomly --durations=10 \
+    -o faulthandler_timeout=100 tests/test_gpu.py \
     > "$OUT/pytest.log" 2>&1
   log "pytest: exit $? - $(tail -n 1 "$OUT/pytest.log")"
 else
