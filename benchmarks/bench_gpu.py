@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=None, help=f"comma list, a subset of {', '.join(SHAPES)}")
     p.add_argument("--methods", default=None, help="comma list: lora, qlora")
     p.add_argument("--sides", default=None, help=f"comma list, a subset of {', '.join(SIDES)}")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="the workbench side's tokens a micro-batch (config micro_batch_tokens; default: sized from free memory)")
     p.add_argument("--config", default=CONFIG, help="recipe: data, LoRA settings, lr, max_length, seed")
     p.add_argument("--tokenizer", default=None, help="folder with the tokenizer files (default: the embedded model's)")
     p.add_argument("--work-dir", default=str(ROOT / "outputs" / "bench-gpu"), help="stand-in models and per-side logs")
@@ -184,6 +186,8 @@ def side_command(job: Job, args: argparse.Namespace, model: Path, batch: int, ro
            "--steps", str(args.steps), "--batch-size", str(batch), *side.args, "--out", str(out)]
     if side.script == "baseline_peft.py":
         cmd[-2:-2] = ["--micro-batch-size", str(micro_batch(args))]
+    if side.script == "run_workbench.py" and args.micro_batch_tokens:
+        cmd[-2:-2] = ["--micro-batch-tokens", str(args.micro_batch_tokens)]
     if side.script == "baseline_trl.py":
         cmd[-2:-2] = ["--rows-per-step", str(rows)]
         if job.side == "trl_best" and liger_usable(args):

@@ -24,6 +24,7 @@ def job_row(job: Job, jobs: list[Job], flops: dict, tflops: float) -> dict:
     row.update(tokens_per_s=s["tokens_per_s"], step_time_s=s["step_time_s"], tokens_per_step=s["tokens_per_step"],
                positions_per_step=s["positions_per_step"], final_loss=s["final_loss"], peak_gpu_mib=r.get("peak_gpu_mib"),
                peak_rss_mib=r.get("peak_rss_mib"), setup_s=r.get("setup_s"), trl=r.get("trl"),
+               micro_batch_tokens=r.get("micro_batch_tokens"),
                mfu=4 * flops[job.shape] * s["tokens_per_s"] / (tflops * 1e12) if tflops else None)
     wb = next((j for j in jobs if j.side == "workbench" and (j.shape, j.method) == (job.shape, job.method) and j.result), None)
     if wb is not None and wb is not job:
