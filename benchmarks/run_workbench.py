@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (step_record, run_main)  # noqa: E402
+from benchmarks.common import (step_record, run_main, runner_parser)  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +93,7 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
     from workbench.models import build_model, load_base, pick_device, pick_dtype
     from workbench.train import Trainer
 
+    cfg = with_micro_batch_tokens(cfg, getattr(args, "micro_batch_tokens", None))
     log: list[tuple[float, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench-wb-") as tmp:
         trainer = Trainer(cfg, work_dir=Path(tmp) / "work", on_log=lambda rec: log.append((time.perf_counter(), rec)),
@@ -110,12 +111,29 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
     dtype = "nf4" if cfg.method == "qlora" else str(pick_dtype(cfg.torch_dtype, device)).replace("torch.", "")
     first_start = log[0][0] - steps[0]["time_s"]
     extra = {"base_model_bytes": base_model_bytes, "trainable_params": trainable_params,
+             "micro_batch_tokens": getattr(cfg, "micro_batch_tokens", None),
              "setup_s": round(first_start - STARTED, 2), "device": device.type, "dtype": dtype}
     return steps, extra
 
 
+def with_micro_batch_tokens(cfg, tokens: int | None):
+    """The config with `micro_batch_tokens` (GPU: tokens a micro-batch) where the workbench's Config has the field."""
+    import dataclasses
+
+    if tokens is None or "micro_batch_tokens" not in {f.name for f in dataclasses.fields(cfg)}:
+        return cfg
+    return cfg.replace(micro_batch_tokens=tokens)
+
+
+def parser():
+    p = runner_parser(__doc__.splitlines()[0])
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="GPU: tokens a micro-batch (config micro_batch_tokens; default: sized from free GPU memory)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main("workbench", train_workbench, __doc__.splitlines()[0], STARTED, argv)
+    return run_main("workbench", train_workbench, __doc__.splitlines()[0], STARTED, argv, parser=parser())
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 #   install the carried wheels the machine lacks -> versions, nvidia-smi -> `make bench-gpu` (<= 330 s)
 #   -> `pytest -m gpu` (<= 180 s) -> logs and results in $OUT (at most 8 files).
 #
-# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (~58 MiB), git-ignored
+# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (59 MiB), git-ignored
 # On the GPU machine:            bash scripts/gpu_check.sh           # carry: .gpu-wheels ; $OUT: where results go
 # Rehearsal on this CPU:         GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh
 #   (the venv's python, nothing installed: the wheels are listed and checked; the bench with --dry-run on the
 #    tiny shapes; the GPU tests run on the CPU)
 #
+# Knobs (environment): GPU_CHECK_BENCH_ARGS (more bench_gpu.py options, e.g. "--shapes qwen2.5-1.5b"),
+# GPU_CHECK_PYTEST_ARGS (default -x; "--maxfail=20" runs every GPU test), GPU_CHECK_LIMIT_S/_BENCH_S/_TESTS_S.
 # $OUT gets: log.txt (this script's steps, versions, nvidia-smi), bench.log, pytest.log, gpu.md, gpu.json
 # (benchmarks/results/ on a real run too), runs.tar.gz (every side's command, log and result JSON).
 set -uo pipefail
@@ -21,7 +23,11 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
 OUT=${OUT:-outputs/gpu-check}
 WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/workbench-gpu-check}
-if [ "$DRY" = 1 ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-$(command -v python3 || command -v python)}; fi
+if [ "$DRY" = 1 ]; then PY=${PY:-.venv/bin/python}; fi
+for candidate in ${PY:-} python3 python; do  # the interpreter that has torch
+  if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then PY=$candidate; break; fi
+done
+PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/log.txt
 : > "$LOG"
@@ -30,15 +36,18 @@ left() { echo $((LIMIT - (SECONDS - T0))); }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   HF_DATASETS_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUNBUFFERED=1
 
-log "gpu_check: dry_run=$DRY python=$PY out=$OUT work=$WORK git=$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "gpu_check: dry_run=$DRY python=$(command -v "$PY") out=$OUT work=$WORK git=$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 [ -d "$WHEELS/wheels" ] || { log "FATAL: $WHEELS/wheels missing: run scripts/gpu_wheels.sh and carry .gpu-wheels"; exit 2; }
 
-# --- 1. the wheels the machine lacks (ours where we pin the version: peft, trl, liger, bitsandbytes, datasets, gguf)
+# --- 1. the wheels the machine lacks or has older (ours, exactly, where we pin: peft, trl, liger, bitsandbytes,
+#        datasets, gguf; a newer huggingface-hub, pandas, pyarrow ... of the machine stays)
 "$PY" - "$WHEELS/wheels" > "$WORK/to_install.txt" 2>> "$LOG" <<'PYEOF'
 import sys
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 PINNED = {"peft", "trl", "liger-kernel", "bitsandbytes", "datasets", "gguf"}
 for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
@@ -49,7 +58,11 @@ for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
     except PackageNotFoundError:
         have = None
     zipfile.ZipFile(whl).testzip()  # a damaged wheel fails here, not halfway through pip
-    if have is None or (dist in PINNED and have != want):
+    try:
+        older = have is not None and Version(have) < Version(want)
+    except InvalidVersion:
+        older = False
+    if have is None or (dist in PINNED and have != want) or older:
         print(whl)
     print(f"  {dist}: have {have}, carried {want}", file=sys.stderr)
 PYEOF
@@ -136,7 +149,9 @@ TESTS_T=$(( $(left) - 10 )); [ "$TESTS_T" -gt "$TESTS_MAX" ] && TESTS_T=$TESTS_M
 [ "$DRY" = 1 ] && export WORKBENCH_GPU_TESTS_DEVICE=cpu
 if [ "$TESTS_T" -gt 20 ]; then
   log "pytest: timeout $TESTS_T s: -m gpu tests/test_fastpath_gpu.py tests/test_gpu.py"
-  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu -q -rs -p no:randomly --durations=10 tests/test_fastpath_gpu.py tests/test_gpu.py \
+  # -v: one line a test, so that a run cut by `timeout` still shows where it was; a test stuck for 100 s dumps its stack
+  timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu ${GPU_CHECK_PYTEST_ARGS:-} -v -rs -p no:randomly --durations=10 \
+    -o faulthandler_timeout=100 tests/test_fastpath_gpu.py tests/test_gpu.py \
     > "$OUT/pytest.log" 2>&1
   log "pytest: exit $? - $(tail -n 1 "$OUT/pytest.log")"
 else

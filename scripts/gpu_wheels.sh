@@ -22,6 +22,8 @@ PACKAGES=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0
   xxhash==4.1.0 pyarrow==26.0.1 pandas==3.1.1           # cp312
   python-dateutil==4.0.0 tzdata==2026.6 six==1.17.0
+  huggingface-hub==1.33.0                               # datasets 5.2 needs >= 1.31; transformers 5.17 < 2.0
+  requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3   # cp312
 )
 rm -rf "$OUT.tmp" && mkdir -p "$OUT.tmp/wheels" "$OUT.tmp/tokenizer"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \

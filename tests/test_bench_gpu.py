@@ -1,4 +1,4 @@
-"""`make bench-gpu` (benchmarks/bench_gpu.py) without a GPU: its plan, time boxes, rows and report, and its dry run.
+"""`make bench-gpu` (benchmarks/bench_gpu.py, gpu_sides.py, gpu_report.py) without a GPU: its plan, time boxes, rows and report, and its dry run.
 
 The fast tests check the parts that decide what a one-shot GPU run gives back: a side that fails or outlives
 its time box becomes a row with the error and the run goes on; a spent budget skips the rest with a reason;
@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_gpu  # noqa: E402
+from benchmarks import bench_gpu, gpu_report  # noqa: E402
+from benchmarks.gpu_sides import SHAPES, Job  # noqa: E402
 
 
 def args_of(*argv):
@@ -44,7 +45,7 @@ def test_plan_is_ordered_and_filtered():
 
 
 def test_stand_in_shapes_keep_their_vocabulary_and_the_tokenizer_ids(tokenizer):
-    for shape, (_, dims) in bench_gpu.SHAPES.items():
+    for shape, (_, dims) in SHAPES.items():
         for tiny in (False, True):
             cfg = bench_gpu.shape_config(shape, tokenizer, tiny)
             assert cfg.vocab_size == dims["vocab_size"] >= len(tokenizer)
@@ -55,15 +56,15 @@ def test_stand_in_shapes_keep_their_vocabulary_and_the_tokenizer_ids(tokenizer):
 
 
 def test_a_failing_side_and_a_side_past_its_time_box_are_rows(tmp_path):
-    failing = bench_gpu.Job("smollm2-135m", "lora", "workbench")
+    failing = Job("smollm2-135m", "lora", "workbench")
     bench_gpu.run_side(failing, [sys.executable, "-c", "raise SystemExit('boom: out of memory')", str(tmp_path / "a.json")],
                        60, tmp_path)
     assert failing.status == "failed" and "boom: out of memory" in failing.error
-    slow = bench_gpu.Job("smollm2-135m", "lora", "peft")
+    slow = Job("smollm2-135m", "lora", "peft")
     t0 = time.perf_counter()
     bench_gpu.run_side(slow, [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "b.json")], 1, tmp_path)
     assert slow.status == "timeout" and time.perf_counter() - t0 < 20
-    ok = bench_gpu.Job("smollm2-135m", "lora", "trl")
+    ok = Job("smollm2-135m", "lora", "trl")
     (tmp_path / "c.json").write_text(json.dumps(fake_result(500, [2.0, 1.5])))
     bench_gpu.run_side(ok, [sys.executable, "-c", "pass", str(tmp_path / "c.json")], 60, tmp_path)
     assert ok.status == "ok" and ok.result["summary"]["tokens_per_s"] == 500
@@ -81,18 +82,18 @@ def test_a_spent_budget_skips_the_rest_with_a_reason(tmp_path):
 
 
 def test_rows_report_and_targets():
-    jobs = [bench_gpu.Job("qwen2.5-1.5b", "lora", "workbench", "ok", result=fake_result(3000, [2.0, 1.5, 1.2, 1.1])),
-            bench_gpu.Job("qwen2.5-1.5b", "lora", "trl_best", "ok", result=fake_result(1500, [2.0, 1.5, 1.2, 1.1])),
-            bench_gpu.Job("qwen2.5-1.5b", "lora", "peft", "failed", error="exit 1: CUDA out of memory"),
-            bench_gpu.Job("qwen2.5-7b", "qlora", "workbench", "ok", result=fake_result(800, [2.0, 1.6, 1.3], 20000)),
-            bench_gpu.Job("qwen2.5-7b", "qlora", "trl_best", "ok", result=fake_result(1000, [2.0, 1.6, 1.3], 30000)),
-            bench_gpu.Job("qwen2.5-7b", "lora", "workbench", "ok", result=fake_result(900, [2.0, 1.6, 1.3], 40000))]
+    jobs = [Job("qwen2.5-1.5b", "lora", "workbench", "ok", result=fake_result(3000, [2.0, 1.5, 1.2, 1.1])),
+            Job("qwen2.5-1.5b", "lora", "trl_best", "ok", result=fake_result(1500, [2.0, 1.5, 1.2, 1.1])),
+            Job("qwen2.5-1.5b", "lora", "peft", "failed", error="exit 1: CUDA out of memory"),
+            Job("qwen2.5-7b", "qlora", "workbench", "ok", result=fake_result(800, [2.0, 1.6, 1.3], 20000)),
+            Job("qwen2.5-7b", "qlora", "trl_best", "ok", result=fake_result(1000, [2.0, 1.6, 1.3], 30000)),
+            Job("qwen2.5-7b", "lora", "workbench", "ok", result=fake_result(900, [2.0, 1.6, 1.3], 40000))]
     flops = {"qwen2.5-1.5b": 1.5e9, "qwen2.5-7b": 7e9}
-    rows = [bench_gpu.job_row(j, jobs, flops, 1000.0) for j in jobs]
+    rows = [gpu_report.job_row(j, jobs, flops, 1000.0) for j in jobs]
     wb, best = rows[0], rows[1]
     assert wb["mfu"] == pytest.approx(4 * 1.5e9 * 3000 / 1e15)
     assert best["workbench_speedup"] == pytest.approx(2.0) and best["loss_at_equal_tokens"]["difference"] == pytest.approx(0)
-    by_words = {t["target"]: t["met"] for t in bench_gpu.targets(rows)}
+    by_words = {t["target"]: t["met"] for t in gpu_report.targets(rows)}
     assert by_words["1.5B LoRA: >= 1.5x TRL's best in real tokens/s, loss at equal tokens within noise"] is True
     assert by_words["1.5B LoRA: >= 40% MFU"] is False  # 1.8%
     assert by_words["7B QLoRA: peak GPU memory <= 0.6x LoRA's"] is True  # 20000 / 40000
@@ -101,9 +102,9 @@ def test_rows_report_and_targets():
     report = {"machine": {"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17", "peft": "0.21.2", "trl": "1.16.0",
                           "liger_kernel": "0.8.5", "bitsandbytes": "0.50.2"},
               "dry_run": False, "date": "today", "matmul": {"dtype": "bfloat16", "size": 8192, "tflops": 1000.0},
-              "tokens_per_step": 16384, "steps": 5, "config": "c", "rows": rows, "targets": bench_gpu.targets(rows),
+              "tokens_per_step": 16384, "steps": 5, "config": "c", "rows": rows, "targets": gpu_report.targets(rows),
               "command": "benchmarks/bench_gpu.py", "elapsed_s": 400.0}
-    md = bench_gpu.render_markdown(report)
+    md = gpu_report.render_markdown(report)
     assert "NVIDIA H200" in md and "## qwen2.5-1.5b, lora" in md and "## Targets (issue 21)" in md
     assert "failed: exit 1: CUDA out of memory" in md and "| workbench | 3,000 |" in md
 

@@ -1,0 +1,65 @@
+"""What `make bench-gpu` compares: the public shapes of its stand-in models, the sides, the plan and one job.
+
+The shapes are the models' own config.json values; `TINY` shrinks a shape for the CPU rehearsal (--dry-run),
+keeping its architecture and vocabulary. A side is a runner script with its options (sides.py does the same
+for `make bench`); PLAN lists what runs, most important first, so that the time budget cuts from the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+# Public shapes (the models' config.json), built with random weights.
+SHAPES = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+
+
+@dataclass(frozen=True)
+class Side:
+    script: str | None  # None: not a runner (Unsloth's row)
+    args: tuple[str, ...]
+    name: str
+
+
+SIDES = {
+    "workbench": Side("run_workbench.py", (), "workbench"),
+    "trl_best": Side("baseline_trl.py", ("--no-gradient-checkpointing", "--padding-free"),
+                     "TRL best (BFD packing, padding-free, Liger if installed, no checkpointing)"),
+    "trl": Side("baseline_trl.py", (), "TRL SFTTrainer, defaults"),
+    "peft": Side("baseline_peft.py", ("--gradient-checkpointing",), "tutorial PEFT script (checkpointing on)"),
+    "unsloth": Side(None, (), "Unsloth"),
+}
+# What runs, most important first: the time budget cuts from the end.
+PLAN = [("qwen2.5-1.5b", "lora", ("workbench", "trl_best", "trl", "peft", "unsloth")),
+        ("qwen2.5-7b", "qlora", ("workbench", "trl_best")),
+        ("qwen2.5-7b", "lora", ("workbench",)),  # the LoRA peak memory QLoRA's is compared with
+        ("qwen2.5-7b", "qlora", ("peft", "trl")),
+        ("smollm2-135m", "lora", ("workbench", "trl_best"))]
+
+
+@dataclass
+class Job:
+    shape: str
+    method: str
+    side: str
+    status: str = "planned"  # ok, failed, timeout, skipped, not installed
+    error: str | None = None
+    seconds: float | None = None
+    result: dict | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape}-{self.method}-{self.side}"
+
