@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KNOWN_ERRORS() as e:
         print(f"error{_rank_tag()}: {e}", file=sys.stderr)
+        _print_hint(e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -55,6 +56,21 @@ def _rank_tag() -> str:
 
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     return f" (process {rank} of {world})" if rank not in ("", "0") else ""
+
+
+def _print_hint(e: BaseException) -> None:
+    """What to do about a refusal a student meets first (missing model, bad data, bad config, missing file),
+    in the locale's language (workbench/i18n.py); the error itself stays as the stage raised it."""
+    from workbench.config import ConfigError
+    from workbench.i18n import default_lang, t
+    from workbench.models import ModelError
+    from workbench.samples import DataError
+
+    kinds = ((ModelError, "cli.hint.model"), (DataError, "cli.hint.data"), (ConfigError, "cli.hint.config"),
+             (FileNotFoundError, "cli.hint.file"))
+    key = next((key for kind, key in kinds if isinstance(e, kind)), None)
+    if key:
+        print(t(key, default_lang()), file=sys.stderr)
 
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
@@ -185,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="the page's language (default: the system locale's: zh for zh_*, else en)")
     s.set_defaults(func=cmd_web)
 
     s = sub.add_parser("serve", help="serve a model (and adapter) as an OpenAI-compatible API",
@@ -366,7 +384,7 @@ def cmd_web(args) -> int:
         return 2
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     app = load_app(args.model, args.adapter, compare=args.compare, system=args.system, settings=settings,
-                   device=args.device, trust_remote_code=args.trust_remote_code)
+                   device=args.device, trust_remote_code=args.trust_remote_code, lang=args.lang)
     serve(app, args.host, args.port)
     return 0
 
