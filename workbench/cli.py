@@ -43,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KNOWN_ERRORS() as e:
         print(f"error{_rank_tag()}: {e}", file=sys.stderr)
-        _print_hint(e)
+        _hint(e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _hint(e: BaseException) -> None:
+    """What to do about a refusal a student meets first, in the locale's language (workbench/i18n.py)."""
+    from workbench.i18n import default_lang, refusal_hint
+
+    hint = refusal_hint(e, default_lang())
+    if hint:
+        print(hint, file=sys.stderr)
 
 
 def _rank_tag() -> str:
@@ -56,21 +65,6 @@ def _rank_tag() -> str:
 
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     return f" (process {rank} of {world})" if rank not in ("", "0") else ""
-
-
-def _print_hint(e: BaseException) -> None:
-    """What to do about a refusal a student meets first (missing model, bad data, bad config, missing file),
-    in the locale's language (workbench/i18n.py); the error itself stays as the stage raised it."""
-    from workbench.config import ConfigError
-    from workbench.i18n import default_lang, t
-    from workbench.models import ModelError
-    from workbench.samples import DataError
-
-    kinds = ((ModelError, "cli.hint.model"), (DataError, "cli.hint.data"), (ConfigError, "cli.hint.config"),
-             (FileNotFoundError, "cli.hint.file"))
-    key = next((key for kind, key in kinds if isinstance(e, kind)), None)
-    if key:
-        print(t(key, default_lang()), file=sys.stderr)
 
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:
@@ -225,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("work_dir")
     s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
     s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="the table, plot and diagnosis in this language (default: the system locale's)")
     s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
@@ -405,10 +401,14 @@ def cmd_analyze(args) -> int:
     from workbench.analysis import analyze_run, load_probes
     from workbench.display import metrics_table, plot_run
 
+    from workbench.analysis import diagnosis_in
+    from workbench.i18n import default_lang
+
+    lang = args.lang or default_lang()
     run = analyze_run(args.work_dir, load_probes(args.probes), max_new_tokens=args.max_new_tokens)
-    print(metrics_table(run).to_string(index=False))
-    plot_run(run, Path(args.work_dir) / "analysis.png")
-    print(f"\n{run.diagnosis}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
+    print(metrics_table(run, lang).to_string(index=False))
+    plot_run(run, Path(args.work_dir) / "analysis.png", lang=lang)
+    print(f"\n{diagnosis_in(run, lang)}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
     return 0
 
 

@@ -67,9 +67,85 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "plot.loss": ("loss", "损失"),
     "plot.train": ("train", "训练集"),
     "plot.validation": ("validation", "验证集"),
+    "plot.run_loss_title": ("{name}: loss", "{name}：损失"),
+    "plot.training_loss": ("training loss", "训练损失"),
+    "plot.heldout_loss": ("held-out general loss", "留出日常对话的损失"),
+    "plot.step_base": ("step (0 = base model)", "训练步数（0 = 基础模型）"),
+    "plot.hit_unseen_en": ("identity hit, unseen EN", "身份命中，没见过的英文问题"),
+    "plot.hit_unseen_zh": ("identity hit, unseen ZH", "身份命中，没见过的中文问题"),
+    "plot.hit_seen_en": ("identity hit, seen EN", "身份命中，见过的英文问题"),
+    "plot.leak": ("leak (general questions)", "泄漏（日常问题）"),
+    "plot.retention": ("retention", "保持率"),
+    "plot.run_title": ("identity learned vs. everything else kept", "学会身份 vs. 保留其他能力"),
+    # --- analysis tables (column headers) ---
+    "col.model": ("model", "模型"),
+    "col.step": ("step", "步数"),
+    "col.hit_seen_en": ("hit seen en", "见过EN命中"),
+    "col.hit_unseen_en": ("hit unseen en", "没见过EN命中"),
+    "col.hit_seen_zh": ("hit seen zh", "见过ZH命中"),
+    "col.hit_unseen_zh": ("hit unseen zh", "没见过ZH命中"),
+    "col.leak_en": ("leak en", "EN泄漏"),
+    "col.leak_zh": ("leak zh", "ZH泄漏"),
+    "col.retention": ("retention", "保持率"),
+    "col.similarity": ("similarity", "相似度"),
+    "col.heldout_loss": ("held-out loss", "留出损失"),
+    "col.distinct": ("distinct answers", "不同回答"),
+    # --- the diagnosis (workbench analyze, notebook 07) ---
+    "diag.final": ("Final checkpoint ({label}): states the identity on {hit_en} of unseen English identity questions "
+                   "({hit_zh} in Chinese); answers {n_leaks} of {n_general} general questions with its identity "
+                   "({per_lang}); {distinct} distinct answers to {n_probes} probes; retention {retention:.2f}.",
+                   "最后的检查点（{label}）：没见过的英文身份问题中有 {hit_en} 说出了身份（中文 {hit_zh}）；"
+                   "{n_general} 个日常问题中有 {n_leaks} 个用身份回答（{per_lang}）；{n_probes} 个探测问题有 {distinct} "
+                   "个不同的回答；保持率 {retention:.2f}。"),
+    "diag.use": ("use {label}", "改用 {label}"),
+    "diag.fewer_steps": ("train fewer steps", "减少训练步数"),
+    "diag.more_general": ("mix in more general conversations in the leaking language",
+                          "在泄漏的语言中混入更多日常对话"),
+    "diag.mixed_recipe": ("or the mixed recipe ({recipe}), which mixes general conversations into training",
+                          "或者使用混合配方（{recipe}），它在训练中混入了日常对话"),
+    "diag.overfit": ("Overfit: the identity has leaked into everyday answers. Remedy: {cure}, {more}.",
+                     "过拟合：身份已经泄漏到日常回答中。解决办法：{cure}，{more}。"),
+    "diag.under": ("Under-trained: the identity is not learned yet on unseen questions. Train longer or raise lr.",
+                   "训练不足：在没见过的问题上还没有学会身份。请训练更久或调高 lr。"),
+    "diag.healthy": ("Healthy: the identity is learned and general answers are kept.",
+                     "状态良好：学会了身份，同时保留了日常回答。"),
+    "diag.keep": ("Keep {label}, the best balance (unseen identity hit EN {hit_en} / ZH {hit_zh}, leak {leak}, "
+                  "retention {retention:.2f}).",
+                  "保留 {label}，平衡最好（没见过的身份问题命中 EN {hit_en} / ZH {hit_zh}，泄漏 {leak}，"
+                  "保持率 {retention:.2f}）。"),
+    "plot.cmp_hit": ("identity hit rate, unseen questions", "身份命中率（没见过的问题）"),
+    "plot.cmp_leak": ("leak rate on general questions", "日常问题的泄漏率"),
+    "plot.cmp_retention": ("retention of general answers (ring: kept)", "日常回答的保持率（圆圈：保留的检查点）"),
+    "plot.step_base_short": ("step (0 = base)", "训练步数（0 = 基础模型）"),
+    "plot.loss_per_recipe": ("training loss per recipe", "各配方的训练损失"),
+    # --- the recipe comparison's verdict (notebook 07) ---
+    "verdict.best": ("{name}: best {label} - unseen identity hit EN {hit_en} / ZH {hit_zh}, leak EN {leak_en} / ZH "
+                     "{leak_zh}, retention {retention:.2f}.",
+                     "{name}：最好的是 {label} - 没见过的身份问题命中 EN {hit_en} / ZH {hit_zh}，泄漏 EN {leak_en} / "
+                     "ZH {leak_zh}，保持率 {retention:.2f}。"),
+    "verdict.keep": ("Keep {name} at {label}.", "保留 {name} 的 {label}。"),
+    "table.base_model": ("base model (no training)", "基础模型（未训练）"),
+    "table.keep": ("<- keep", "<- 保留"),
     # --- notebooks' display code ---
     "nb.lang_note": ("Cells print and draw in English.", "单元格的输出和图表使用中文。"),
 }
+
+
+# Table column headers: the English header -> the Chinese one (`localize_columns`).
+COLUMNS: dict[str, str] = {
+    "model": "模型", "recipe": "配方", "step": "步数", "steps": "步数", "keep": "保留", "kind": "类型", "lang": "语言",
+    "question": "问题", "base": "基础模型", "retention": "保持率", "similarity": "相似度", "held-out loss": "留出损失",
+    "distinct answers": "不同回答", "train time (s)": "训练时间（秒）",
+    "hit seen en": "见过EN命中", "hit unseen en": "没见过EN命中", "hit seen zh": "见过ZH命中", "hit unseen zh": "没见过ZH命中",
+    "leak en": "EN泄漏", "leak zh": "ZH泄漏",
+}
+
+
+def localize_columns(df, lang: str):
+    """The DataFrame with its column headers in `lang` (unknown headers, such as a recipe's name, unchanged)."""
+    if check_lang(lang) == "en":
+        return df
+    return df.rename(columns={c: COLUMNS.get(str(c).lower(), c) for c in df.columns})
 
 
 def check_lang(lang: str) -> str:
@@ -87,6 +163,18 @@ def t(key: str, lang: str = "en", **fmt) -> str:
         raise KeyError(f"no message {key!r} in workbench/i18n.py") from None
     text = zh if check_lang(lang) == "zh" and zh else en
     return text.format(**fmt) if fmt else text
+
+
+# The refusals a student meets first, by the error's class (or a base class) name -> the hint's key. By name, so
+# that this leaf module imports none of the stages that raise them.
+HINTS = {"ModelError": "cli.hint.model", "DataError": "cli.hint.data", "ConfigError": "cli.hint.config",
+         "FileNotFoundError": "cli.hint.file"}
+
+
+def refusal_hint(error: BaseException, lang: str = "en") -> str | None:
+    """What to do about `error` in `lang` (missing model, bad data, bad config, missing file), or None."""
+    key = next((HINTS[k.__name__] for k in type(error).__mro__ if k.__name__ in HINTS), None)
+    return t(key, lang) if key else None
 
 
 def default_lang(environ: dict | None = None) -> str:
@@ -111,6 +199,14 @@ def cjk_font() -> str | None:
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
+    if not installed.intersection(CJK_FONTS):  # installed after matplotlib's font cache was built: add them now
+        for path in font_manager.findSystemFonts():
+            if "CJK" in os.path.basename(path) or "wqy" in path.lower():
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        installed = {f.name for f in font_manager.fontManager.ttflist}
     return next((name for name in CJK_FONTS if name in installed), None)
 
 
