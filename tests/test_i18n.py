@@ -32,7 +32,7 @@ def test_every_message_has_chinese_with_the_same_fields():
 
 
 def test_t_formats_and_refuses_unknown_keys_and_languages():
-    assert t("web.error", "zh", error="x") == "模型未能回答：x"
+    assert t("web.started", "zh", address="127.0.0.1:7860") == "workbench web：http://127.0.0.1:7860（按 Ctrl-C 停止）"
     assert t("web.title") == "Chat with your assistant"
     with pytest.raises(KeyError, match="no message 'web.nothing'"):
         t("web.nothing", "en")

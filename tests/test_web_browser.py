@@ -393,6 +393,7 @@ def test_web_page_in_chinese(browser, adapter_dir, tmp_path, one_torch_thread):
         model, builder = load_chat_model(TINY_MODEL, str(adapter_dir), device="cpu")
         expected = answer(model, builder, question, None, TINY_SETTINGS, on_text=lambda t: None)
         assert expected.strip() and same_text(page.answer("tuned", 0), expected), "the answer is exactly the model's"
+        page.answer("base", 0)  # both columns answered before the screenshot
         page.wait_idle()
         shot = page.screenshot("web_chat_zh.png")
         assert shot.stat().st_size > 10_000

@@ -43,10 +43,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "web.placeholder": ("Ask a question", "输入你的问题"),
     "web.not_started": ("Start the chat with `workbench web MODEL [--adapter DIR] [--compare BASE]`.",
                         "请用 `workbench web MODEL [--adapter DIR] [--compare BASE]` 启动对话页面。"),
-    "web.error": ("The model could not answer: {error}", "模型未能回答：{error}"),
     "web.started": ("workbench web: http://{address}  (Ctrl-C stops it)", "workbench web：http://{address}（按 Ctrl-C 停止）"),
     # --- the CLI's refusals: what to do next (printed after the error itself) ---
-    "cli.error": ("error", "错误"),
     "cli.hint.model": ("What to do: check the model name or folder; 'embedded' is prepared by `make setup` "
                        "(or `workbench prepare-model`).",
                        "怎么办：检查模型名称或文件夹是否正确；内置模型 'embedded' 由 `make setup`"
@@ -62,11 +60,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # --- plots ---
     "plot.no_cjk_font": ("No CJK font found (install fonts-noto-cjk): the plot's labels are in English.",
                          "No CJK font found (install fonts-noto-cjk): the plot's labels are in English."),
-    "plot.loss_title": ("Training and validation loss", "训练损失与验证损失"),
     "plot.step": ("step", "训练步数"),
     "plot.loss": ("loss", "损失"),
-    "plot.train": ("train", "训练集"),
-    "plot.validation": ("validation", "验证集"),
     "plot.run_loss_title": ("{name}: loss", "{name}：损失"),
     "plot.training_loss": ("training loss", "训练损失"),
     "plot.heldout_loss": ("held-out general loss", "留出日常对话的损失"),
@@ -77,19 +72,6 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "plot.leak": ("leak (general questions)", "泄漏（日常问题）"),
     "plot.retention": ("retention", "保持率"),
     "plot.run_title": ("identity learned vs. everything else kept", "学会身份 vs. 保留其他能力"),
-    # --- analysis tables (column headers) ---
-    "col.model": ("model", "模型"),
-    "col.step": ("step", "步数"),
-    "col.hit_seen_en": ("hit seen en", "见过EN命中"),
-    "col.hit_unseen_en": ("hit unseen en", "没见过EN命中"),
-    "col.hit_seen_zh": ("hit seen zh", "见过ZH命中"),
-    "col.hit_unseen_zh": ("hit unseen zh", "没见过ZH命中"),
-    "col.leak_en": ("leak en", "EN泄漏"),
-    "col.leak_zh": ("leak zh", "ZH泄漏"),
-    "col.retention": ("retention", "保持率"),
-    "col.similarity": ("similarity", "相似度"),
-    "col.heldout_loss": ("held-out loss", "留出损失"),
-    "col.distinct": ("distinct answers", "不同回答"),
     # --- the diagnosis (workbench analyze, notebook 07) ---
     "diag.final": ("Final checkpoint ({label}): states the identity on {hit_en} of unseen English identity questions "
                    "({hit_zh} in Chinese); answers {n_leaks} of {n_general} general questions with its identity "
@@ -145,11 +127,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "w.clear": ("Clear", "清空"),
     "w.max_new_tokens": ("max new tokens", "最多生成 token 数"),
     "w.temperature": ("temperature", "温度"),
-    "w.top_p": ("top-p", "top-p"),
+    "w.top_p": ("top-p", "top-p（核采样）"),
     "w.repetition_penalty": ("repetition penalty", "重复惩罚"),
     "w.you": ("you", "你"),
-    # --- notebooks' display code ---
-    "nb.lang_note": ("Cells print and draw in English.", "单元格的输出和图表使用中文。"),
 }
 
 
