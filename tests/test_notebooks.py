@@ -125,3 +125,35 @@ def test_nbval_reruns_the_deterministic_notebooks(executed):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider", *targets],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_notebook_07_in_chinese(executed):
+    """`papermill -p lang zh` on the smoke series' last notebook (it reads the run the series trained): the table
+    headers, the diagnosis and the plots are Chinese, with the same recipes measured."""
+    from workbench.i18n import t
+    from workbench.notebooks import series_parameters
+
+    name = "07_overfitting"
+    params = {**series_parameters(name, executed / "run", smoke=True), "lang": "zh"}
+    out = executed / f"{name}.zh.ipynb"
+    pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
+                        kernel_name="python3", progress_bar=False)
+    outs = outputs_of(out)
+    assert not [o for o in outs if o["output_type"] == "error"]
+    text = json.dumps(outs, ensure_ascii=False)
+    assert "保持率" in text and t("table.base_model", "zh") in text, "Chinese table headers and rows"
+    assert "最好的是" in text and "保留" in text, "the verdict and diagnosis in Chinese"
+    assert "smollm2_135m_tiny_smoke" in text and "smollm2_135m_lora_identity_tutorial" in text, "both recipes measured"
+    assert sum(1 for o in outs if "image/png" in o.get("data", {})) >= 2, "both plots drawn"
+    assert "Glyph" not in text and "missing from font" not in text, "no missing-glyph warning"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_markdown_cell_is_bilingual(path):
+    import re
+
+    for cell in cells(path, "markdown"):
+        src = source(cell)
+        assert re.search(r"[\u4e00-\u9fff]", src), f"{path.name}: a markdown cell without its Chinese text:\n{src}"
+    params = [c for c in cells(path) if "parameters" in c["metadata"].get("tags", [])][0]
+    assert 'lang: str = "en"' in source(params), f"{path.name}: the parameters cell has no lang"

@@ -357,3 +357,57 @@ def test_web_embedded_english_and_chinese(browser, tmp_path):
         page.screenshot("web_chat_embedded.png")
     finally:
         assert server.stop() == 0, server.output()
+
+
+# ---------------------------------------------------------------------------
+# The page in Chinese: `workbench web --lang zh`
+# ---------------------------------------------------------------------------
+def test_web_page_in_chinese(browser, adapter_dir, tmp_path, one_torch_thread):
+    """With --lang zh every label of the page is Chinese, the layout is today's, and the answer is the model's own."""
+    from workbench.i18n import t
+
+    s = TINY_SETTINGS
+    server = WebServer([TINY_MODEL, "--adapter", str(adapter_dir), "--compare", TINY_MODEL, "--device", "cpu", "--lang", "zh",
+                        "--max-new-tokens", str(s.max_new_tokens), "--repetition-penalty", str(s.repetition_penalty)],
+                       tmp_path / "server.log")
+    try:
+        page = ChatPage(browser, server.url)
+        body = page.one("body").text
+        for key in ("web.title", "web.sidebar.system", "web.sidebar.generation", "web.max_new_tokens", "web.temperature",
+                    "web.repetition_penalty", "web.clear"):
+            assert t(key, "zh") in body, f"{key}: {t(key, 'zh')!r} not on the page"
+        for english in ("Chat with your assistant", "System prompt", "Generation", "Clear chat", "Fine-tuned"):
+            assert english not in body, f"English {english!r} left on the Chinese page"
+        assert browser.title == t("web.page_title", "zh")
+        box = page.one("textarea[data-testid='stChatInputTextArea']")
+        assert box.get_attribute("placeholder") == t("web.placeholder", "zh")
+
+        left, right = page.one(".st-key-column-tuned"), page.one(".st-key-column-base")
+        assert left.text.startswith(f"{t('web.heading.tuned', 'zh')}\n{TINY_MODEL} + {adapter_dir}")
+        assert right.text.startswith(f"{t('web.heading.base', 'zh')}\n{TINY_MODEL}")
+        assert left.rect["x"] < right.rect["x"] and abs(left.rect["y"] - right.rect["y"]) < 2, "side by side"
+        assert abs(left.rect["width"] - right.rect["width"]) <= 0.02 * left.rect["width"], "columns of equal width"
+
+        question = "你是谁？"
+        page.ask(question)
+        model, builder = load_chat_model(TINY_MODEL, str(adapter_dir), device="cpu")
+        expected = answer(model, builder, question, None, TINY_SETTINGS, on_text=lambda t: None)
+        assert expected.strip() and same_text(page.answer("tuned", 0), expected), "the answer is exactly the model's"
+        page.answer("base", 0)  # both columns answered before the screenshot
+        page.wait_idle()
+        shot = page.screenshot("web_chat_zh.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_web_lang_defaults_to_the_locale():
+    from workbench.cli import build_parser
+    from workbench.i18n import default_lang
+
+    assert build_parser().parse_args(["web", "embedded"]).lang is None  # then load_app takes default_lang()
+    assert build_parser().parse_args(["web", "embedded", "--lang", "zh"]).lang == "zh"
+    assert default_lang({"LANG": "zh_CN.UTF-8"}) == "zh" and default_lang({"LANG": "en_US.UTF-8"}) == "en"
+    assert default_lang({"LC_ALL": "C", "LANG": "zh_CN.UTF-8"}) == "en", "LC_ALL wins over LANG"
+    assert default_lang({"LC_MESSAGES": "zh_TW.UTF-8", "LANG": "en_US"}) == "zh"
+    assert default_lang({}) == "en"

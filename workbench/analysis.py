@@ -361,29 +361,37 @@ def recommend(reports: list[ModelReport]) -> ModelReport:
     return max(tuned, key=lambda r: r.score) if tuned else reports[0]
 
 
-def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_recipe: str = MIXED_RECIPE) -> str:
-    """A few sentences a student can act on; an overfit identity-only run is pointed to `mixed_recipe`."""
+def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_recipe: str = MIXED_RECIPE,
+             lang: str = "en") -> str:
+    """A few sentences a student can act on, in `lang` ("en"/"zh", workbench/i18n.py); an overfit identity-only
+    run is pointed to `mixed_recipe`."""
+    from workbench.i18n import t
+
     final = reports[-1]
-    leaks = {lang: [mentions_identity(r["answer"], cfg.assistant_name, cfg.owner_name)
-                    for r in final.answers if r["kind"] == "general" and r["lang"] == lang] for lang in LANGS}
+    leaks = {probe: [mentions_identity(r["answer"], cfg.assistant_name, cfg.owner_name)
+                     for r in final.answers if r["kind"] == "general" and r["lang"] == probe] for probe in LANGS}
     n_leaks, n_general = sum(sum(v) for v in leaks.values()), sum(len(v) for v in leaks.values())
-    per_lang = ", ".join(f"{lang.upper()} {sum(v)}/{len(v)}" for lang, v in leaks.items() if v)
+    per_lang = ", ".join(f"{probe.upper()} {sum(v)}/{len(v)}" for probe, v in leaks.items() if v)
     hit = final.hit_unseen.get("en", float("nan"))
-    lines = [f"Final checkpoint ({final.label}): states the identity on {hit:.0%} of unseen English identity questions "
-             f"({final.hit_unseen.get('zh', float('nan')):.0%} in Chinese); answers {n_leaks} of {n_general} general "
-             f"questions with its identity ({per_lang}); {final.distinct} distinct answers to {final.n_probes} probes; "
-             f"retention {final.retention:.2f}."]
+    lines = [t("diag.final", lang, label=final.label, hit_en=f"{hit:.0%}",
+               hit_zh=f"{final.hit_unseen.get('zh', float('nan')):.0%}", n_leaks=n_leaks, n_general=n_general,
+               per_lang=per_lang, distinct=final.distinct, n_probes=final.n_probes, retention=final.retention)]
     mixed = any(not (s.generate or "").startswith("identity") for s in cfg.datasets)
     if final.overall("leak") >= 0.3 or final.distinct <= final.n_probes // 4:
-        cure = f"use {best.label}" if best is not final and best.step > 0 else "train fewer steps"
-        more = ("mix in more general conversations in the leaking language" if mixed else
-                f"or the mixed recipe ({mixed_recipe}), which mixes general conversations into training")
-        lines.append(f"Overfit: the identity has leaked into everyday answers. Remedy: {cure}, {more}.")
+        cure = t("diag.use", lang, label=best.label) if best is not final and best.step > 0 else t("diag.fewer_steps", lang)
+        more = t("diag.more_general", lang) if mixed else t("diag.mixed_recipe", lang, recipe=mixed_recipe)
+        lines.append(t("diag.overfit", lang, cure=cure, more=more))
     elif hit < 0.5:
-        lines.append("Under-trained: the identity is not learned yet on unseen questions. Train longer or raise lr.")
+        lines.append(t("diag.under", lang))
     else:
-        lines.append("Healthy: the identity is learned and general answers are kept.")
+        lines.append(t("diag.healthy", lang))
     if best.step > 0:
-        lines.append(f"Keep {best.label}, the best balance (unseen identity hit EN {best.hit_unseen.get('en', 0):.0%} / "
-                     f"ZH {best.hit_unseen.get('zh', 0):.0%}, leak {best.overall('leak'):.0%}, retention {best.retention:.2f}).")
-    return " ".join(lines)
+        lines.append(t("diag.keep", lang, label=best.label, hit_en=f"{best.hit_unseen.get('en', 0):.0%}",
+                       hit_zh=f"{best.hit_unseen.get('zh', 0):.0%}", leak=f"{best.overall('leak'):.0%}",
+                       retention=best.retention))
+    return ("" if lang == "zh" else " ").join(lines)  # Chinese sentences follow each other without a space
+
+
+def diagnosis_in(run: RunAnalysis, lang: str = "en") -> str:
+    """The run's diagnosis in `lang` ("en"/"zh"): `diagnose` again on the saved reports (no model is run)."""
+    return diagnose(run.reports, Config.from_dict(run.config), run.report_at(run.best_step), lang=lang)

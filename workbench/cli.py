@@ -43,10 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KNOWN_ERRORS() as e:
         print(f"error{_rank_tag()}: {e}", file=sys.stderr)
+        _hint(e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _hint(e: BaseException) -> None:
+    """What to do about a refusal a student meets first, in the locale's language (workbench/i18n.py)."""
+    from workbench.i18n import default_lang, refusal_hint
+
+    hint = refusal_hint(e, default_lang())
+    if hint:
+        print(hint, file=sys.stderr)
 
 
 def _rank_tag() -> str:
@@ -186,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="the page's language (default: the system locale's: zh for zh_*, else en)")
     s.set_defaults(func=cmd_web)
 
     s = sub.add_parser("serve", help="serve a model (and adapter) as an OpenAI-compatible API",
@@ -208,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("work_dir")
     s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
     s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="the table, plot and diagnosis in this language (default: the system locale's)")
     s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
@@ -370,7 +384,7 @@ def cmd_web(args) -> int:
         return 2
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     app = load_app(args.model, args.adapter, compare=args.compare, system=args.system, settings=settings,
-                   device=args.device, trust_remote_code=args.trust_remote_code)
+                   device=args.device, trust_remote_code=args.trust_remote_code, lang=args.lang)
     serve(app, args.host, args.port)
     return 0
 
@@ -391,10 +405,14 @@ def cmd_analyze(args) -> int:
     from workbench.analysis import analyze_run, load_probes
     from workbench.display import metrics_table, plot_run
 
+    from workbench.analysis import diagnosis_in
+    from workbench.i18n import default_lang
+
+    lang = args.lang or default_lang()
     run = analyze_run(args.work_dir, load_probes(args.probes), max_new_tokens=args.max_new_tokens)
-    print(metrics_table(run).to_string(index=False))
-    plot_run(run, Path(args.work_dir) / "analysis.png")
-    print(f"\n{run.diagnosis}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
+    print(metrics_table(run, lang).to_string(index=False))
+    plot_run(run, Path(args.work_dir) / "analysis.png", lang=lang)
+    print(f"\n{diagnosis_in(run, lang)}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
     return 0
 
 

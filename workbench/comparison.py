@@ -140,28 +140,35 @@ def series_work_dirs(run_dir: str | Path, work_dir: str = "work") -> list[Path]:
     return [Path(run_dir) / work_dir, Path(run_dir) / BASELINE_DIR / "work"]
 
 
-def checkpoint_table(runs: list[RunAnalysis]):
-    """Every analyzed model of every run, one row each (the base model once, first), with the kept checkpoint marked."""
+def checkpoint_table(runs: list[RunAnalysis], lang: str = "en"):
+    """Every analyzed model of every run, one row each (the base model once, first), with the kept checkpoint marked;
+    headers and marks in `lang` ("en"/"zh")."""
     import pandas as pd  # heavy: only for the table
 
-    rows = [{**_row("base model (no training)", runs[0].base, train_seconds=0), "keep": ""}]
+    from workbench.i18n import localize_columns, t
+
+    rows = [{**_row(t("table.base_model", lang), runs[0].base, train_seconds=0), "keep": ""}]
     for run in runs:
-        rows += [{**_row(run.config["name"], r, _seconds(run.train_seconds)), "keep": "<- keep" if r.step == run.best_step else ""}
-                 for r in run.reports[1:]]
+        rows += [{**_row(run.config["name"], r, _seconds(run.train_seconds)),
+                  "keep": t("table.keep", lang) if r.step == run.best_step else ""} for r in run.reports[1:]]
     table = pd.DataFrame(rows).drop(columns=["train time (s)"])
-    return table.rename(columns={"steps": "step"})
+    return localize_columns(table.rename(columns={"steps": "step"}), lang)
 
 
-def verdict(runs: list[RunAnalysis]) -> str:
-    """Which checkpoint of which recipe to keep, how the recipes compare there, then each run's diagnosis."""
+def verdict(runs: list[RunAnalysis], lang: str = "en") -> str:
+    """Which checkpoint of which recipe to keep, how the recipes compare there, then each run's diagnosis (in `lang`)."""
+    from workbench.analysis import diagnosis_in
+    from workbench.i18n import t
+
     best = max(runs, key=lambda run: _score(run.report_at(run.best_step)))
     lines = []
     for run in runs:
         r = run.report_at(run.best_step)
-        lines.append(f"{run.config['name']}: best {r.label} - unseen identity hit EN {r.hit_unseen['en']:.0%} / ZH "
-                     f"{r.hit_unseen['zh']:.0%}, leak EN {r.leak['en']:.0%} / ZH {r.leak['zh']:.0%}, retention {r.retention:.2f}.")
-    lines.append(f"Keep {best.config['name']} at {best.report_at(best.best_step).label}.")
-    lines += [f"\n{run.config['name']}: {run.diagnosis}" for run in runs]
+        lines.append(t("verdict.best", lang, name=run.config["name"], label=r.label, hit_en=f"{r.hit_unseen['en']:.0%}",
+                       hit_zh=f"{r.hit_unseen['zh']:.0%}", leak_en=f"{r.leak['en']:.0%}", leak_zh=f"{r.leak['zh']:.0%}",
+                       retention=r.retention))
+    lines.append(t("verdict.keep", lang, name=best.config["name"], label=best.report_at(best.best_step).label))
+    lines += [f"\n{run.config['name']}: {run.diagnosis if lang == 'en' else diagnosis_in(run, lang)}" for run in runs]
     return "\n".join(lines)
 
 

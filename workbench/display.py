@@ -15,6 +15,10 @@ evaluates anything.
 
 pandas, matplotlib and IPython are imported inside the functions that use
 them: they are heavy, and the CLI's `log-dataset` needs none of them.
+
+The tables and plots of results take `lang` ("en"/"zh", workbench/i18n.py):
+headers, titles, axes and legends in that language; a Chinese plot falls back
+to English labels, with one line saying so, where no CJK font is installed.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workbench.i18n import localize_columns, plot_lang, t
 from workbench.io import read_jsonl
 from workbench.prompt import IGNORE, Encoded, PromptBuilder
 
@@ -86,7 +91,7 @@ def preview_table(samples: list[Sample], n: int = 10):
 # ---------------------------------------------------------------------------
 # One run's analysis
 # ---------------------------------------------------------------------------
-def metrics_table(run: RunAnalysis):
+def metrics_table(run: RunAnalysis, lang: str = "en"):
     """One row per model (base and checkpoints)."""
     import pandas as pd  # heavy: only for display
 
@@ -96,7 +101,7 @@ def metrics_table(run: RunAnalysis):
                      "hit seen zh": r.hit_seen.get("zh"), "hit unseen zh": r.hit_unseen.get("zh"), "leak en": r.leak.get("en"),
                      "leak zh": r.leak.get("zh"), "retention": r.retention, "similarity": r.similarity,
                      "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
-    return pd.DataFrame(rows)
+    return localize_columns(pd.DataFrame(rows), lang)
 
 
 def answers_table(run: RunAnalysis, step: int | None = None, kinds: tuple = ("identity_unseen", "general")):
@@ -109,29 +114,30 @@ def answers_table(run: RunAnalysis, step: int | None = None, kinds: tuple = ("id
     return pd.DataFrame(rows)
 
 
-def plot_run(run: RunAnalysis, path: str | Path | None = None):
+def plot_run(run: RunAnalysis, path: str | Path | None = None, lang: str = "en"):
     """Loss curves (training and held-out) and hit / leak / retention against step."""
     import matplotlib.pyplot as plt  # heavy: only for display
 
+    lang = plot_lang(lang)
     metrics = read_jsonl(Path(run.work_dir) / "metrics.jsonl")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax1.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="training loss", alpha=0.8)
+    ax1.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=t("plot.training_loss", lang), alpha=0.8)
     held = [(r.step, r.heldout_loss) for r in run.reports if not math.isnan(r.heldout_loss)]
     if held:
-        ax1.plot(*zip(*held), "o-", label="held-out general loss")
-    ax1.set(xlabel="step", ylabel="loss", title=f"{run.config['name']}: loss")
+        ax1.plot(*zip(*held), "o-", label=t("plot.heldout_loss", lang))
+    ax1.set(xlabel=t("plot.step", lang), ylabel=t("plot.loss", lang), title=t("plot.run_loss_title", lang, name=run.config["name"]))
     ax1.legend()
     steps = [r.step for r in run.reports]
     for label, values, style in [
-        ("identity hit, unseen EN", [r.hit_unseen.get("en") for r in run.reports], "o-"),
-        ("identity hit, unseen ZH", [r.hit_unseen.get("zh") for r in run.reports], "o--"),
-        ("identity hit, seen EN", [r.hit_seen.get("en") for r in run.reports], "s:"),
-        ("leak (general questions)", [r.overall("leak") for r in run.reports], "x-"),
-        ("retention", [r.retention for r in run.reports], "d-"),
+        (t("plot.hit_unseen_en", lang), [r.hit_unseen.get("en") for r in run.reports], "o-"),
+        (t("plot.hit_unseen_zh", lang), [r.hit_unseen.get("zh") for r in run.reports], "o--"),
+        (t("plot.hit_seen_en", lang), [r.hit_seen.get("en") for r in run.reports], "s:"),
+        (t("plot.leak", lang), [r.overall("leak") for r in run.reports], "x-"),
+        (t("plot.retention", lang), [r.retention for r in run.reports], "d-"),
     ]:
         ax2.plot(steps, values, style, label=label)
     ax2.axvline(run.best_step, color="grey", ls=":", lw=1)
-    ax2.set(xlabel="step (0 = base model)", ylim=(-0.05, 1.05), title="identity learned vs. everything else kept")
+    ax2.set(xlabel=t("plot.step_base", lang), ylim=(-0.05, 1.05), title=t("plot.run_title", lang))
     ax2.legend(fontsize=8)
     return _finish(fig, path)
 
@@ -139,28 +145,29 @@ def plot_run(run: RunAnalysis, path: str | Path | None = None):
 # ---------------------------------------------------------------------------
 # Recipe comparison
 # ---------------------------------------------------------------------------
-def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None):
+def plot_comparison(runs: list[RunAnalysis], path: str | Path | None = None, lang: str = "en"):
     """Unseen identity hit, leak (EN solid, ZH dashed) and retention per step, one colour per recipe; kept checkpoints ringed."""
     import matplotlib.pyplot as plt  # heavy: only for display
 
+    lang = plot_lang(lang)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, run in enumerate(runs):
         color, name, steps = f"C{k}", run.config["name"], [r.step for r in run.reports]
-        for lang, style in (("en", "o-"), ("zh", "s--")):
-            axes[0].plot(steps, [r.hit_unseen[lang] for r in run.reports], style, color=color, label=f"{name} {lang.upper()}")
-            axes[1].plot(steps, [r.leak[lang] for r in run.reports], style, color=color, label=f"{name} {lang.upper()}")
+        for probe_lang, style in (("en", "o-"), ("zh", "s--")):
+            label = f"{name} {probe_lang.upper()}"
+            axes[0].plot(steps, [r.hit_unseen[probe_lang] for r in run.reports], style, color=color, label=label)
+            axes[1].plot(steps, [r.leak[probe_lang] for r in run.reports], style, color=color, label=label)
         axes[2].plot(steps, [r.retention for r in run.reports], "o-", color=color, label=name)
         kept = run.report_at(run.best_step) if run.best_step in steps else None
         if kept is not None and kept.step > 0:
             axes[2].plot([kept.step], [kept.retention], "o", ms=14, mfc="none", color=color)
-    for ax, title in zip(axes, ["identity hit rate, unseen questions", "leak rate on general questions",
-                                "retention of general answers (ring: kept)"]):
-        ax.set(title=title, xlabel="step (0 = base)", ylim=(-0.05, 1.05))
+    for ax, key in zip(axes, ["plot.cmp_hit", "plot.cmp_leak", "plot.cmp_retention"]):
+        ax.set(title=t(key, lang), xlabel=t("plot.step_base_short", lang), ylim=(-0.05, 1.05))
         ax.legend(fontsize=7)
     return _finish(fig, path)
 
 
-def compare_answers(runs: list[RunAnalysis], kinds: tuple = ("identity_unseen", "general")):
+def compare_answers(runs: list[RunAnalysis], kinds: tuple = ("identity_unseen", "general"), lang: str = "en"):
     """The base model's answers beside each run's kept checkpoint's, one row per probe question."""
     import pandas as pd  # heavy: only for display
 
@@ -171,18 +178,19 @@ def compare_answers(runs: list[RunAnalysis], kinds: tuple = ("identity_unseen", 
             row = {"kind": base["kind"], "lang": base["lang"], "question": base["question"], "base": base["answer"]}
             row.update({f"{name} ({r.label})": r.answers[k]["answer"] for name, r in kept})
             rows.append(row)
-    return pd.DataFrame(rows)
+    return localize_columns(pd.DataFrame(rows), lang)
 
 
-def plot_training_losses(results: dict, path: str | Path | None = None):
+def plot_training_losses(results: dict, path: str | Path | None = None, lang: str = "en"):
     """Training loss against step, one line per recipe ({label: TrainResult or None}; None is left out)."""
     import matplotlib.pyplot as plt  # heavy: only for display
 
+    lang = plot_lang(lang)
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for label, result in results.items():
         if result is not None:
             ax.plot([m["step"] for m in result.metrics], [m["loss"] for m in result.metrics], "-o", ms=2, label=label)
-    ax.set(xlabel="step", ylabel="training loss", title="training loss per recipe")
+    ax.set(xlabel=t("plot.step", lang), ylabel=t("plot.training_loss", lang), title=t("plot.loss_per_recipe", lang))
     ax.legend(fontsize=8)
     return _finish(fig, path)
 

@@ -17,6 +17,9 @@ xtuner_streamlit_demo.py`); this is the workbench's, built on Streamlit too.
   answers). The sidebar's system prompt and generation settings apply to both.
 - Answers are shown as plain text (`st.text`: no Markdown or HTML parsing), so
   the page shows the reply character for character.
+- `--lang zh` (default: the system locale's language) puts the whole page in
+  Chinese: title, column headings, sidebar, buttons, placeholder, messages
+  (workbench/i18n.py); the answers stay exactly what the model generated.
 - The server binds 127.0.0.1 unless --host says otherwise, and starts with no
   network: usage statistics are off and nothing is fetched.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from workbench.chat import GenerationSettings, answer, load_chat_model
+from workbench.i18n import check_lang, default_lang, t
 from workbench.prompt import PromptBuilder
 
 TUNED, BASE = "tuned", "base"
@@ -56,6 +60,7 @@ class WebApp:
     models: list[ChatModel]
     system: str
     settings: GenerationSettings
+    lang: str = "en"  # the page's language ("en" or "zh"); the answers are the model's, untranslated
 
 
 # Set by `serve` in the `workbench web` process, read by the page script that Streamlit runs in it.
@@ -63,15 +68,20 @@ _APP: WebApp | None = None
 
 
 def load_app(model: str, adapter: str | None = None, compare: str | None = None, system: str | None = None,
-             settings: GenerationSettings | None = None, device: str = "auto", trust_remote_code: bool = False) -> WebApp:
-    """Load MODEL (+ adapter) and, with `compare`, the base model BASE, through `load_chat_model`."""
-    tuned = ChatModel(TUNED, "Fine-tuned" if compare else "Model", f"{model} + {adapter}" if adapter else model,
+             settings: GenerationSettings | None = None, device: str = "auto", trust_remote_code: bool = False,
+             lang: str | None = None) -> WebApp:
+    """Load MODEL (+ adapter) and, with `compare`, the base model BASE, through `load_chat_model`.
+
+    `lang` is the page's language ("en"/"zh"; default: the system locale's, `default_lang`).
+    """
+    lang = check_lang(lang or default_lang())
+    tuned = ChatModel(TUNED, t("web.heading.tuned" if compare else "web.heading.model", lang), f"{model} + {adapter}" if adapter else model,
                       *load_chat_model(model, adapter, device=device, system=system, trust_remote_code=trust_remote_code))
     models = [tuned]
     if compare:
-        models.append(ChatModel(BASE, "Base", compare,
+        models.append(ChatModel(BASE, t("web.heading.base", lang), compare,
                                 *load_chat_model(compare, device=device, trust_remote_code=trust_remote_code)))
-    return WebApp(models, system=tuned.builder.system, settings=settings or GenerationSettings())
+    return WebApp(models, system=tuned.builder.system, settings=settings or GenerationSettings(), lang=lang)
 
 
 # ---------------------------------------------------------------------------
@@ -117,7 +127,7 @@ def serve(app: WebApp, host: str = "127.0.0.1", port: int = 7860) -> None:
     options = streamlit_options(host, port)
     _APP = app
     bootstrap.load_config_options(options)
-    print(f"workbench web: http://{options['browser.serverAddress']}:{port}  (Ctrl-C stops it)", flush=True)
+    print(t("web.started", app.lang, address=f"{options['browser.serverAddress']}:{port}"), flush=True)
     bootstrap.run(os.path.abspath(__file__), False, [], options)
 
 
@@ -126,12 +136,13 @@ def serve(app: WebApp, host: str = "127.0.0.1", port: int = 7860) -> None:
 # ---------------------------------------------------------------------------
 def render_page(app: WebApp) -> None:
     """The sidebar, one column per model with its history, the question box, and the streamed answers."""
-    st.set_page_config(page_title="workbench chat", layout="wide")
+    lang = app.lang
+    st.set_page_config(page_title=t("web.page_title", lang), layout="wide")
     histories = st.session_state.setdefault("histories", {m.label: [] for m in app.models})
     system, settings = _sidebar(app, histories)
-    st.title("Chat with your assistant")
+    st.title(t("web.title", lang))
     columns = _columns(app, histories)
-    question = st.chat_input("Ask a question", key="question", submit_mode="disable")
+    question = st.chat_input(t("web.placeholder", lang), key="question", submit_mode="disable")
     if question:
         builders = {m.label: _with_system(m.builder, system) for m in app.models}
         replies = _stream_answers(app, question, histories, builders, settings, columns)
@@ -142,21 +153,21 @@ def render_page(app: WebApp) -> None:
 
 def _sidebar(app: WebApp, histories: dict) -> tuple[str, GenerationSettings]:
     """System prompt, generation settings and the clear button; returns the prompt and settings to use."""
-    d = app.settings
+    d, lang = app.settings, app.lang
     with st.sidebar:
-        st.header("System prompt")
-        system = st.text_area("system prompt", value=app.system, key="system", height=120, label_visibility="collapsed",
-                              help="Default: the system prompt the model was trained with (its prompt.json).")
-        st.header("Generation")
+        st.header(t("web.sidebar.system", lang))
+        system = st.text_area(t("web.sidebar.system", lang), value=app.system, key="system", height=120, label_visibility="collapsed",
+                              help=t("web.sidebar.system_help", lang))
+        st.header(t("web.sidebar.generation", lang))
         settings = GenerationSettings(
-            max_new_tokens=int(st.number_input("max new tokens", 1, max(4096, d.max_new_tokens), d.max_new_tokens,
+            max_new_tokens=int(st.number_input(t("web.max_new_tokens", lang), 1, max(4096, d.max_new_tokens), d.max_new_tokens,
                                                key="max_new_tokens")),
-            temperature=st.slider("temperature (0 = greedy)", 0.0, max(2.0, d.temperature), d.temperature, 0.05,
+            temperature=st.slider(t("web.temperature", lang), 0.0, max(2.0, d.temperature), d.temperature, 0.05,
                                   key="temperature"),
-            top_p=st.slider("top p", 0.05, 1.0, min(max(d.top_p, 0.05), 1.0), 0.05, key="top_p"),
-            repetition_penalty=st.slider("repetition penalty", 1.0, max(2.0, d.repetition_penalty),
+            top_p=st.slider(t("web.top_p", lang), 0.05, 1.0, min(max(d.top_p, 0.05), 1.0), 0.05, key="top_p"),
+            repetition_penalty=st.slider(t("web.repetition_penalty", lang), 1.0, max(2.0, d.repetition_penalty),
                                          d.repetition_penalty, 0.05, key="repetition_penalty"))
-        st.button("Clear chat", key="clear", on_click=_clear, args=(histories,), type="primary", width="stretch")
+        st.button(t("web.clear", lang), key="clear", on_click=_clear, args=(histories,), type="primary", width="stretch")
     return system, settings
 
 
@@ -235,7 +246,7 @@ def _page_main() -> None:
     from workbench import web  # the imported module (not this __main__ copy) holds the loaded models
 
     if web._APP is None:
-        st.error("Start the chat with `workbench web MODEL [--adapter DIR] [--compare BASE]`.")
+        st.error(t("web.not_started", default_lang()))
         return
     web.render_page(web._APP)
 

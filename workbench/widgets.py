@@ -27,6 +27,7 @@ from workbench.chat import GenerationSettings, answer
 from workbench.checkpoint import checkpoint_step, list_checkpoints
 from workbench.config import Config, config_to_yaml
 from workbench.convert import list_files
+from workbench.i18n import plot_lang, t
 from workbench.io import human_size
 
 
@@ -36,17 +37,18 @@ from workbench.io import human_size
 class ConfigEditor:
     """Edit method, LoRA r/alpha, learning rate, steps or epochs, max_length, packing and evaluation inputs."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lang: str = "en"):
         self.base = cfg
-        self.method = W.ToggleButtons(options=["lora", "qlora", "full"], value=cfg.method, description="method")
+        self.method = W.ToggleButtons(options=["lora", "qlora", "full"], value=cfg.method, description=t("w.method", lang))
         self.lora_r = W.IntSlider(value=cfg.lora_r, min=1, max=128, description="LoRA r")
         self.lora_alpha = W.IntSlider(value=cfg.lora_alpha, min=1, max=256, description="LoRA alpha")
-        self.lr = W.FloatLogSlider(value=cfg.lr, base=10, min=-6, max=-2, step=0.1, description="lr", readout_format=".1e")
-        self.max_steps = W.IntText(value=cfg.max_steps or 0, description="max steps", tooltip="0: use epochs")
-        self.max_epochs = W.FloatText(value=cfg.max_epochs, description="epochs")
+        self.lr = W.FloatLogSlider(value=cfg.lr, base=10, min=-6, max=-2, step=0.1, description=t("w.lr", lang), readout_format=".1e")
+        self.max_steps = W.IntText(value=cfg.max_steps or 0, description=t("w.max_steps", lang),
+                                 tooltip=t("w.max_steps_tip", lang))
+        self.max_epochs = W.FloatText(value=cfg.max_epochs, description=t("w.epochs", lang))
         self.max_length = W.Dropdown(options=sorted({128, 256, 512, 1024, 2048, cfg.max_length}), value=cfg.max_length, description="max_length")
-        self.pack = W.Checkbox(value=cfg.pack_to_max_length, description="pack to max_length")
-        self.eval_inputs = W.Textarea(value="\n".join(cfg.evaluation_inputs), description="eval inputs", layout=W.Layout(width="60%", height="80px"))
+        self.pack = W.Checkbox(value=cfg.pack_to_max_length, description=t("w.pack", lang))
+        self.eval_inputs = W.Textarea(value="\n".join(cfg.evaluation_inputs), description=t("w.eval_inputs", lang), layout=W.Layout(width="60%", height="80px"))
         self.yaml = W.Output(layout=W.Layout(max_height="320px", overflow="auto", border="1px solid #ddd"))
         self.error = W.HTML()
         for w in self.controls:
@@ -91,9 +93,10 @@ class ConfigEditor:
 class LiveTrainingPlot:
     """Callbacks for train(): a loss / learning-rate plot redrawn every few steps, and the evaluation answers."""
 
-    def __init__(self, total_steps: int | None = None, every: int = 2):
+    def __init__(self, total_steps: int | None = None, every: int = 2, lang: str = "en"):
         import matplotlib.pyplot as plt  # heavy: only when a plot is made
 
+        self.lang = plot_lang(lang)
         self.records: list[dict] = []
         self.every = every
         self.total = total_steps
@@ -101,7 +104,7 @@ class LiveTrainingPlot:
         plt.close(self.fig)  # shown through the display handle only
         self.handle = display(self.fig, display_id=True)
         self.answers = W.Output(layout=W.Layout(border="1px solid #ddd", max_height="300px", overflow="auto"))
-        display(W.HTML("<b>evaluation answers (greedy), as training goes:</b>"), self.answers)
+        display(W.HTML(f"<b>{html.escape(t('w.eval_answers', lang))}</b>"), self.answers)
 
     def on_log(self, rec: dict) -> None:
         self.records.append(rec)
@@ -110,29 +113,31 @@ class LiveTrainingPlot:
 
     def on_eval(self, step: int, answers: list[dict]) -> None:
         rows = "".join(f"<tr><td>{html.escape(a['question'])}</td><td>{html.escape(a['answer'])}</td></tr>" for a in answers)
-        self.answers.append_display_data(HTML(f"<b>step {step}</b><table>{rows}</table>"))
+        self.answers.append_display_data(HTML(f"<b>{t('w.step', self.lang, step=step)}</b><table>{rows}</table>"))
 
     def redraw(self) -> None:
         ax = self.ax
         ax.clear()
         steps = [r["step"] for r in self.records]
-        ax.plot(steps, [r["loss"] for r in self.records], label="training loss")
-        ax.set(xlabel="step", ylabel="loss", xlim=(0, self.total or max(steps) + 1),
-               title=f"step {steps[-1]}: loss {self.records[-1]['loss']:.3f}, {self.records[-1]['tokens_per_s']:.0f} tokens/s")
+        lang, last = self.lang, self.records[-1]
+        ax.plot(steps, [r["loss"] for r in self.records], label=t("plot.training_loss", lang))
+        ax.set(xlabel=t("plot.step", lang), ylabel=t("plot.loss", lang), xlim=(0, self.total or max(steps) + 1),
+               title=t("w.live_title", lang, step=steps[-1], loss=last["loss"], speed=last["tokens_per_s"]))
         ax.legend(loc="upper right")
         self.fig.tight_layout()
         self.handle.update(self.fig)
 
 
-def plot_metrics(metrics: list[dict], path: str | Path | None = None):
+def plot_metrics(metrics: list[dict], path: str | Path | None = None, lang: str = "en"):
     """The metrics log at the end of training: loss, learning rate and tokens/s against step."""
     import matplotlib.pyplot as plt  # heavy: only when a plot is made
 
+    lang = plot_lang(lang)
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, key, title in zip(axes, ["loss", "lr", "tokens_per_s"], ["training loss", "learning rate", "tokens per second"]):
+    for ax, key, title in zip(axes, ["loss", "lr", "tokens_per_s"], ["plot.training_loss", "w.learning_rate", "w.tokens_per_s"]):
         ax.plot(steps, [m[key] for m in metrics], "-o", ms=2)
-        ax.set(xlabel="step", title=title)
+        ax.set(xlabel=t("plot.step", lang), title=t(title, lang))
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110)
@@ -142,7 +147,7 @@ def plot_metrics(metrics: list[dict], path: str | Path | None = None):
 # ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------
-def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropdown:
+def checkpoint_picker(work_dir: str | Path, value: str | None = None, lang: str = "en") -> W.Dropdown:
     """A dropdown of the complete checkpoints of a work dir; the last one (or `value`, e.g. "iter_20") selected."""
     ckpts = {checkpoint_step(p): str(p) for p in list_checkpoints(work_dir)}
     if not ckpts:
@@ -151,7 +156,8 @@ def checkpoint_picker(work_dir: str | Path, value: str | None = None) -> W.Dropd
     if step not in ckpts:
         raise FileNotFoundError(f"no checkpoint {Path(value).name} in {work_dir}; "
                                 f"there are: {', '.join(Path(c).name for c in ckpts.values())}")
-    return W.Dropdown(options=[(Path(c).name, c) for c in ckpts.values()], value=ckpts[step], description="checkpoint")
+    return W.Dropdown(options=[(Path(c).name, c) for c in ckpts.values()], value=ckpts[step],
+                      description=t("w.checkpoint", lang))
 
 
 def files_table(folder: str | Path):
@@ -167,17 +173,19 @@ def files_table(folder: str | Path):
 class ChatPanel:
     """Chat with several models at once: their answers side by side, streamed, with shared history per model."""
 
-    def __init__(self, models: dict[str, tuple], settings: GenerationSettings | None = None):
+    def __init__(self, models: dict[str, tuple], settings: GenerationSettings | None = None, lang: str = "en"):
         settings = settings or GenerationSettings()
+        self.you = t("w.you", lang)
         self.models = models
         self.history: dict[str, list[tuple[str, str]]] = {k: [] for k in models}
-        self.text = W.Text(placeholder="Ask something, then press Send", layout=W.Layout(width="60%"))
-        self.send_button = W.Button(description="Send", button_style="primary")
-        self.clear_button = W.Button(description="Clear")
-        self.max_new_tokens = _slider(W.IntSlider, settings.max_new_tokens, 8, 512, 8, "max new tokens")
-        self.temperature = _slider(W.FloatSlider, settings.temperature, 0.0, 1.5, 0.05, "temperature")
-        self.top_p = _slider(W.FloatSlider, settings.top_p, 0.05, 1.0, 0.05, "top-p")
-        self.repetition_penalty = _slider(W.FloatSlider, settings.repetition_penalty, 1.0, 2.0, 0.05, "repetition penalty")
+        self.text = W.Text(placeholder=t("w.placeholder", lang), layout=W.Layout(width="60%"))
+        self.send_button = W.Button(description=t("w.send", lang), button_style="primary")
+        self.clear_button = W.Button(description=t("w.clear", lang))
+        self.max_new_tokens = _slider(W.IntSlider, settings.max_new_tokens, 8, 512, 8, t("w.max_new_tokens", lang))
+        self.temperature = _slider(W.FloatSlider, settings.temperature, 0.0, 1.5, 0.05, t("w.temperature", lang))
+        self.top_p = _slider(W.FloatSlider, settings.top_p, 0.05, 1.0, 0.05, t("w.top_p", lang))
+        self.repetition_penalty = _slider(W.FloatSlider, settings.repetition_penalty, 1.0, 2.0, 0.05,
+                                          t("w.repetition_penalty", lang))
         # No fixed width: the answers fill their column, and the columns (below) share the row.
         self.outputs = {k: W.Output(layout=W.Layout(border="1px solid #ddd", min_height="80px")) for k in models}
         self.send_button.on_click(lambda _b: self.send(self.text.value))
@@ -197,7 +205,7 @@ class ChatPanel:
         replies = {}
         for label, (model, builder) in self.models.items():
             out = self.outputs[label]
-            out.append_display_data(HTML(_message("you", text)))
+            out.append_display_data(HTML(_message(self.you, text)))
             stream = W.HTML(value=_message(label, ""))
             out.append_display_data(stream)
             reply = answer(model, builder, text, self.history[label], self.settings, on_text=_streamer(stream, label))
