@@ -95,7 +95,8 @@ def metrics_table(run: RunAnalysis):
         rows.append({"model": r.label, "step": r.step, "hit seen en": r.hit_seen.get("en"), "hit unseen en": r.hit_unseen.get("en"),
                      "hit seen zh": r.hit_seen.get("zh"), "hit unseen zh": r.hit_unseen.get("zh"), "leak en": r.leak.get("en"),
                      "leak zh": r.leak.get("zh"), "retention": r.retention, "similarity": r.similarity,
-                     "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
+                     "strict en": r.strict.get("en"), "strict zh": r.strict.get("zh"),
+                     "facts lost": f"{r.n_facts_lost}/{sum(r.facts_known.values())}", "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
     return pd.DataFrame(rows)
 
 
@@ -128,6 +129,7 @@ def plot_run(run: RunAnalysis, path: str | Path | None = None):
         ("identity hit, seen EN", [r.hit_seen.get("en") for r in run.reports], "s:"),
         ("leak (general questions)", [r.overall("leak") for r in run.reports], "x-"),
         ("retention", [r.retention for r in run.reports], "d-"),
+        ("strict retention EN (first sentence)", [r.strict.get("en", math.nan) for r in run.reports], "v-"),
     ]:
         ax2.plot(steps, values, style, label=label)
     ax2.axvline(run.best_step, color="grey", ls=":", lw=1)
