@@ -280,13 +280,13 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
         rep.similarity = sum(answer_similarity(a["answer"], b["answer"]) for a, b in zip(general, base_general)) / len(general)
         nll = answer_nll(model, builder, [r["question"] for r in base_general], [r["answer"] for r in base_general])
         rep.retention = retention_from_nll(nll, base_nll)
-        _strict_measures(rep, base, probes)
+        add_strict_measures(rep, base, probes)
     if heldout:
         rep.heldout_loss = heldout_loss(model, builder, heldout)
     return rep
 
 
-def _strict_measures(rep: ModelReport, base: ModelReport, probes: Probes) -> None:
+def add_strict_measures(rep: ModelReport, base: ModelReport, probes: Probes) -> None:
     """First-sentence retention of the general answers and the fact check, per language (workbench.retention)."""
     pairs = list(zip(rep.answers, base.answers))
     for lang in LANGS:
@@ -398,7 +398,7 @@ def _evaluate_base(cfg: Config, builder, probes: Probes, heldout, max_new_tokens
     gen = [r for r in base.answers if r["kind"] == "general"]
     base_nll = answer_nll(base_model, builder, [r["question"] for r in gen], [r["answer"] for r in gen])
     base.retention, base.similarity = 1.0, 1.0
-    _strict_measures(base, base, probes)  # strict retention 1; the facts the base model knows
+    add_strict_measures(base, base, probes)  # strict retention 1; the facts the base model knows
     return base, base_nll
 
 
