@@ -22,6 +22,7 @@ from workbench.retention import STRICT_F1, drifted, strict_summary
 # The targets of issue 23, on the held-out probes.
 HIT_TARGET, STRICT_TARGET = 0.95, 0.9
 EXAMPLES_PER_KIND = 2
+_CJK_FONT_FILES = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",)  # Debian's fonts-noto-cjk
 
 
 @dataclass
@@ -105,6 +106,9 @@ def summary_figure(run: RunAnalysis):
 def _font_family() -> list[str]:
     from matplotlib import font_manager
 
+    for path in _CJK_FONT_FILES:  # installed after matplotlib cached its font list: add them by path
+        if Path(path).exists() and path not in {f.fname for f in font_manager.fontManager.ttflist}:
+            font_manager.fontManager.addfont(path)
     installed = {f.name for f in font_manager.fontManager.ttflist}
     return ["DejaVu Sans"] + [f for f in ("Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei") if f in installed]
 
