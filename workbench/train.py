@@ -54,7 +54,7 @@ from workbench.encoding import encode_samples
 from workbench.distributed import (Distributed, check_supported, configure_deepspeed, fallback_note, make_accelerator,
                                    strategy_of)
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
-from workbench.loss import token_loss_sum
+from workbench.loss import token_loss_and_kl_sum, token_loss_sum
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, load_builder
 from workbench.packing import StepPlan, collate, pack, row_length, row_trained_tokens, unpacked
@@ -316,8 +316,12 @@ class TrainLoop:
             batch = collate([self.t.rows[j] for j in idx], self.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
-                s = token_loss_sum(model, batch)
-                acc.backward(s * scale / max(n_trained, 1))
+                if self.cfg.distill_weight > 0:  # the logged loss stays the cross-entropy
+                    s, kl = token_loss_and_kl_sum(model, batch, acc.unwrap_model(model))
+                    acc.backward((s + self.cfg.distill_weight * kl) * scale / max(n_trained, 1))
+                else:
+                    s = token_loss_sum(model, batch)
+                    acc.backward(s * scale / max(n_trained, 1))
             loss_sum += s.detach()
         return loss_sum
 
