@@ -211,26 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.set_defaults(func=cmd_analyze)
 
-    s = sub.add_parser("report", help="a report card of a run, adapter or merged model (HTML + PNG)",
-                       description="Evaluate a run (work dir), an adapter or a merged model on the held-out probes and write "
-                                   "one self-contained HTML page and its PNG: identity, leak, retention (strict and similarity), "
-                                   "facts, before/after examples, the verdict and the checkpoint to keep.")
-    s.add_argument("path", help="a run's work dir, an adapter folder or a merged model folder")
-    s.add_argument("--base", help="the base model (default: the one named in the artifact's saved config)")
-    s.add_argument("--out", help="the HTML file to write (default: PATH/report_card.html; the PNG goes beside it)")
-    s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
-    s.add_argument("--max-new-tokens", type=int, default=40)
-    s.set_defaults(func=cmd_report)
+    from workbench.report.commands import add_parsers  # light: the commands import their stages when run
 
-    s = sub.add_parser("grade", help="grade a folder of submissions (adapters, merged models, runs)",
-                       description="Run the same probes on every submission in a folder; write grades.csv, a sortable "
-                                   "grades.html and a report card per submission. A broken submission gets a row saying why.")
-    s.add_argument("folder")
-    s.add_argument("--base", help="the base model of the class (default: each submission's saved config)")
-    s.add_argument("--out", help="where to write the table and cards (default: FOLDER/_grades)")
-    s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
-    s.add_argument("--max-new-tokens", type=int, default=40)
-    s.set_defaults(func=cmd_grade)
+    add_parsers(sub)
 
     s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
                        description="Train (or reuse) each recipe on the same base model, analyze it, and write one comparison table and plot.")
@@ -414,26 +397,6 @@ def cmd_analyze(args) -> int:
     print(metrics_table(run).to_string(index=False))
     plot_run(run, Path(args.work_dir) / "analysis.png")
     print(f"\n{run.diagnosis}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from workbench.analysis import load_probes
-    from workbench.report.card import report_card
-
-    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
-    print(f"report card: {page}\nimage: {png}")
-    return 0
-
-
-def cmd_grade(args) -> int:
-    from workbench.analysis import load_probes
-    from workbench.report.grade import grade_folder
-
-    table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
-    out = Path(args.out) if args.out else Path(args.folder) / "_grades"
-    print(table[["submission", "status", "targets met"]].to_string(index=False))
-    print(f"\nwritten: {out / 'grades.csv'}, {out / 'grades.html'}")
     return 0
 
 
