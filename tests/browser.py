@@ -30,7 +30,7 @@ def require_chromium() -> None:
         pytest.skip(f"the browser test needs Debian's Chromium and its driver: {INSTALL}")
 
 
-def chromium(width: int = 1400, height: int = 1000, network_log: bool = False):
+def chromium(width: int = 1400, height: int = 1000, network_log: bool = False, console_log: bool = False):
     """A headless Chromium (a selenium driver) with a window of width x height; skips the test where it is missing."""
     require_chromium()
     os.environ["SE_OFFLINE"] = "true"  # selenium manager stays offline (it is not even needed: the paths are given)
@@ -43,6 +43,8 @@ def chromium(width: int = 1400, height: int = 1000, network_log: bool = False):
                  "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={width},{height}",
                  "--lang=en-US", f"--user-data-dir={tempfile.mkdtemp(prefix='wb-chromium-')}"):
         opts.add_argument(flag)
-    if network_log:
-        opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to list the page's requests
+    prefs = {**({"performance": "ALL"} if network_log else {}),  # to list the page's requests
+             **({"browser": "ALL"} if console_log else {})}  # to read the page's console (driver.get_log("browser"))
+    if prefs:
+        opts.set_capability("goog:loggingPrefs", prefs)
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)

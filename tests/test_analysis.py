@@ -120,6 +120,9 @@ def test_analyze_run_on_a_tiny_run(tiny_run):
     assert [r.step for r in run.reports] == [0, 2, 4]
     assert run.base.retention == 1.0 and 0 < run.final.retention <= 1.0
     assert not math.isnan(run.final.heldout_loss)
+    assert run.base.strict == {"en": 1.0, "zh": 1.0} and run.base.facts_lost == {"en": [], "zh": []}
+    assert all(0 <= run.final.strict[lang] <= 1 for lang in A.LANGS), "strict retention measured per language"
+    assert all(len(run.final.facts_lost[lang]) <= run.base.facts_known[lang] for lang in A.LANGS)
     assert run.final.n_probes == len(A.load_probes().items())
     again = A.RunAnalysis.load(tiny_run / "analysis.json")
     assert again.best_step == run.best_step and again.reports[1].answers == run.reports[1].answers

@@ -12,7 +12,9 @@ sets (`workbench/probes/default.yaml`):
 - retention: how well the fine-tuned model still predicts the base model's own
   answers to the general questions (exp(-(NLL_tuned - NLL_base)), 1 = unchanged),
   the word overlap of the two models' answers, and the loss on held-out general
-  conversations;
+  conversations; and, strictly (`workbench.retention`), the share of general answers
+  whose first sentence is still the base model's, and the short-answer facts (`facts`
+  probes) the base model knew and the tuned one lost, per language;
 - collapse: the number of distinct answers across all probes.
 
 `analyze_run` evaluates a work dir checkpoint by checkpoint, recommends the one
@@ -42,12 +44,13 @@ from workbench.loss import token_loss_sum
 from workbench.models import build_unquantized, load_builder, load_model
 from workbench.packing import collate
 from workbench.readers import read_records
+from workbench.retention import fact_check, strict_retention, strict_summary
 from workbench.samples import Sample
 
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
 HELDOUT_FILE = PROJECT_ROOT / "data" / "general_conversations_heldout.jsonl"
 LANGS = ("en", "zh")
-PROBE_BATCH = 96  # probes answered per generation batch (the default set has 88)
+PROBE_BATCH = 128  # probes answered per generation batch (the default set has 124)
 # The recipe the diagnosis of an overfit identity-only run points to: it mixes general conversations in.
 MIXED_RECIPE = "smollm2_135m_lora_identity_mixed_cpu"
 
@@ -62,6 +65,7 @@ class Probes:
     identity_seen: dict[str, list[str]]
     identity_unseen: dict[str, list[str]]
     general: dict[str, list[str]]
+    facts: dict[str, list[dict]] = field(default_factory=dict)  # {"question": ..., "answer": [accepted short answers]}
 
     def items(self) -> list[tuple[str, str, str]]:
         """(kind, lang, question) for every probe, in a fixed order."""
@@ -69,6 +73,8 @@ class Probes:
         for kind in ("identity_seen", "identity_unseen", "general"):
             for lang, questions in getattr(self, kind).items():
                 out += [(kind, lang, q) for q in questions]
+        for lang, facts in self.facts.items():
+            out += [("fact", lang, f["question"]) for f in facts]
         return out
 
 
@@ -80,7 +86,20 @@ def load_probes(path: str | Path | None = None, seen_per_lang: int = 6) -> Probe
         qs = identity_questions(lang)
         step = max(1, len(qs) // seen_per_lang)
         seen[lang] = qs[::step][:seen_per_lang]
-    return Probes(seen, data["identity_unseen"], data["general"])
+    return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path or PROBES_FILE))
+
+
+def _facts(data: dict, path) -> dict[str, list[dict]]:
+    """The probe file's short-answer facts, checked: each has a question and one or more accepted answers."""
+    out = {}
+    for lang, facts in data.items():
+        out[lang] = []
+        for k, f in enumerate(facts):
+            answers = f.get("answer") if isinstance(f, dict) else None
+            if not isinstance(f, dict) or not f.get("question") or not answers:
+                raise ValueError(f"{path}: facts/{lang}[{k}]: needs a 'question' and an 'answer' (a string or a list)")
+            out[lang].append({"question": str(f["question"]), "answer": [str(a) for a in (answers if isinstance(answers, list) else [answers])]})
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +204,9 @@ class ModelReport:
     retention: float = float("nan")        # likelihood of the base's general answers, relative to the base
     similarity: float = float("nan")       # word overlap with the base's general answers
     heldout_loss: float = float("nan")     # loss on held-out general conversations
+    strict: dict[str, float] = field(default_factory=dict)  # share of general answers keeping the base's first sentence
+    facts_known: dict[str, int] = field(default_factory=dict)  # short-answer facts the base model got right
+    facts_lost: dict[str, list[str]] = field(default_factory=dict)  # of those, the questions the model lost
     distinct: int = 0
     n_probes: int = 0
     answers: list[dict] = field(default_factory=list)
@@ -194,10 +216,19 @@ class ModelReport:
         return sum(values) / len(values) if values else float("nan")
 
     @property
+    def n_facts_lost(self) -> int:
+        return sum(len(v) for v in self.facts_lost.values())
+
+    @property
     def score(self) -> float:
-        """Balance of learning and keeping: unseen identity hit (mean of the languages) x (1 - leak) x retention."""
+        """Balance of learning and keeping: unseen identity hit (mean of the languages) x (1 - leak) x retention,
+        x strict retention (mean of the languages) x share of known facts kept, where those are measured."""
         parts = [self.overall("hit_unseen"), 1 - self.overall("leak"), self.retention]
-        return float("nan") if any(math.isnan(p) for p in parts) else parts[0] * parts[1] * parts[2]
+        if any(math.isnan(p) for p in parts):
+            return float("nan")
+        strict, known = self.overall("strict"), sum(self.facts_known.values())
+        return (parts[0] * parts[1] * parts[2] * (1.0 if math.isnan(strict) else strict)
+                * (1 - self.n_facts_lost / known if known else 1.0))
 
 
 @torch.no_grad()
@@ -249,9 +280,24 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
         rep.similarity = sum(answer_similarity(a["answer"], b["answer"]) for a, b in zip(general, base_general)) / len(general)
         nll = answer_nll(model, builder, [r["question"] for r in base_general], [r["answer"] for r in base_general])
         rep.retention = retention_from_nll(nll, base_nll)
+        add_strict_measures(rep, base, probes)
     if heldout:
         rep.heldout_loss = heldout_loss(model, builder, heldout)
     return rep
+
+
+def add_strict_measures(rep: ModelReport, base: ModelReport, probes: Probes) -> None:
+    """First-sentence retention of the general answers and the fact check, per language (workbench.retention)."""
+    pairs = list(zip(rep.answers, base.answers))
+    for lang in LANGS:
+        general = [(a["answer"], b["answer"]) for a, b in pairs if a["kind"] == "general" and a["lang"] == lang]
+        rep.strict[lang] = strict_retention([t for t, _ in general], [b for _, b in general])
+        facts = [(a, b) for a, b in pairs if a["kind"] == "fact" and a["lang"] == lang]
+        if facts:
+            accepted = [f["answer"] for f in probes.facts[lang]]
+            check = fact_check([a["question"] for a, _ in facts], [a["answer"] for a, _ in facts],
+                               [b["answer"] for _, b in facts], accepted)
+            rep.facts_known[lang], rep.facts_lost[lang] = check.known, check.lost
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +398,7 @@ def _evaluate_base(cfg: Config, builder, probes: Probes, heldout, max_new_tokens
     gen = [r for r in base.answers if r["kind"] == "general"]
     base_nll = answer_nll(base_model, builder, [r["question"] for r in gen], [r["answer"] for r in gen])
     base.retention, base.similarity = 1.0, 1.0
+    add_strict_measures(base, base, probes)  # strict retention 1; the facts the base model knows
     return base, base_nll
 
 
@@ -375,7 +422,8 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
     hit = final.hit_unseen.get("en", float("nan"))
     lines = [t("diag.final", lang, label=final.label, hit_en=f"{hit:.0%}",
                hit_zh=f"{final.hit_unseen.get('zh', float('nan')):.0%}", n_leaks=n_leaks, n_general=n_general,
-               per_lang=per_lang, distinct=final.distinct, n_probes=final.n_probes, retention=final.retention)]
+               per_lang=per_lang, distinct=final.distinct, n_probes=final.n_probes, retention=final.retention),
+             strict_summary(final, lang)]
     mixed = any(not (s.generate or "").startswith("identity") for s in cfg.datasets)
     if final.overall("leak") >= 0.3 or final.distinct <= final.n_probes // 4:
         cure = t("diag.use", lang, label=best.label) if best is not final and best.step > 0 else t("diag.fewer_steps", lang)
@@ -389,7 +437,7 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
         lines.append(t("diag.keep", lang, label=best.label, hit_en=f"{best.hit_unseen.get('en', 0):.0%}",
                        hit_zh=f"{best.hit_unseen.get('zh', 0):.0%}", leak=f"{best.overall('leak'):.0%}",
                        retention=best.retention))
-    return ("" if lang == "zh" else " ").join(lines)  # Chinese sentences follow each other without a space
+    return ("" if lang == "zh" else " ").join(line for line in lines if line)  # Chinese sentences follow each other without a space
 
 
 def diagnosis_in(run: RunAnalysis, lang: str = "en") -> str:

@@ -16,6 +16,8 @@
     workbench web MODEL [--compare BASE]       chat in the browser (Streamlit), before/after side by side
     workbench serve MODEL [--adapter DIR]      an OpenAI-compatible API on 127.0.0.1:8000
     workbench analyze WORK_DIR                 overfitting per checkpoint: hit, leak, retention, collapse
+    workbench report RUN_OR_ADAPTER_OR_MERGED  a report card (one HTML page and a PNG) to hand in
+    workbench grade FOLDER --base BASE         grade every submission in a folder: one sortable table
     workbench compare [RECIPE ...]             train and compare recipes in one table
     workbench run-notebooks [--smoke] [--one-recipe]  execute notebooks 01-07 headless (mixed + tutorial recipe)
     workbench prepare-model [FOLDER]           prepare the embedded base model (done by make setup), or convert an InternLM2 folder
@@ -223,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lang", choices=("en", "zh"), default=None,
                    help="the table, plot and diagnosis in this language (default: the system locale's)")
     s.set_defaults(func=cmd_analyze)
+
+    from workbench.report.commands import add_parsers  # light: the commands import their stages when run
+
+    add_parsers(sub)
 
     s = sub.add_parser("compare", help="train and compare recipes (tutorial vs mixed)",
                        description="Train (or reuse) each recipe on the same base model, analyze it, and write one comparison table and plot.")

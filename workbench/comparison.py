@@ -28,6 +28,7 @@ from workbench.checkpoint import LAST_POINTER
 from workbench.config import Config, configure, load_config, resolve_config, save_config
 from workbench.display import plot_comparison, plot_run
 from workbench.io import atomic_write_text
+from workbench.retention import strict_summary
 from workbench.train import train
 
 # The tutorial's recipe, then the cure: what `workbench compare` compares when no recipe is named.
@@ -166,7 +167,7 @@ def verdict(runs: list[RunAnalysis], lang: str = "en") -> str:
         r = run.report_at(run.best_step)
         lines.append(t("verdict.best", lang, name=run.config["name"], label=r.label, hit_en=f"{r.hit_unseen['en']:.0%}",
                        hit_zh=f"{r.hit_unseen['zh']:.0%}", leak_en=f"{r.leak['en']:.0%}", leak_zh=f"{r.leak['zh']:.0%}",
-                       retention=r.retention))
+                       retention=r.retention) + ("" if lang == "zh" else " ") + strict_summary(r, lang))
     lines.append(t("verdict.keep", lang, name=best.config["name"], label=best.report_at(best.best_step).label))
     lines += [f"\n{run.config['name']}: {run.diagnosis if lang == 'en' else diagnosis_in(run, lang)}" for run in runs]
     return "\n".join(lines)
@@ -190,7 +191,8 @@ def _row(recipe: str, r: ModelReport, train_seconds) -> dict:
     return {"recipe": recipe, "steps": r.step, "hit seen EN": r.hit_seen["en"], "hit unseen EN": r.hit_unseen["en"],
             "hit seen ZH": r.hit_seen["zh"], "hit unseen ZH": r.hit_unseen["zh"], "leak EN": r.leak["en"],
             "leak ZH": r.leak["zh"], "retention": r.retention, "similarity": r.similarity,
-            "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}",
+            "strict EN": r.strict.get("en"), "strict ZH": r.strict.get("zh"),
+            "facts lost": f"{r.n_facts_lost}/{sum(r.facts_known.values())}", "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}",
             "train time (s)": train_seconds}
 
 

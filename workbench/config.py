@@ -95,6 +95,7 @@ class Config:
     lora_r: int = _f(8, help="LoRA rank r: size of the low-rank update.")
     lora_alpha: int = _f(16, help="LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
+    distill_weight: float = _f(0.0, help="LoRA/QLoRA only: weight of a distillation term, the KL divergence of the adapter's next-token distribution from the base model's own (the same model with the adapter switched off) on the trained tokens of everyday rows (every source but the generated identity data). 0 = off; it keeps what the base knew.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
     fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy; on a CUDA GPU (workbench/fastpath_cuda.py) packed micro-batches through PyTorch's varlen flash kernel, Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy when liger-kernel is installed (requirements-gpu.txt), fused AdamW. Off: transformers' and peft's plain path, for comparison.")
@@ -148,6 +149,8 @@ class Config:
             errors.append(f"{where}.lr: must be in (0, 1), got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.distill_weight < 0 or (self.distill_weight > 0 and self.method == "full"):
+            errors.append(f"{where}.distill_weight: must be >= 0, and 0 for method full (the base is the model with its adapter off), got {self.distill_weight}")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0 or self.max_norm < 0:

@@ -100,7 +100,8 @@ def metrics_table(run: RunAnalysis, lang: str = "en"):
         rows.append({"model": r.label, "step": r.step, "hit seen en": r.hit_seen.get("en"), "hit unseen en": r.hit_unseen.get("en"),
                      "hit seen zh": r.hit_seen.get("zh"), "hit unseen zh": r.hit_unseen.get("zh"), "leak en": r.leak.get("en"),
                      "leak zh": r.leak.get("zh"), "retention": r.retention, "similarity": r.similarity,
-                     "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
+                     "strict en": r.strict.get("en"), "strict zh": r.strict.get("zh"),
+                     "facts lost": f"{r.n_facts_lost}/{sum(r.facts_known.values())}", "held-out loss": r.heldout_loss, "distinct answers": f"{r.distinct}/{r.n_probes}"})
     return localize_columns(pd.DataFrame(rows), lang)
 
 
@@ -134,6 +135,7 @@ def plot_run(run: RunAnalysis, path: str | Path | None = None, lang: str = "en")
         (t("plot.hit_seen_en", lang), [r.hit_seen.get("en") for r in run.reports], "s:"),
         (t("plot.leak", lang), [r.overall("leak") for r in run.reports], "x-"),
         (t("plot.retention", lang), [r.retention for r in run.reports], "d-"),
+        (t("plot.strict_en", lang), [r.strict.get("en", math.nan) for r in run.reports], "v-"),
     ]:
         ax2.plot(steps, values, style, label=label)
     ax2.axvline(run.best_step, color="grey", ls=":", lw=1)

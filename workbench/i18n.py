@@ -71,6 +71,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "plot.hit_seen_en": ("identity hit, seen EN", "身份命中，见过的英文问题"),
     "plot.leak": ("leak (general questions)", "泄漏（日常问题）"),
     "plot.retention": ("retention", "保持率"),
+    "plot.strict_en": ("strict retention EN (first sentence)", "严格保持率 EN（首句）"),
+    "strict.summary": ("Strict retention (first sentence kept, token-F1 >= {f1}): {parts}",
+                       "严格保持率（首句保留，token-F1 >= {f1}）：{parts}"),
+    "strict.facts": ("; short-answer facts lost: {lost} of {known} the base model knew",
+                     "；基座模型答对的短答案事实中丢失 {lost} / {known}"),
     "plot.run_title": ("identity learned vs. everything else kept", "学会身份 vs. 保留其他能力"),
     # --- the diagnosis (workbench analyze, notebook 07) ---
     "diag.final": ("Final checkpoint ({label}): states the identity on {hit_en} of unseen English identity questions "
@@ -140,6 +145,7 @@ COLUMNS: dict[str, str] = {
     "distinct answers": "不同回答", "train time (s)": "训练时间（秒）",
     "hit seen en": "见过EN命中", "hit unseen en": "没见过EN命中", "hit seen zh": "见过ZH命中", "hit unseen zh": "没见过ZH命中",
     "leak en": "EN泄漏", "leak zh": "ZH泄漏",
+    "strict en": "严格保持EN", "strict zh": "严格保持ZH", "facts lost": "丢失事实",
 }
 
 

@@ -31,6 +31,34 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 
+def token_loss_and_kl_sum(model, batch: dict, peft_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy (as `token_loss_sum`) and the summed KL(base || tuned) of the next-token
+    distributions at the trained tokens marked `distill` (everyday rows), from one forward of the tuned model.
+
+    The base is the same peft model with its adapter switched off (`disable_adapter()`): no second copy in
+    memory, one extra forward without gradients. `peft_model`: the unwrapped peft model when `model` is a
+    wrapper (DDP), so that the tuned forward still goes through the wrapper. Written here: TRL's GKD trainer computes a like term
+    but needs its own trainer, data format and a separate teacher model.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    logits = forward_logits(model, batch, keep).float()
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
+    if fastpath.uses_fused_loss(model):
+        ce = fastpath.cross_entropy_sum(flat, flat_targets, ignore_index=IGNORE)
+    else:
+        ce = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE, reduction="sum")
+    mask = batch.get("distill")
+    if mask is None:
+        return ce, torch.zeros((), device=ce.device)
+    mask = mask[:, 1:][:, keep]
+    with torch.no_grad(), (peft_model or model).disable_adapter():
+        base = forward_logits(model, batch, keep).float()[mask]
+    tuned = logits[mask]
+    kl = F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
+    return ce, kl
+
+
 def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     """Logits at positions `keep` (models without `logits_to_keep` compute all and are sliced)."""
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,

@@ -56,18 +56,23 @@ def row_trained_tokens(row: Row) -> int:
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels and position_ids (restarting per sample), right-padded to the longest row."""
     width = max(row_length(r) for r in rows)
-    ids, labels, pos = [], [], []
+    ids, labels, pos, distill = [], [], [], []
     for row in rows:
-        r_ids, r_lab, r_pos = [], [], []
+        r_ids, r_lab, r_pos, r_dist = [], [], [], []
         for s in row:
             r_ids += s.input_ids
             r_lab += s.labels
             r_pos += list(range(len(s)))
+            r_dist += [s.distill and x != IGNORE for x in s.labels]
         pad = width - len(r_ids)
         ids.append(r_ids + [pad_id] * pad)
         labels.append(r_lab + [IGNORE] * pad)
         pos.append(r_pos + list(range(pad)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+        distill.append(r_dist + [False] * pad)
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+    if any(map(any, distill)):  # labels whose token is pulled toward the base model's distribution (everyday rows)
+        batch["distill"] = torch.tensor(distill)
+    return batch
 
 
 def collate_flat(rows: list[Row]) -> dict:

@@ -66,6 +66,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False  # longer than max_length and cut
+    distill: bool = False  # an everyday sample: its trained tokens get the distillation term (Config.distill_weight)
 
     @property
     def n_trained(self) -> int:

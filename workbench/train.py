@@ -56,7 +56,7 @@ from workbench.fastpath import keeps_conversations_apart
 from workbench.distributed import (Distributed, check_supported, configure_deepspeed, fallback_note, make_accelerator,
                                    strategy_of)
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
-from workbench.loss import token_loss_sum
+from workbench.loss import token_loss_and_kl_sum, token_loss_sum
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder, model_vocab_size
 from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
@@ -356,8 +356,12 @@ class TrainLoop:
         for i, rows in enumerate(micro):
             batch = self.batch(rows)
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
-                s = token_loss_sum(model, batch)
-                acc.backward(s * scale / max(n_trained, 1))
+                if self.cfg.distill_weight > 0:  # the logged loss stays the cross-entropy
+                    s, kl = token_loss_and_kl_sum(model, batch, acc.unwrap_model(model))
+                    acc.backward((s + self.cfg.distill_weight * kl) * scale / max(n_trained, 1))
+                else:
+                    s = token_loss_sum(model, batch)
+                    acc.backward(s * scale / max(n_trained, 1))
             loss_sum += s.detach()
         return loss_sum
 

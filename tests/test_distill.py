@@ -1,0 +1,79 @@
+"""The distillation term (Config.distill_weight): KL of the adapter's next-token distribution from the base
+model's own (the same model with the adapter off) on everyday rows only, on a tiny random model."""
+import dataclasses
+
+import pytest
+import torch
+
+from workbench.config import ConfigError, load_recipe
+from workbench.loss import token_loss_and_kl_sum, token_loss_sum
+from workbench.models import TINY_MODEL, load_model, load_tokenizer
+from workbench.packing import collate, pack
+from workbench.prompt import PromptBuilder
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from peft import LoraConfig, get_peft_model
+
+    builder = PromptBuilder(load_tokenizer(TINY_MODEL))
+    gen = torch.Generator().manual_seed(0)  # a local generator: no global RNG side effect
+    model = get_peft_model(load_model(TINY_MODEL, torch_dtype="float32", device="cpu"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    everyday = dataclasses.replace(builder.encode([{"role": "user", "content": "What is 2+2?"},
+                                                   {"role": "assistant", "content": "2+2 is 4."}]), distill=True)
+    identity = builder.encode([{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm Nova."}])
+    return builder, model, everyday, identity, gen
+
+
+def _batch(builder, *samples):
+    return collate(pack(list(samples), max_length=256), builder.tokenizer.pad_token_id)
+
+
+def test_collate_marks_the_trained_tokens_of_everyday_samples(setup):
+    builder, _, everyday, identity, _ = setup
+    batch = _batch(builder, identity, everyday)
+    assert int(batch["distill"].sum()) == everyday.n_trained, "only the everyday sample's trained tokens"
+    assert "distill" not in _batch(builder, identity), "identity rows alone: no distillation"
+
+
+def test_kl_is_zero_for_an_untrained_adapter_and_grows_with_it(setup):
+    builder, model, everyday, identity, gen = setup
+    batch = _batch(builder, identity, everyday)
+    ce, kl = token_loss_and_kl_sum(model, batch)
+    assert ce.item() == pytest.approx(token_loss_sum(model, batch).item(), rel=1e-5), "the same cross-entropy"
+    assert kl.item() == pytest.approx(0.0, abs=1e-6), "LoRA's B starts at zero: the adapter is the base"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    ce2, kl2 = token_loss_and_kl_sum(model, batch)
+    assert kl2.item() > 1e-3
+    kl2.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and all("lora" in n for n, p in model.named_parameters() if p.grad is not None), "only the adapter learns"
+    assert token_loss_sum(model, batch).item() == pytest.approx(ce2.item(), rel=1e-5), "the adapter is on again afterwards"
+    model.zero_grad()
+
+
+def test_config_checks_distill_weight():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    assert cfg.distill_weight == 0.0 and cfg.replace(distill_weight=0.5).validate().distill_weight == 0.5
+    with pytest.raises(ConfigError, match="distill_weight"):
+        cfg.replace(distill_weight=0.5, method="full").validate()
+    with pytest.raises(ConfigError, match="distill_weight"):
+        cfg.replace(distill_weight=-1.0).validate()
+
+
+def test_training_with_the_distillation_term(tmp_path):
+    """A tiny mixed run trains with distill_weight on; the logged loss stays the cross-entropy (finite)."""
+    import math
+
+    from workbench.config import DataSource
+    from workbench.train import train
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    cfg = cfg.replace(max_steps=2, save_steps=2, evaluation_freq=0, distill_weight=1.0,
+                      datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3)])
+    result = train(cfg, tmp_path / "work", progress=False)
+    assert len(result.metrics) == 2 and all(math.isfinite(m["loss"]) for m in result.metrics)

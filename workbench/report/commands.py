@@ -1,0 +1,44 @@
+"""`workbench report` and `workbench grade`: their argument parsers and commands (kept out of cli.py's length).
+
+Like every command of `workbench.cli`, each imports its stage inside its function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    """Register `report` and `grade` on the CLI's subparsers."""
+    for name, what, helps in (
+            ("report", "path", ("a report card of a run, adapter or merged model (HTML + PNG)",
+                                "Evaluate a run (work dir), an adapter or a merged model on the held-out probes; write one self-contained HTML "
+                                "page and its PNG (default PATH/report_card.html): identity, leak, retention (strict and similarity), facts, "
+                                "before/after examples, the verdict and the checkpoint to keep.")),
+            ("grade", "folder", ("grade a folder of submissions (adapters, merged models, runs)",
+                                 "Run the same probes on every submission in a folder; write grades.csv, a sortable grades.html and a report "
+                                 "card each (default FOLDER/_grades). A broken submission gets a row saying why.")),
+    ):
+        s = sub.add_parser(name, help=helps[0], description=helps[1])
+        s.add_argument(what)
+        s.add_argument("--base", help="the base model (default: the one named in each artifact's saved config)")
+        s.add_argument("--out", help="the HTML file (report) or folder (grade) to write")
+        s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
+        s.add_argument("--max-new-tokens", type=int, default=40)
+        s.set_defaults(func=cmd_report if name == "report" else cmd_grade)
+
+
+def cmd_report(args) -> None:
+    from workbench.analysis import load_probes
+    from workbench.report.card import report_card
+
+    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
+    print(f"report card: {page}\nimage: {png}")
+
+
+def cmd_grade(args) -> None:
+    from workbench.analysis import load_probes
+    from workbench.report.grade import grade_folder
+
+    table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
+    print(table[["submission", "status", "targets met"]].to_string(index=False))
+    print(f"\nwritten: {Path(args.out or Path(args.folder) / '_grades') / 'grades.html'} (and grades.csv, cards/)")

@@ -1,0 +1,133 @@
+"""What a report card is about: a training run, an adapter folder or a merged model folder, evaluated.
+
+A run (work dir) is analysed checkpoint by checkpoint (`workbench.analysis.analyze_run`, reusing a
+saved analysis.json that has the strict measures). An adapter or a merged model is one model: its
+answers to the held-out probes are set beside the base model's, with the prompt builder and the
+assistant's and owner's names from the artifact's saved files (prompt.json, workbench_config.yaml).
+For an adapter the base is the same model with the adapter switched off (no second copy).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
+                                load_probes)
+from workbench.convert import CONFIG_FILE
+from workbench.models import ModelError
+
+KINDS = ("run", "adapter", "merged")
+
+
+class SubjectError(ModelError):
+    """A folder that is not a run, an adapter or a merged model, or one that cannot be evaluated; says why."""
+
+
+def detect(path: str | Path) -> str:
+    """"run", "adapter" or "merged"; a clear error for anything else."""
+    p = Path(path)
+    if not p.is_dir():
+        raise SubjectError(f"{p}: not a folder (a run's work dir, an adapter or a merged model folder is expected)")
+    if (p / "adapter_config.json").exists():
+        return "adapter"
+    if (p / "config.json").exists():
+        return "merged"
+    if (p / "config.yaml").exists() and ((p / "analysis.json").exists() or any(p.glob("iter_*"))):
+        return "run"
+    names = sorted(x.name for x in p.iterdir())[:6]
+    raise SubjectError(f"{p}: neither a run (config.yaml and iter_* checkpoints), an adapter (adapter_config.json) "
+                       f"nor a merged model (config.json); it holds {names or 'nothing'}")
+
+
+def saved_config(folder: Path):
+    """The training config saved with an adapter or merged model: it names the assistant and the owner."""
+    from workbench.config import load_config
+
+    p = folder / CONFIG_FILE
+    if not p.exists():
+        raise SubjectError(f"{folder}: no {CONFIG_FILE}, so the assistant's and owner's names are unknown "
+                           f"(export it with workbench: `workbench convert pth_to_hf`, then `convert merge`)")
+    return load_config(p)
+
+
+def analyze_subject(path: str | Path, base: str | None = None, probes: Probes | None = None, max_new_tokens: int = 40,
+                    progress: bool = True, base_cache: dict | None = None) -> RunAnalysis:
+    """The analysis a report card shows: a run's checkpoints, or one adapter / merged model beside its base.
+
+    `base`: the base model (default: the one named in the artifact's config). `base_cache`: a dict
+    shared across calls (grading a folder) so that the base model's answers are computed once per
+    base model, system prompt and names.
+    """
+    p = Path(path)
+    kind = detect(p)
+    probes = probes or load_probes()
+    if kind == "run":
+        return _analyze_run(p, probes, max_new_tokens, progress)
+    cfg = saved_config(p)
+    base_name = base or cfg.pretrained_model_name_or_path
+    model, builder, base_model = _load(p, kind, base_name, cfg)
+    key = (base_name, builder.system, cfg.assistant_name, cfg.owner_name, max_new_tokens, tuple(probes.items()))
+    cache = base_cache if base_cache is not None else {}
+    if key not in cache:
+        cache[key] = _evaluate_base(base_model, builder, probes, cfg, max_new_tokens)
+    base_report, base_nll = cache[key]
+    tuned = evaluate_model(model, builder, probes, cfg.assistant_name, cfg.owner_name, p.name, 1, base_report, base_nll,
+                           max_new_tokens=max_new_tokens)
+    config = {**cfg.to_dict(), "pretrained_model_name_or_path": base_name, "subject_kind": kind}
+    reports = [base_report, tuned]
+    return RunAnalysis(str(p), config, reports, tuned.step, diagnose(reports, cfg, tuned), math.nan, base_nll)
+
+
+def _analyze_run(p: Path, probes: Probes, max_new_tokens: int, progress: bool) -> RunAnalysis:
+    from workbench.analysis import analyze_run
+
+    saved = p / "analysis.json"
+    if saved.exists():
+        run = RunAnalysis.load(saved)
+        same = [(a["kind"], a["lang"], a["question"]) for a in run.base.answers] == probes.items()
+        if same and run.base.strict:
+            return run
+    return analyze_run(p, probes, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def _load(p: Path, kind: str, base_name: str, cfg):
+    """(model, builder, base model): for an adapter the base is the same model with the adapter disabled."""
+    from safetensors import SafetensorError
+
+    from workbench.chat import load_chat_model
+    from workbench.models import load_model
+
+    try:
+        if kind == "adapter":
+            model, builder = load_chat_model(base_name, adapter=str(p), device="cpu", torch_dtype="float32")
+            return model, builder, _AdapterOff(model)
+        model, builder = load_chat_model(str(p), device="cpu", torch_dtype="float32")
+        return model, builder, load_model(base_name, torch_dtype="float32", device="cpu")
+    except ModelError as e:
+        raise SubjectError(f"{p}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # a corrupt weights or config file
+        raise SubjectError(f"{p}: cannot be loaded as a {kind} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+
+class _AdapterOff:
+    """Marks "the adapter model, with its adapter switched off" as the base model."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def _evaluate_base(base_model, builder, probes: Probes, cfg, max_new_tokens: int):
+    if isinstance(base_model, _AdapterOff):
+        with base_model.model.disable_adapter():
+            return _base_report(base_model.model, builder, probes, cfg, max_new_tokens)
+    return _base_report(base_model, builder, probes, cfg, max_new_tokens)
+
+
+def _base_report(model, builder, probes: Probes, cfg, max_new_tokens: int):
+    base = evaluate_model(model, builder, probes, cfg.assistant_name, cfg.owner_name, "base", 0,
+                          max_new_tokens=max_new_tokens)
+    gen = [r for r in base.answers if r["kind"] == "general"]
+    base_nll = answer_nll(model, builder, [r["question"] for r in gen], [r["answer"] for r in gen])
+    base.retention, base.similarity = 1.0, 1.0
+    add_strict_measures(base, base, probes)
+    return base, base_nll
