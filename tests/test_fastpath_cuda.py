@@ -201,3 +201,14 @@ def test_qlora_base_qualifies_for_varlen_and_attends_in_half_precision():
     assert fastpath_cuda._is_4bit(Base())
     assert fastpath_cuda._half_dtype(torch.float32) == torch.bfloat16
     assert fastpath_cuda._half_dtype(torch.float16) == torch.float16
+
+
+def test_flat_batch_carries_the_distillation_mask(rows):
+    """collate_flat marks the same trained tokens for the distillation term as collate does, in flat order."""
+    import dataclasses
+
+    marked = [[dataclasses.replace(s, distill=i % 2 == 0) for i, s in enumerate(r)] for r in rows]
+    flat, padded = collate_flat(marked), collate(marked, pad_id=0)
+    per_row = [padded["distill"][i, :row_length(r)] for i, r in enumerate(marked)]
+    assert torch.equal(flat["distill"][0], torch.cat(per_row))
+    assert not (flat["distill"] & (flat["labels"] == IGNORE)).any()

@@ -41,7 +41,7 @@ def token_loss_and_kl_sum(model, batch: dict, peft_model=None) -> tuple[torch.Te
     but needs its own trainer, data format and a separate teacher model.
     """
     targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+    keep = batch["keep"] if "keep" in batch else (targets != IGNORE).any(0).nonzero().squeeze(1)
     logits = forward_logits(model, batch, keep).float()
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
     if fastpath.uses_fused_loss(model):

@@ -85,17 +85,21 @@ def collate_flat(rows: list[Row]) -> dict:
     trained, for the output head).
     """
     samples = [s for row in rows for s in row]
-    ids, labels, pos, starts = [], [], [], [0]
+    ids, labels, pos, starts, distill = [], [], [], [0], []
     for s in samples:
         ids += s.input_ids
         labels += s.labels
         pos += range(len(s))
         starts.append(starts[-1] + len(s))
+        distill += [s.distill and x != IGNORE for x in s.labels]
     label_t = torch.tensor([labels])
     keep = (label_t[0, 1:] != IGNORE).nonzero().squeeze(1)
-    return {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
-            "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
-            "max_length": max(len(s) for s in samples)}
+    batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
+             "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
+             "max_length": max(len(s) for s in samples)}
+    if any(distill):  # as in collate: the everyday rows' trained tokens, for the distillation term
+        batch["distill"] = torch.tensor([distill])
+    return batch
 
 
 def to_device(batch: dict, device) -> dict:
