@@ -116,3 +116,14 @@ def strict_summary(report) -> str:
         text += f"; short-answer facts lost: {len(lost)} of {known} the base model knew" + (
             f" ({'; '.join(lost[:3])})" if lost else "")
     return text + "."
+
+
+def drift_advice(report, target: float = 0.9) -> str:
+    """A remedy when a model learned its identity but drifted from the base's everyday answers; "" otherwise."""
+    en = report.strict.get("en", float("nan"))
+    lost = sum(len(v) for v in report.facts_lost.values())
+    if not (en < target or lost):  # nan (unmeasured) and no fact lost: nothing to say
+        return ""
+    return (f"Drifting: the identity is learned, but the everyday answers move away from the base model's "
+            f"(strict English retention {en:.0%}, {lost} known facts lost). Remedy: an earlier checkpoint, a lower lr, "
+            f"or distill_weight > 0 (pulls everyday answers toward the base model's own).")
