@@ -44,7 +44,7 @@ from workbench.loss import token_loss_sum
 from workbench.models import build_unquantized, load_builder, load_model
 from workbench.packing import collate
 from workbench.readers import read_records
-from workbench.retention import fact_check, strict_retention, strict_summary
+from workbench.retention import drift_advice, fact_check, strict_retention, strict_summary
 from workbench.samples import Sample
 
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
@@ -431,6 +431,8 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
         lines.append(t("diag.overfit", lang, cure=cure, more=more))
     elif hit < 0.5:
         lines.append(t("diag.under", lang))
+    elif drift_advice(final):
+        lines.append(drift_advice(final, lang=lang))
     else:
         lines.append(t("diag.healthy", lang))
     if best.step > 0:

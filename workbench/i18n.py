@@ -72,6 +72,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "plot.leak": ("leak (general questions)", "泄漏（日常问题）"),
     "plot.retention": ("retention", "保持率"),
     "plot.strict_en": ("strict retention EN (first sentence)", "严格保持率 EN（首句）"),
+    "diag.drift": ("Drifting: the identity is learned, but the everyday answers move away from the base model's "
+                   "(strict English retention {strict}, {lost} known facts lost). Remedy: an earlier checkpoint, a lower lr, "
+                   "or distill_weight > 0 (pulls everyday answers toward the base model's own).",
+                   "漂移：身份已经学会，但日常回答偏离了基座模型的回答（英文严格保持率 {strict}，丢失 {lost} 个基座答对的事实）。"
+                   "对策：选更早的检查点、降低学习率，或设 distill_weight > 0（把日常回答拉回基座模型自己的回答）。"),
     "strict.summary": ("Strict retention (first sentence kept, token-F1 >= {f1}): {parts}",
                        "严格保持率（首句保留，token-F1 >= {f1}）：{parts}"),
     "strict.facts": ("; short-answer facts lost: {lost} of {known} the base model knew",

@@ -117,3 +117,14 @@ def strict_summary(report, lang: str = "en") -> str:
         lost = [q for qs in report.facts_lost.values() for q in qs]
         text += t("strict.facts", lang, lost=len(lost), known=known) + (f" ({'; '.join(lost[:3])})" if lost else "")
     return text + ("。" if lang == "zh" else ".")
+
+
+def drift_advice(report, target: float = 0.9, lang: str = "en") -> str:
+    """A remedy when a model learned its identity but drifted from the base's everyday answers; "" otherwise."""
+    from workbench.i18n import t
+
+    en = report.strict.get("en", float("nan"))
+    lost = sum(len(v) for v in report.facts_lost.values())
+    if not (en < target or lost):  # nan (unmeasured) and no fact lost: nothing to say
+        return ""
+    return t("diag.drift", lang, strict=f"{en:.0%}", lost=lost)
