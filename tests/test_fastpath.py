@@ -18,8 +18,8 @@ from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.packing import collate, pack
 from workbench.prompt import PromptBuilder
 from workbench.checkpoint import trainable_state_dict
-from workbench.loss import token_loss_sum
 from workbench.models import build_model
+from loss_helpers import loss_and_grads
 
 QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
@@ -63,12 +63,6 @@ def tiny_lora(fast: bool, dropout: float = 0.0, checkpointing: bool = False):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch)
-    loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def test_packed_attention_same_loss_and_gradients(batch, one_torch_thread):

@@ -19,6 +19,7 @@ from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
 from workbench.packing import collate, collate_flat, pack, row_length
 from workbench.prompt import IGNORE, PromptBuilder
+from loss_helpers import loss_and_grads
 
 QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
@@ -63,12 +64,6 @@ def tiny_lora():
                 p.data.normal_(0, 0.05)
     return model
 
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch)
-    loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def test_collate_flat_lays_rows_end_to_end(rows):

@@ -15,6 +15,7 @@ from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
 from workbench.packing import collate, collate_flat, pack, to_device
 from workbench.prompt import PromptBuilder
+from loss_helpers import loss_and_grads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest -m gpu on one)")]
@@ -42,12 +43,6 @@ def tiny(fast: bool, method: str = "lora"):
                 p.data.normal_(0, 0.05)
     return model
 
-
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch)
-    loss.backward()
-    return loss.item(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def test_varlen_forward_and_backward_never_wait_for_the_gpu(rows):

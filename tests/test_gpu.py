@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loss_helpers import loss_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 # WORKBENCH_GPU_TESTS_DEVICE=cpu rehearses these tests on a CPU (slow; float32): their code, not the GPU.
@@ -90,14 +91,6 @@ def tiny_lora_on_cuda(fast: bool):
                 p.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(p.dtype))
     return model
 
-
-def loss_and_grads(model, batch):
-    from workbench.loss import token_loss_sum
-
-    model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, batch)
-    loss.backward()
-    return loss.float().item(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def test_varlen_fast_path_equals_the_masked_path(packed_batch):
