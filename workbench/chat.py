@@ -22,6 +22,8 @@ from typing import Callable, TextIO
 import torch
 
 from workbench.config import load_config
+from workbench.i18n import t
+from workbench.i18n.chat import EXIT_WORDS, RESET_WORDS
 from workbench.models import attach_adapter, load_model, load_tokenizer, resolve_model_path
 from workbench.prompt import PROMPT_FILE, PromptBuilder
 
@@ -148,7 +150,8 @@ def load_chat_model(model_path: str, adapter: str | None = None, device: str = "
 # ---------------------------------------------------------------------------
 # Side by side
 # ---------------------------------------------------------------------------
-def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSettings | None = None, progress: bool = True):
+def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSettings | None = None, progress: bool = True,
+            lang: str | None = None):
     """A table (pandas DataFrame): one row per prompt, one column per model's answer.
 
     `models` maps a label ("base", "fine-tuned", "merged") to (model, builder). Each
@@ -157,8 +160,8 @@ def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSe
     import pandas as pd
     from tqdm.auto import tqdm
 
-    table = {"prompt": list(prompts)}
-    for label, (model, builder) in tqdm(models.items(), desc="answering", unit="model", disable=not progress, leave=False):
+    table = {t("col.prompt", lang): list(prompts)}  # the models' labels are the caller's (series_models: in `lang`)
+    for label, (model, builder) in tqdm(models.items(), desc=t("cmp.answering", lang), unit="model", disable=not progress, leave=False):
         table[label] = answer_batch(model, builder, list(prompts), settings)
     return pd.DataFrame(table)
 
@@ -167,10 +170,11 @@ def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSe
 # The terminal chat
 # ---------------------------------------------------------------------------
 def chat_loop(model, builder: PromptBuilder, settings: GenerationSettings, stdin: TextIO = sys.stdin,
-              stdout: TextIO = sys.stdout, prompt: str = "\n>>> ") -> list[tuple[str, str]]:
-    """Interactive chat with history and streaming. RESET clears the history, EXIT (or end of input) quits."""
+              stdout: TextIO = sys.stdout, prompt: str = "\n>>> ", lang: str | None = None) -> list[tuple[str, str]]:
+    """Interactive chat with history and streaming. RESET (清空) clears the history, EXIT (退出) or end of input quits;
+    the banner and notes in `lang` (None: the session's), the answers as generated."""
     history: list[tuple[str, str]] = []
-    print("Chat with the model. Type RESET to clear the history, EXIT to quit.", file=stdout)
+    print(t("chat.banner", lang), file=stdout)
     while True:
         stdout.write(prompt)
         stdout.flush()
@@ -180,11 +184,11 @@ def chat_loop(model, builder: PromptBuilder, settings: GenerationSettings, stdin
         text = line.strip()
         if not text:
             continue
-        if text.upper() == "EXIT":
+        if text.upper() in EXIT_WORDS:
             break
-        if text.upper() == "RESET":
+        if text.upper() in RESET_WORDS:
             history = []
-            print("(history cleared)", file=stdout)
+            print(t("chat.cleared", lang), file=stdout)
             continue
         reply = answer(model, builder, text, history, settings, on_text=lambda t: (stdout.write(t), stdout.flush()))
         stdout.write("\n")

@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-file", help="answer each line of this file and exit")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--lang", choices=("en", "zh"), default=None, help="the chat's banner and notes in this language (answers as generated) (default: the system locale's)")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("web", help="chat in the browser (Streamlit), before/after side by side",
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipes", nargs="*", help="recipes or config files (default: the tutorial's and the mixed recipe, DEFAULT_RECIPES in workbench/comparison.py)")
     s.add_argument("--out", default="outputs/compare")
     s.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+    s.add_argument("--lang", choices=("en", "zh"), default=None, help="the printed table and lines in this language (the files written stay English) (default: the system locale's)")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("run-notebooks", help="execute notebooks 01-07 headless (papermill)",
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="the main recipe notebook 02 configures (default: the mixed recipe)")
     s.add_argument("--baseline-recipe", metavar="RECIPE", help="the recipe trained beside it (default: the tutorial's)")
     s.add_argument("--one-recipe", action="store_true", help="train only the main recipe (no baseline)")
+    s.add_argument("--lang", choices=("en", "zh"), default=None,
+                   help="every notebook's `lang` parameter: what the notebooks print and draw (default: en)")
     s.set_defaults(func=cmd_run_notebooks)
 
     s = sub.add_parser("prepare-model", help="prepare the embedded base model, or convert a remote-code folder (InternLM2)",

@@ -112,7 +112,9 @@ def cmd_gguf(args) -> int:
 
 def cmd_chat(args) -> int:
     from workbench.chat import GenerationSettings, answer, chat_loop, load_chat_model
+    from workbench.i18n import default_lang, set_lang
 
+    lang = set_lang(args.lang or default_lang())
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     model, builder = load_chat_model(args.model, args.adapter, device=args.device, system=args.system,
                                      trust_remote_code=args.trust_remote_code)
@@ -125,7 +127,7 @@ def cmd_chat(args) -> int:
             answer(model, builder, q, settings=settings, on_text=lambda t: print(t, end="", flush=True))
             print()
         return 0
-    chat_loop(model, builder, settings)
+    chat_loop(model, builder, settings, lang=lang)
     return 0
 
 
@@ -173,10 +175,13 @@ def cmd_analyze(args) -> int:
 
 def cmd_compare(args) -> int:
     from workbench.comparison import compare_recipes
+    from workbench.i18n import default_lang, localize_columns, set_lang, t
 
+    lang = set_lang(args.lang or default_lang())  # training's printed lines too
     table, _ = compare_recipes(args.recipes or None, args.out, args.cfg_options)
-    print(table.to_string(index=False))
-    print(f"written: {args.out}/comparison.md, comparison.csv, comparison.png")
+    table["recipe"] = table["recipe"].replace(t("table.base_model", "en"), t("table.base_model", lang))
+    print(localize_columns(table, lang).to_string(index=False))
+    print(t("compare.written", lang, out=args.out))
     return 0
 
 
@@ -186,7 +191,7 @@ def cmd_run_notebooks(args) -> int:
     config = {k: v for k, v in (("recipe", args.recipe), ("baseline_recipe", args.baseline_recipe)) if v is not None}
     if args.one_recipe:
         config["baseline_recipe"] = ""
-    run_series(args.out, smoke=args.smoke, overrides={"02_config": config} if config else None)
+    run_series(args.out, smoke=args.smoke, overrides={"02_config": config} if config else None, lang=args.lang)
     return 0
 
 

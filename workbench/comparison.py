@@ -27,6 +27,7 @@ from workbench.analysis import MIXED_RECIPE, ModelReport, Probes, RunAnalysis, a
 from workbench.checkpoint import LAST_POINTER
 from workbench.config import Config, configure, load_config, resolve_config, save_config
 from workbench.display import plot_comparison, plot_run
+from workbench.i18n import t
 from workbench.io import atomic_write_text
 from workbench.retention import strict_summary
 from workbench.train import train
@@ -68,7 +69,7 @@ def train_or_reuse(cfg: Config, work: Path, progress: bool = True) -> Path:
     if not (work / "adapter").exists():
         t0 = time.time()
         train(cfg, work, resume=(work / LAST_POINTER).exists() or None, progress=progress)
-        print(f"{cfg.name}: trained in {time.time() - t0:.0f} s")
+        print(t("cmp.trained", None, name=cfg.name, seconds=time.time() - t0))
     return work
 
 
@@ -79,7 +80,7 @@ def analyze_runs(work_dirs: list[str | Path], probes: Probes | None = None, max_
     runs: list[RunAnalysis] = []
     for work in work_dirs:
         if not (Path(work) / "config.yaml").exists():
-            print(f"{work}: no run there, skipped")
+            print(t("cmp.no_run", None, work=work))
             continue
         runs.append(analyze_run(work, probes, max_new_tokens=max_new_tokens, heldout_limit=heldout_limit,
                                 progress=progress, reference=runs[0] if runs else None))
@@ -92,7 +93,7 @@ def analyze_runs(work_dirs: list[str | Path], probes: Probes | None = None, max_
 def configure_baseline(recipe: str, main: Config, max_steps: int | None = None) -> Config | None:
     """The baseline recipe (name or file) on the main run's base model, names and system prompt; None for ""."""
     if not recipe:
-        print("no baseline recipe: the series trains only the main recipe")
+        print(t("cmp.no_baseline_recipe", None))
         return None
     cfg = resolve_config(recipe)
     shared = {k: getattr(main, k) for k in SHARED_FIELDS if getattr(cfg, k) != getattr(main, k)}
@@ -112,27 +113,28 @@ def train_baseline(run_dir: str | Path, resume: bool = False, progress: bool = T
     """Train the baseline notebook 02 configured (RUN/baseline/work); None when there is none."""
     folder = Path(run_dir) / BASELINE_DIR
     if not (folder / "config.yaml").exists():
-        print(f"no baseline configured in {folder} (notebook 02's baseline_recipe is empty)")
+        print(t("cmp.no_baseline", None, folder=folder))
         return None
     cfg = load_config(folder / "config.yaml")
     t0 = time.time()
     result = train(cfg, folder / "work", resume=resume or None, progress=progress)
-    print(f"baseline {cfg.name}: {cfg.max_steps} steps in {time.time() - t0:.0f} s")
+    print(t("cmp.baseline_done", None, name=cfg.name, steps=cfg.max_steps, seconds=time.time() - t0))
     return result
 
 
-def series_models(run_dir: str | Path, merged_dir: str = "merged") -> dict[str, tuple]:
-    """(model, builder) per label: the base model, the baseline recipe (its adapter on the base) and the merged model."""
+def series_models(run_dir: str | Path, merged_dir: str = "merged", lang: str | None = None) -> dict[str, tuple]:
+    """(model, builder) per label (in `lang`; None: the session's): the base model, the baseline recipe (its adapter on
+    the base) and the merged model."""
     from workbench.chat import load_chat_model  # loads models: only when asked
 
     run = Path(run_dir)
     cfg = load_config(run / merged_dir / "workbench_config.yaml")
-    models = {"base": load_chat_model(cfg.pretrained_model_name_or_path, system=cfg.system)}
+    models = {t("model.base", lang): load_chat_model(cfg.pretrained_model_name_or_path, system=cfg.system)}
     baseline = run / BASELINE_DIR / "work" / "adapter"
     if baseline.exists():
         name = load_config(run / BASELINE_DIR / "config.yaml").name
-        models[f"baseline: {name}"] = load_chat_model(cfg.pretrained_model_name_or_path, adapter=str(baseline))
-    models[f"fine-tuned: {cfg.name}"] = load_chat_model(str(run / merged_dir))
+        models[t("model.baseline", lang, name=name)] = load_chat_model(cfg.pretrained_model_name_or_path, adapter=str(baseline))
+    models[t("model.tuned", lang, name=cfg.name)] = load_chat_model(str(run / merged_dir))
     return models
 
 
@@ -146,7 +148,7 @@ def checkpoint_table(runs: list[RunAnalysis], lang: str = "en"):
     headers and marks in `lang` ("en"/"zh")."""
     import pandas as pd  # heavy: only for the table
 
-    from workbench.i18n import localize_columns, t
+    from workbench.i18n import localize_columns
 
     rows = [{**_row(t("table.base_model", lang), runs[0].base, train_seconds=0), "keep": ""}]
     for run in runs:
@@ -159,7 +161,6 @@ def checkpoint_table(runs: list[RunAnalysis], lang: str = "en"):
 def verdict(runs: list[RunAnalysis], lang: str = "en") -> str:
     """Which checkpoint of which recipe to keep, how the recipes compare there, then each run's diagnosis (in `lang`)."""
     from workbench.analysis import diagnosis_in
-    from workbench.i18n import t
 
     best = max(runs, key=lambda run: _score(run.report_at(run.best_step)))
     lines = []
@@ -181,7 +182,7 @@ def comparison_table(runs: list[RunAnalysis]):
     """One row per recipe (its final checkpoint), after a row for the base model (pandas DataFrame)."""
     import pandas as pd  # heavy: only for the table
 
-    rows = [_row("base model (no training)", runs[0].base, train_seconds=0)]
+    rows = [_row(t("table.base_model", "en"), runs[0].base, train_seconds=0)]
     rows[0].update({"retention": 1.0, "similarity": 1.0})
     rows += [_row(run.config["name"], run.final, _seconds(run.train_seconds)) for run in runs]
     return pd.DataFrame(rows)

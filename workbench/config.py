@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from workbench.i18n import t
 from workbench.io import atomic_write_text
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -358,8 +359,7 @@ def configure(recipe: str, data_file: str | os.PathLike = "", **fields) -> Confi
         changes["datasets"] = _with_data_file(cfg.datasets, data_file)
     derived = _derived_changes(cfg, changes)
     for name, value in derived.items():
-        print(f"configure: {name} {getattr(cfg, name)} -> {value} (half of max_steps={changes['max_steps']}; "
-              f"pass {name}= to choose)")
+        print(t("cfg.halved", None, name=name, old=getattr(cfg, name), new=value, steps=changes["max_steps"]))
     return cfg.replace(**changes, **derived)
 
 
@@ -371,7 +371,7 @@ def _with_data_file(sources: list[DataSource], data_file: str | os.PathLike) -> 
     source = DataSource(path=str(Path(data_file).resolve()), **weight)
     replaced = ", ".join(f"generate: {s.generate}" for s in generated) or "nothing (added in front)"
     shown = f"repeat {source.repeat:g}" + (f", fraction {source.fraction:g}" if source.fraction is not None else "")
-    print(f"configure: datasets: {source.path} ({shown}) replaces {replaced}; {len(kept)} other source(s) kept")
+    print(t("cfg.datasets", None, path=source.path, shown=shown, replaced=replaced, kept=len(kept)))
     return [source, *kept]
 
 

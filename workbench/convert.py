@@ -28,6 +28,7 @@ from workbench import fastpath
 from workbench.chat import ADAPTER_CONFIG, answer, load_chat_model
 from workbench.checkpoint import TRAINABLE, load_trainable
 from workbench.config import Config, load_config, save_config
+from workbench.i18n import t
 from workbench.io import atomic_dir, folder_is_nonempty
 from workbench.models import (AdapterError, attach_adapter, build_unquantized, check_adapter_folder, converted_from, load_builder,
                               load_model, load_tokenizer)
@@ -116,7 +117,7 @@ def pth_to_hf(config: str | os.PathLike | Config, checkpoint: str | os.PathLike,
     load_trainable(model, ckpt)
     builder = load_builder(cfg)
     out = export_trained(model, builder, cfg, save_dir, fp32=fp32, max_shard_size=max_shard_size, overwrite=False)
-    print(f"wrote {out} from {ckpt}")
+    print(t("conv.wrote", None, out=out, ckpt=ckpt))
     return out
 
 
@@ -134,7 +135,7 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
     cfg = _adapter_config(folder)
     trust_remote_code = trust_remote_code or bool(cfg is not None and cfg.trust_remote_code)  # as the adapter was trained
     if cfg is not None and cfg.method == "qlora":
-        print("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in full precision")
+        print(t("conv.qlora", None))
     model = load_model(base, torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     try:
         merged = attach_adapter(model, folder).merge_and_unload()
@@ -152,7 +153,7 @@ def merge(base: str, adapter: str | os.PathLike, save_dir: str | os.PathLike, ma
         if cfg is not None:
             _write_card(tmp, cfg, kind="merged model", dtype=next(merged.parameters()).dtype,
                         note=f"Merged from adapter `{folder}` into base `{base}` (unquantised).")
-    print(f"merged model written to {save_dir}")
+    print(t("conv.merged", None, folder=save_dir))
     return Path(save_dir)
 
 

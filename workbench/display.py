@@ -71,8 +71,8 @@ def _mark(text: str, trained: bool, style: str) -> str:
     return f"[[{text}]]" if trained else text
 
 
-def preview_table(samples: list[Sample], n: int = 10):
-    """The first `n` samples as a table: system prompt, question, answer, turns (pandas DataFrame)."""
+def preview_table(samples: list[Sample], n: int = 10, lang: str = "en"):
+    """The first `n` samples as a table: system prompt, question, answer, turns (pandas DataFrame, headers in `lang`)."""
     import pandas as pd  # heavy: only for display
 
     rows = []
@@ -85,7 +85,26 @@ def preview_table(samples: list[Sample], n: int = 10):
         answers = [m["content"] for m in s.messages if m["role"] == "assistant"]
         rows.append({"system": system, "question": users[0] if users else "", "answer": answers[0] if answers else "",
                      "turns": len(answers)})
-    return pd.DataFrame(rows)
+    return localize_columns(pd.DataFrame(rows, columns=["system", "question", "answer", "turns"]), lang)
+
+
+def recipes_table(lang: str = "en"):
+    """The shipped recipes and what each is for (pandas DataFrame, headers in `lang`; descriptions as written)."""
+    import pandas as pd  # heavy: only for display
+
+    from workbench.config import list_recipes
+
+    return localize_columns(pd.DataFrame(list_recipes(), columns=["recipe", "description"]), lang)
+
+
+def evaluations_table(evaluations: list[dict], lang: str = "en"):
+    """Training's evaluation answers: one row per question, one column per step (headers in `lang`)."""
+    import pandas as pd  # heavy: only for display
+
+    table = pd.DataFrame(evaluations, columns=["step", "question", "answer"]).pivot(index="question", columns="step",
+                                                                                    values="answer")
+    table.index.name, table.columns.name = t("col.question", lang), t("col.step", lang)
+    return table
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from workbench.config import RECIPES_DIR, Config, ConfigError, resolve_config, resolve_path
+from workbench.i18n import t
 from workbench.mixing import mix, read_configured
 from workbench.prompt import Encoded, PromptBuilder, builder_for
 from workbench.identity import IDENTITY_SOURCE  # also the prefix of the tutorial's identity source
@@ -71,47 +72,53 @@ class DatasetReport:
             self.columns.update(reading.columns)
 
     def __str__(self) -> str:
+        return self.text("en")
+
+    def text(self, lang: str | None = None) -> str:
+        """The report in `lang` ("en"/"zh"; None: the session's, workbench.i18n.set_lang); errors stay as raised."""
         share = 100 * self.n_trained_tokens / self.n_tokens if self.n_tokens else 0.0
-        limit = f" (max_length {self.max_length})" if self.max_length else ""
-        lines = [f"records: {self.n_records} read, {self.n_samples} kept for training, {self.n_dropped} dropped"]
-        lines += self._file_lines()
-        lines += [f"tokens: {self.n_tokens:,} in all, {self.n_trained_tokens:,} trained ({share:.0f}%)",
-                  f"longest sample: {self.max_len} tokens{limit}"]
+        limit = t("ds.limit", lang, n=self.max_length) if self.max_length else ""
+        lines = [t("ds.records", lang, n=self.n_records, kept=self.n_samples, dropped=self.n_dropped)]
+        lines += self._file_lines(lang)
+        lines += [t("ds.tokens", lang, n=self.n_tokens, trained=self.n_trained_tokens, share=share),
+                  t("ds.longest", lang, n=self.max_len, limit=limit)]
         if self.n_truncated:
-            lines.append(f"truncated: {self.n_truncated} samples were longer than max_length and were cut")
+            lines.append(t("ds.truncated", lang, n=self.n_truncated))
         if self.n_dropped:
-            lines.append(f"dropped: {self.n_dropped} samples had nothing left to train after truncation, "
-                         f"e.g. {'; '.join(self.dropped)}")
-        lines.append("per source: " + (", ".join(f"{k} {v}" for k, v in self.per_source.items()) or "none"))
-        lines += self._column_lines()
-        lines += self._error_lines()
+            lines.append(t("ds.dropped", lang, n=self.n_dropped, where="; ".join(self.dropped)))
+        parts = ", ".join(f"{k} {v}" for k, v in self.per_source.items()) or t("ds.none", lang)
+        lines.append(t("ds.per_source", lang, parts=parts))
+        lines += self._column_lines(lang)
+        lines += self._error_lines(lang)
         return "\n".join(lines)
 
-    def _file_lines(self) -> list[str]:
+    def _file_lines(self, lang: str | None) -> list[str]:
         """A files line when a source is a folder or pattern (a report of file sources stays as it was)."""
         if not self.files and not self.skipped:
             return []
-        line = f"files: {self.n_files} read (" + ", ".join(f"{k}: {v} files" for k, v in self.files.items()) + ")"
+        parts = ", ".join(t("ds.n_files", lang, source=k, n=v) for k, v in self.files.items())
+        line = t("ds.files", lang, n=self.n_files, parts=parts)
         if self.skipped:
             n = len(self.skipped)
-            line += f"; {n} file{'s' if n > 1 else ''} of other types skipped, e.g. {self.skipped[0]}"
+            line += t("ds.skipped", lang, n=n, s="s" if n > 1 else "", first=self.skipped[0])
         return [line]
 
-    def _column_lines(self) -> list[str]:
+    def _column_lines(self, lang: str | None) -> list[str]:
         """Which table columns were read, one line per choice (a folder of like tables gives one line)."""
         by_choice: dict[str, list[str]] = {}
         for file, note in self.columns.items():
             by_choice.setdefault(note, []).append(file)
-        return [f"columns: {note} in " + (files[0] if len(files) == 1 else f"{len(files)} files, e.g. {files[0]}")
+        return [t("ds.columns", lang, note=note,
+                  where=files[0] if len(files) == 1 else t("ds.files_eg", lang, n=len(files), first=files[0]))
                 for note, files in by_choice.items()]
 
-    def _error_lines(self) -> list[str]:
+    def _error_lines(self, lang: str | None) -> list[str]:
         total = max(self.n_errors, len(self.errors))
         if not total:
-            return ["errors: none"]
-        lines = [f"errors: {total}"] + [f"  {e}" for e in self.errors]
+            return [t("ds.errors_none", lang)]
+        lines = [t("ds.errors", lang, n=total)] + [f"  {e}" for e in self.errors]
         if total > len(self.errors):
-            lines.append(f"  ... and {total - len(self.errors)} more")
+            lines.append(t("ds.more", lang, n=total - len(self.errors)))
         return lines
 
 

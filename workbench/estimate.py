@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.config import Config
+from workbench.i18n import t
 # ACTIVATION_FLOATS: activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on
 # 135M); the GPU fast path sizes its micro-batches by the same rule.
 from workbench.fastpath_cuda import ACTIVATION_FLOATS
@@ -60,23 +61,24 @@ class Estimate:
     device: str
     runtime_gb: float = 0.0
 
-    def as_table(self):
+    def as_table(self, lang: str = "en"):
+        """The estimate as a two-column table, its labels in `lang` ("en"/"zh")."""
         import pandas as pd
 
         rows = [
-            ("parameters (total / trained)", f"{self.total_params / 1e6:.1f} M / {self.trainable_params / 1e6:.2f} M"),
-            ("base weights", f"{self.weights_gb:.2f} GB ({self.weight_dtype})"),
-            ("gradients + AdamW state", f"{self.optimizer_gb:.2f} GB"),
-            ("activations + logits (one micro-batch; QLoRA on a CPU: + its dequantized weights)", f"{self.activations_gb:.2f} GB"),
-            ("the process itself (Python, torch)", f"{self.runtime_gb:.2f} GB"),
-            ("memory needed, about", f"{self.total_gb:.2f} GB"),
-            ("tokens per step", f"{self.tokens_per_step:,}"),
-            ("steps", f"{self.steps}"),
-            (f"measured matmul throughput ({self.device})", f"{self.machine_gflops:.0f} GFLOP/s"),
-            ("time per step, about", f"{self.seconds_per_step:.1f} s"),
-            ("training time, about", f"{self.total_minutes:.1f} min"),
+            (t("est.params", lang), f"{self.total_params / 1e6:.1f} M / {self.trainable_params / 1e6:.2f} M"),
+            (t("est.weights", lang), f"{self.weights_gb:.2f} GB ({self.weight_dtype})"),
+            (t("est.optimizer", lang), f"{self.optimizer_gb:.2f} GB"),
+            (t("est.activations", lang), f"{self.activations_gb:.2f} GB"),
+            (t("est.runtime", lang), f"{self.runtime_gb:.2f} GB"),
+            (t("est.memory", lang), f"{self.total_gb:.2f} GB"),
+            (t("est.tokens", lang), f"{self.tokens_per_step:,}"),
+            (t("est.steps", lang), f"{self.steps}"),
+            (t("est.gflops", lang, device=self.device), f"{self.machine_gflops:.0f} GFLOP/s"),
+            (t("est.step_time", lang), f"{self.seconds_per_step:.1f} s"),
+            (t("est.total_time", lang), f"{self.total_minutes:.1f} min"),
         ]
-        return pd.DataFrame(rows, columns=["what", "estimate"])
+        return pd.DataFrame(rows, columns=[t("est.what", lang), t("est.estimate", lang)])
 
 
 def measure_matmul_gflops(device: str = "cpu", size: int = 1024, dtype=torch.float32, seconds: float = 1.0) -> float:

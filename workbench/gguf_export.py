@@ -62,6 +62,12 @@ class GGUFResult:
     n_tensors: int
     size_bytes: int
 
+    def summary(self, lang: str = "en") -> str:
+        """One line: the weights' format, the file's size and the export's time, in `lang`."""
+        from workbench.i18n import t
+
+        return t("gguf.written", lang, outtype=self.outtype, mb=self.size_bytes / 1e6, seconds=self.seconds)
+
 
 # ---------------------------------------------------------------------------
 # The model and its prompt

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.config import PROJECT_ROOT
+from workbench.i18n import check_lang
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
@@ -39,11 +40,12 @@ SMOKE = {
 
 
 def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: list[str] | None = None,
-               progress: bool = True, overrides: dict[str, dict] | None = None) -> Path:
+               progress: bool = True, overrides: dict[str, dict] | None = None, lang: str | None = None) -> Path:
     """Execute the series; return the folder with the executed notebooks, figures and run files.
 
     `overrides` maps a notebook to parameters it gets on top of the series' own,
     e.g. {"02_config": {"baseline_recipe": ""}} trains only the main recipe.
+    `lang` ("en"/"zh"; None: each notebook's own, "en") is every notebook's `lang` parameter.
     """
     import papermill as pm  # heavy, and only needed to run the series
 
@@ -55,7 +57,7 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     for name in SERIES:
         if only and name not in only:
             continue
-        params = {**series_parameters(name, run_dir, smoke), **(overrides or {}).get(name, {})}
+        params = {**series_parameters(name, run_dir, smoke, lang), **(overrides or {}).get(name, {})}
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
@@ -69,9 +71,10 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     return out
 
 
-def series_parameters(name: str, run_dir: str | Path, smoke: bool = False) -> dict:
-    """The parameters the series gives notebook `name`: the shared run dir, absolute paths, smoke overrides."""
-    return {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {})}
+def series_parameters(name: str, run_dir: str | Path, smoke: bool = False, lang: str | None = None) -> dict:
+    """The parameters the series gives notebook `name`: the shared run dir, absolute paths, smoke overrides, `lang`."""
+    chosen = {"lang": check_lang(lang)} if lang else {}
+    return {"run_dir": str(run_dir), **PATHS.get(name, {}), **(SMOKE.get(name, {}) if smoke else {}), **chosen}
 
 
 def extract_figures(notebook: str | Path, folder: str | Path) -> int:

@@ -55,6 +55,7 @@ from workbench.encoding import encode_samples
 from workbench.fastpath import keeps_conversations_apart
 from workbench.distributed import (Distributed, check_supported, configure_deepspeed, fallback_note, make_accelerator,
                                    strategy_of)
+from workbench.i18n import t
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
 from workbench.loss import token_loss_and_kl_sum, token_loss_sum
 from workbench.mixing import mix_sources
@@ -200,7 +201,7 @@ class Trainer:
                 if self.dist.is_main:
                     export_trained(model, self.builder, self.cfg, adapter)
         if self.dist.is_main:
-            print(f"done. checkpoints: {self.work.resolve()}/iter_*  final adapter: {adapter.resolve()}")
+            print(t("train.done", None, work=self.work.resolve(), adapter=adapter.resolve()))
         self.dist.wait()
         return TrainResult(self.work, adapter, self.last_ckpt, read_jsonl(self.work / METRICS),
                            read_jsonl(self.work / EVAL_LOG))
@@ -212,9 +213,7 @@ class Trainer:
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    torch.manual_seed(seed)  # every device's generator, CUDA's too
 
 
 def prepare_rows(cfg: Config, builder: PromptBuilder, is_main: bool):
@@ -223,7 +222,7 @@ def prepare_rows(cfg: Config, builder: PromptBuilder, is_main: bool):
     vocab_size = model_vocab_size(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
     encoded, report = encode_samples(samples, builder, cfg.max_length, cfg.loss_on, vocab_size)
     if is_main:
-        print(report)
+        print(report.text())  # in the session's language (workbench.i18n.set_lang)
     if report.errors:
         raise DataError("training data", 0, None, f"{report.n_errors} record(s) cannot be trained on this model, "
                         f"e.g. {report.errors[0]}")
@@ -261,7 +260,7 @@ def open_work_dir(work: Path, cfg: Config, dist: Distributed, fresh: bool) -> No
     if dist.is_main:
         work.mkdir(parents=True, exist_ok=True)
         save_config(cfg, work / "config.yaml")
-        print(f"work dir: {work.resolve()}\n  config.yaml, metrics.jsonl, eval_log.jsonl, iter_N/ checkpoints, adapter/ at the end")
+        print(t("train.work_dir", None, work=work.resolve()))
     dist.wait()
     if not (work / "config.yaml").exists():
         raise FileNotFoundError(f"{work.resolve()} (written by the main process) is not visible to process "
@@ -413,7 +412,7 @@ class TrainLoop:
         if self.dist.is_main:
             for rec in out:
                 append_jsonl(self.work / EVAL_LOG, rec)
-            tqdm.write("\n".join([f"[eval @ step {step}]"] + [f"  Q: {r['question']}\n  A: {r['answer']}" for r in out]))
+            tqdm.write("\n".join([t("train.eval", None, step=step)] + [t("train.qa", None, **r) for r in out]))
             if self.t.on_eval:
                 self.t.on_eval(step, out)
         self.dist.wait()

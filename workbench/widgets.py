@@ -27,7 +27,7 @@ from workbench.chat import GenerationSettings, answer
 from workbench.checkpoint import checkpoint_step, list_checkpoints
 from workbench.config import Config, config_to_yaml
 from workbench.convert import list_files
-from workbench.i18n import plot_lang, t
+from workbench.i18n import localize_columns, plot_lang, t
 from workbench.io import human_size
 
 
@@ -160,11 +160,12 @@ def checkpoint_picker(work_dir: str | Path, value: str | None = None, lang: str 
                       description=t("w.checkpoint", lang))
 
 
-def files_table(folder: str | Path):
-    """What a folder holds, with sizes, as a DataFrame."""
+def files_table(folder: str | Path, lang: str = "en"):
+    """What a folder holds, with sizes, as a DataFrame (its headers in `lang`)."""
     import pandas as pd  # heavy: only for the table
 
-    return pd.DataFrame([(name, human_size(size)) for name, size in list_files(folder)], columns=["file", "size"])
+    table = pd.DataFrame([(name, human_size(size)) for name, size in list_files(folder)], columns=["file", "size"])
+    return localize_columns(table, lang)
 
 
 # ---------------------------------------------------------------------------

@@ -24,21 +24,26 @@ def add_parsers(sub) -> None:
         s.add_argument("--out", help="the HTML file (report) or folder (grade) to write")
         s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
         s.add_argument("--max-new-tokens", type=int, default=40)
+        s.add_argument("--lang", choices=("en", "zh"), help="the card's language (default: the system locale's)")
         s.set_defaults(func=cmd_report if name == "report" else cmd_grade)
 
 
 def cmd_report(args) -> None:
     from workbench.analysis import load_probes
+    from workbench.i18n import default_lang, t
     from workbench.report.card import report_card
 
-    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
-    print(f"report card: {page}\nimage: {png}")
+    lang = args.lang or default_lang()
+    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens, lang=lang)
+    print(t("card.written", lang, page=page, png=png))
 
 
 def cmd_grade(args) -> None:
     from workbench.analysis import load_probes
+    from workbench.i18n import default_lang
     from workbench.report.grade import grade_folder
 
-    table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens)
+    table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens,
+                         lang=args.lang or default_lang())
     print(table[["submission", "status", "targets met"]].to_string(index=False))
     print(f"\nwritten: {Path(args.out or Path(args.folder) / '_grades') / 'grades.html'} (and grades.csv, cards/)")

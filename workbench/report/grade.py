@@ -30,8 +30,9 @@ def submissions(folder: Path, out: Path) -> list[Path]:
 
 
 def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | None = None, probes: Probes | None = None,
-                 max_new_tokens: int = 40, progress: bool = True):
-    """Grade every submission in `folder`; write OUT/grades.csv, OUT/grades.html and a card each (pandas DataFrame)."""
+                 max_new_tokens: int = 40, progress: bool = True, lang: str = "en"):
+    """Grade every submission in `folder`; write OUT/grades.csv, OUT/grades.html and a card each (pandas DataFrame).
+    The cards and the verdicts are in `lang`; the table's headers stay English (column names of the CSV)."""
     import pandas as pd  # heavy: only for the table
 
     folder = Path(folder)
@@ -42,21 +43,22 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
     cache: dict = {}
     rows = []
     for sub in tqdm(submissions(folder, out), desc="grading", unit="submission", disable=not progress):
-        rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache))
+        rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache, lang))
     table = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_text(out / "grades.csv", table.to_csv(index=False))
     atomic_write_text(out / "grades.html", sortable_html(table, f"Grades: {folder}"))
     return table
 
 
-def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_tokens: int, cache: dict) -> dict:
+def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_tokens: int, cache: dict,
+              lang: str = "en") -> dict:
     """One row; every failure becomes the row's status. Catching Exception is deliberate here: one broken
     homework must not stop the grading of the class (KeyboardInterrupt still stops it)."""
     row = {c: "" for c in COLUMNS}
     row["submission"] = sub.name
     try:
         run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache)
-        card, _ = write_card(run, out / "cards" / f"{sub.name}.html")
+        card, _ = write_card(run, out / "cards" / f"{sub.name}.html", lang)
     except Exception as e:  # noqa: BLE001 - see the docstring
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         return row
@@ -65,7 +67,7 @@ def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_to
                 "kept": r.label, "hit unseen EN": r.hit_unseen.get("en"), "hit unseen ZH": r.hit_unseen.get("zh"),
                 "role mix-ups": len(role_mixups(r, name, owner)), "leak EN": r.leak.get("en"), "leak ZH": r.leak.get("zh"),
                 "strict EN": r.strict.get("en"), "strict ZH": r.strict.get("zh"), "similarity": r.similarity,
-                "facts lost": r.n_facts_lost, "targets met": f"{sum(x.met for x in t)}/{len(t)}", "verdict": verdict(run),
+                "facts lost": r.n_facts_lost, "targets met": f"{sum(x.met for x in t)}/{len(t)}", "verdict": verdict(run, lang),
                 "card": str(card.relative_to(out))})
     return row
 

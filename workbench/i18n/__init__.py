@@ -10,8 +10,17 @@
   when such a font is there, else English with one line saying so (a plot
   without the font would show empty boxes).
 
-Users: the web page (workbench/web.py), the CLI's refusals (workbench/cli.py),
-the plots and the notebooks' display code. Why hand-written and not gettext:
+- `set_lang(lang)` chooses the session's language: what the package prints deep
+  inside a stage (training's dataset report and progress lines, convert and
+  merge) speaks it; `t(key)` without a language uses it. Default "en"; a
+  notebook sets it from its `lang` parameter, a CLI verb from `--lang`.
+- `localize_keys(result, lang)`: a result dict (verify_merge, verify_gguf) with
+  its keys in `lang`, for display; the dict the code returns stays English.
+
+The catalogue is this package: the first messages below, then one file per
+area (outputs.py: the notebooks' printed lines and tables; report.py: the report
+card; chat.py: the terminal chat). Users: the web page (workbench/web.py), the
+CLI's refusals (workbench/cli.py), the plots and the notebooks' display code. Why hand-written and not gettext:
 the catalogue is two languages of a few dozen short strings that notebooks and
 a Streamlit page switch at run time by a parameter, not by the process locale;
 a dict keeps both languages side by side where a reviewer sees them together,
@@ -142,6 +151,15 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "w.you": ("you", "你"),
 }
 
+# The other areas' messages, one file each (imported after MESSAGES: they only add to it).
+from workbench.i18n import chat as _chat, outputs as _outputs, report as _report  # noqa: E402
+
+for _area in (_outputs, _report, _chat):
+    if MESSAGES.keys() & _area.MESSAGES.keys():
+        raise KeyError(f"message keys defined twice: {sorted(MESSAGES.keys() & _area.MESSAGES.keys())}")
+    MESSAGES.update(_area.MESSAGES)
+KEYS = _outputs.KEYS
+
 
 # Table column headers: the English header -> the Chinese one (`localize_columns`).
 COLUMNS: dict[str, str] = {
@@ -151,7 +169,30 @@ COLUMNS: dict[str, str] = {
     "hit seen en": "见过EN命中", "hit unseen en": "没见过EN命中", "hit seen zh": "见过ZH命中", "hit unseen zh": "没见过ZH命中",
     "leak en": "EN泄漏", "leak zh": "ZH泄漏",
     "strict en": "严格保持EN", "strict zh": "严格保持ZH", "facts lost": "丢失事实",
+    "description": "说明", "file": "文件", "size": "大小", "prompt": "问题", "system": "系统提示词", "answer": "回答",
+    "turns": "轮数",
 }
+
+
+_SESSION = {"lang": "en"}
+
+
+def set_lang(lang: str) -> str:
+    """Make `lang` the session's language (what `t(key)` and the stages' printed lines use); return it."""
+    _SESSION["lang"] = check_lang(lang)
+    return lang
+
+
+def current_lang() -> str:
+    """The session's language: "en" unless `set_lang` chose another."""
+    return _SESSION["lang"]
+
+
+def localize_keys(result: dict, lang: str) -> dict:
+    """`result` with its keys in `lang` (KEYS; unknown keys unchanged), for display; values untouched."""
+    if check_lang(lang) == "en":
+        return result
+    return {KEYS.get(k, k): v for k, v in result.items()}
 
 
 def localize_columns(df, lang: str):
@@ -168,13 +209,13 @@ def check_lang(lang: str) -> str:
     return lang
 
 
-def t(key: str, lang: str = "en", **fmt) -> str:
-    """The text of `key` in `lang`, formatted with `fmt` (str.format)."""
+def t(key: str, lang: str | None = "en", **fmt) -> str:
+    """The text of `key` in `lang` (None: the session's, `set_lang`), formatted with `fmt` (str.format)."""
     try:
         en, zh = MESSAGES[key]
     except KeyError:
-        raise KeyError(f"no message {key!r} in workbench/i18n.py") from None
-    text = zh if check_lang(lang) == "zh" and zh else en
+        raise KeyError(f"no message {key!r} in workbench/i18n/") from None
+    text = zh if check_lang(lang or current_lang()) == "zh" and zh else en
     return text.format(**fmt) if fmt else text
 
 

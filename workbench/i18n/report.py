@@ -1,0 +1,54 @@
+"""Messages of the report card (workbench/report/card.py: `workbench report`, `workbench grade`, notebook 07).
+key -> (English, Chinese), as in workbench/i18n. The model's answers are never translated."""
+
+MESSAGES: dict[str, tuple[str, str]] = {
+    "card.t_unseen": ("unseen identity {lang} >= {target}", "没见过的身份问题 {lang} >= {target}"),
+    "card.t_roles": ("roles right (no owner/assistant mix-up)", "角色正确（没有把主人和助手弄混）"),
+    "card.mixups": ("{n} mix-ups", "弄混 {n} 次"),
+    "card.t_leak": ("leak {lang} = 0", "泄漏 {lang} = 0"),
+    "card.t_strict": ("strict retention EN >= {target}", "严格保持率 EN >= {target}"),
+    "card.t_facts": ("no short-answer fact lost", "没有丢失短答案事实"),
+    "card.lost_of": ("{lost} of {known} lost", "{known} 个中丢失 {lost} 个"),
+    "card.meets_all": ("Meets all {n} targets.", "达到全部 {n} 个目标。"),
+    "card.misses": ("Misses {missed} of {n} targets: {which}.", "{n} 个目标中有 {missed} 个没达到：{which}。"),
+    "card.keep": (" Keep: {label}", "保留：{label}"),
+    "card.no_better": (" (no checkpoint beats the base model)", "（没有检查点胜过基础模型）"),
+    "card.end": (".", "。"),
+    "card.f_unstated": ("identity not stated (unseen question)", "没有说出身份（没见过的问题）"),
+    "card.f_roles": ("roles mixed up", "角色弄混"),
+    "card.f_leak": ("identity leaked into an everyday answer", "身份泄漏到日常回答中"),
+    "card.f_drift": ("first sentence drifted (token-F1 < {f1})", "首句偏离（token-F1 < {f1}）"),
+    "card.f_fact": ("fact lost (the base model was right)", "丢失事实（基础模型答对了）"),
+    "card.fig_title": ("{name}, {owner}'s assistant: {label}", "{name}，{owner} 的助手：{label}"),
+    "card.pass": ("PASS", "达到"),
+    "card.miss": ("MISS", "未达到"),
+    "card.m_unseen": ("identity unseen", "身份 没见过"),
+    "card.m_seen": ("identity seen", "身份 见过"),
+    "card.m_no_leak": ("no leak", "无泄漏"),
+    "card.m_strict": ("strict retention", "严格保持率"),
+    "card.m_similarity": ("similarity", "相似度"),
+    "card.m_retention": ("retention (NLL)", "保持率（NLL）"),
+    "card.base_model": ("base model", "基础模型"),
+    "card.bars_title": ("before (grey) and after (blue); higher is better", "训练前（灰）和训练后（蓝）；越高越好"),
+    "card.met": ("met", "达到"),
+    "card.missed": ("missed", "未达到"),
+    "card.none": ("none", "无"),
+    "card.question": ("question", "问题"),
+    "card.title": ("Report card: {name}, {owner}'s assistant", "成绩单：{name}，{owner} 的助手"),
+    "card.subject": ("Subject: <code>{path}</code> ({kind}; recipe {recipe}; base model <code>{base}</code>). Probes: "
+                     "held-out questions the model never saw in training.",
+                     "评估对象：<code>{path}</code>（{kind}；配方 {recipe}；基础模型 <code>{base}</code>）。"
+                     "探测问题：模型在训练中从未见过的留出问题。"),
+    "card.targets": ("Targets", "目标"),
+    "card.target": ("target", "目标"),
+    "card.measured": ("measured", "实测"),
+    "card.every_measure": ("Every measure, per model", "每个模型的全部指标"),
+    "card.diagnosis": ("Diagnosis", "诊断"),
+    "card.examples": ("Before and after, for each kind of failure", "每类失败的训练前后对比"),
+    "card.footnote": ("Strict retention: the first sentence of the tuned answer against the base model's\n(token-F1 &ge; {f1}; "
+                      "words for English, characters for Chinese). A fact counts only when the base model's answer\n"
+                      "contains it.",
+                      "严格保持率：微调后回答的首句与基础模型回答的首句比较（token-F1 &ge; {f1}；英文按词，中文按字）。"
+                      "只有基础模型的回答包含某个事实时，这个事实才计入。"),
+    "card.written": ("report card: {page}\nimage: {png}", "成绩单：{page}\n图片：{png}"),
+}
