@@ -114,7 +114,8 @@ def cmd_chat(args) -> int:
     from workbench.chat import GenerationSettings, answer, chat_loop, load_chat_model
     from workbench.i18n import default_lang, set_lang
 
-    lang = set_lang(args.lang or default_lang())
+    lang = args.lang or default_lang()
+    set_lang(lang)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     model, builder = load_chat_model(args.model, args.adapter, device=args.device, system=args.system,
                                      trust_remote_code=args.trust_remote_code)
@@ -177,7 +178,8 @@ def cmd_compare(args) -> int:
     from workbench.comparison import compare_recipes
     from workbench.i18n import default_lang, localize_columns, set_lang, t
 
-    lang = set_lang(args.lang or default_lang())  # training's printed lines too
+    lang = args.lang or default_lang()
+    set_lang(lang)  # training's printed lines too
     table, _ = compare_recipes(args.recipes or None, args.out, args.cfg_options)
     table["recipe"] = table["recipe"].replace(t("table.base_model", "en"), t("table.base_model", lang))
     print(localize_columns(table, lang).to_string(index=False))

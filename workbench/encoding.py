@@ -100,7 +100,7 @@ class DatasetReport:
         line = t("ds.files", lang, n=self.n_files, parts=parts)
         if self.skipped:
             n = len(self.skipped)
-            line += t("ds.skipped", lang, n=n, s="s" if n > 1 else "", first=self.skipped[0])
+            line += t("ds.skipped" if n > 1 else "ds.skipped_one", lang, n=n, first=self.skipped[0])
         return [line]
 
     def _column_lines(self, lang: str | None) -> list[str]:

@@ -177,10 +177,9 @@ COLUMNS: dict[str, str] = {
 _SESSION = {"lang": "en"}
 
 
-def set_lang(lang: str) -> str:
-    """Make `lang` the session's language (what `t(key)` and the stages' printed lines use); return it."""
+def set_lang(lang: str) -> None:
+    """Make `lang` the session's language (what `t(key)` and the stages' printed lines use)."""
     _SESSION["lang"] = check_lang(lang)
-    return lang
 
 
 def current_lang() -> str:

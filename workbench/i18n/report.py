@@ -2,10 +2,10 @@
 key -> (English, Chinese), as in workbench/i18n. The model's answers are never translated."""
 
 MESSAGES: dict[str, tuple[str, str]] = {
-    "card.t_unseen": ("unseen identity {lang} >= {target}", "没见过的身份问题 {lang} >= {target}"),
+    "card.t_unseen": ("unseen identity {probe} >= {target}", "没见过的身份问题 {probe} >= {target}"),
     "card.t_roles": ("roles right (no owner/assistant mix-up)", "角色正确（没有把主人和助手弄混）"),
     "card.mixups": ("{n} mix-ups", "弄混 {n} 次"),
-    "card.t_leak": ("leak {lang} = 0", "泄漏 {lang} = 0"),
+    "card.t_leak": ("leak {probe} = 0", "泄漏 {probe} = 0"),
     "card.t_strict": ("strict retention EN >= {target}", "严格保持率 EN >= {target}"),
     "card.t_facts": ("no short-answer fact lost", "没有丢失短答案事实"),
     "card.lost_of": ("{lost} of {known} lost", "{known} 个中丢失 {lost} 个"),

@@ -50,11 +50,11 @@ def role_mixups(r: ModelReport, name: str, owner: str) -> list[dict]:
 def targets(run: RunAnalysis, lang: str = "en") -> list[Target]:
     """Unseen identity >= 0.95 per language with the roles right, no leak, strict English retention >= 0.9, no fact lost."""
     r, (name, owner) = kept_report(run), names(run)
-    out = [Target(t("card.t_unseen", lang, lang=probe.upper(), target=f"{HIT_TARGET:.0%}"), _pct(r.hit_unseen.get(probe)),
+    out = [Target(t("card.t_unseen", lang, probe=probe.upper(), target=f"{HIT_TARGET:.0%}"), _pct(r.hit_unseen.get(probe)),
                   _ge(r.hit_unseen.get(probe), HIT_TARGET)) for probe in ("en", "zh")]
     mix = len(role_mixups(r, name, owner))
     out.append(Target(t("card.t_roles", lang), t("card.mixups", lang, n=mix), mix == 0))
-    out += [Target(t("card.t_leak", lang, lang=probe.upper()), _pct(r.leak.get(probe)), r.leak.get(probe) == 0)
+    out += [Target(t("card.t_leak", lang, probe=probe.upper()), _pct(r.leak.get(probe)), r.leak.get(probe) == 0)
             for probe in ("en", "zh")]
     out.append(Target(t("card.t_strict", lang, target=f"{STRICT_TARGET:.0%}"), _pct(r.strict.get("en")),
                       _ge(r.strict.get("en"), STRICT_TARGET)))
