@@ -127,25 +127,51 @@ def test_nbval_reruns_the_deterministic_notebooks(executed):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
-def test_notebook_07_in_chinese(executed):
-    """`papermill -p lang zh` on the smoke series' last notebook (it reads the run the series trained): the table
-    headers, the diagnosis and the plots are Chinese, with the same recipes measured."""
-    from workbench.i18n import t
-    from workbench.notebooks import series_parameters
+@pytest.fixture(scope="module")
+def executed_zh(tmp_path_factory):
+    """The smoke series again, every notebook with `papermill -p lang zh` (about a minute on 2 cores)."""
+    return run_series(tmp_path_factory.mktemp("notebooks_zh") / "smoke", smoke=True, lang="zh")
 
-    name = "07_overfitting"
-    params = {**series_parameters(name, executed / "run", smoke=True), "lang": "zh"}
-    out = executed / f"{name}.zh.ipynb"
-    pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=params, cwd=str(NOTEBOOK_DIR),
-                        kernel_name="python3", progress_bar=False)
-    outs = outputs_of(out)
-    assert not [o for o in outs if o["output_type"] == "error"]
-    text = json.dumps(outs, ensure_ascii=False)
-    assert "保持率" in text and t("table.base_model", "zh") in text, "Chinese table headers and rows"
-    assert "最好的是" in text and "保留" in text, "the verdict and diagnosis in Chinese"
+
+def chinese_outputs():
+    """Per notebook: text its outputs show in Chinese (from the catalogue), and the English it must no longer show."""
+    from workbench.i18n import t
+    from workbench.i18n.outputs import KEYS
+
+    zh = lambda key, **fmt: t(key, "zh", **fmt)  # noqa: E731
+    return {
+        "01_data": ([zh("ds.errors_none"), "记录：读取 197 条", "系统提示词"], ["records:", "errors: none", "records in ",
+                                                                             "records converted"]),
+        "02_config": ([zh("est.what"), zh("est.params"), zh("est.memory"), "配方", "configure：save_steps"],
+                      ["parameters (total / trained)", "memory needed", "configure: ", "'description'"]),
+        "03_train": ([zh("train.eval", step=0), "工作目录：", "完成。检查点：", "对照 smollm2_135m_lora_identity_tutorial："],
+                     ["work dir:", "done. checkpoints", "[eval @", "records:", "  Q: "]),
+        "04_convert": (["已从 ", zh("w.checkpoint"), "文件"], ["wrote "]),
+        "05_merge": (["合并后的模型已写入", f"'{KEYS['same answer']}': True", KEYS["template gives the training prompt ids"]],
+                     ["merged model written", "'same answer'", "same greedy answers", " MB in "]),
+        "06_chat_compare": ([zh("col.prompt"), zh("model.base"), zh("model.tuned", name="smollm2_135m_tiny_smoke"),
+                             zh("model.baseline", name="smollm2_135m_lora_identity_tutorial")],
+                            ["fine-tuned:", "baseline:"]),
+        "07_overfitting": (["保持率", zh("table.base_model"), "最好的是", "保留"],
+                           ["Keep smollm2", "best iter_", "Final checkpoint", "base model (no training)"]),
+    }
+
+
+def test_smoke_series_in_chinese(executed_zh):
+    """`papermill -p lang zh` on the whole series: every notebook runs, shows Chinese from the catalogue, and its main
+    tables and printed lines keep no English prose; the same recipes are measured; the report card is Chinese."""
+    for name, (present, absent) in chinese_outputs().items():
+        outs = outputs_of(executed_zh / f"{name}.ipynb")
+        assert not [o for o in outs if o["output_type"] == "error"], name
+        text = json.dumps(outs, ensure_ascii=False)
+        assert [p for p in present if p not in text] == [], name
+        assert [a for a in absent if a in text] == [], name
+        assert "Glyph" not in text and "missing from font" not in text, f"{name}: a missing-glyph warning"
+    text = json.dumps(outputs_of(executed_zh / "07_overfitting.ipynb"), ensure_ascii=False)
     assert "smollm2_135m_tiny_smoke" in text and "smollm2_135m_lora_identity_tutorial" in text, "both recipes measured"
-    assert sum(1 for o in outs if "image/png" in o.get("data", {})) >= 2, "both plots drawn"
-    assert "Glyph" not in text and "missing from font" not in text, "no missing-glyph warning"
+    assert len(list((executed_zh / "figures").glob("07_overfitting_*.png"))) >= 2, "the plots drawn"
+    card = (executed_zh / "run" / "work" / "report_card.html").read_text(encoding="utf-8")
+    assert '<html lang="zh-CN">' in card and "成绩单" in card and "<h2>Targets</h2>" not in card
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
