@@ -187,3 +187,23 @@ def test_report_card_in_chinese_judges_the_same_and_quotes_answers_verbatim(tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     english = K.render_html(run, b"png")
     assert '<html lang="en">' in english and "the English diagnosis" in english and "<h2>Targets</h2>" in english
+
+
+def test_compare_prints_its_table_in_chinese_and_writes_english_files(monkeypatch, capsys, session_lang, tmp_path):
+    import pandas as pd
+
+    from workbench import comparison
+    from workbench.cli import main
+
+    table = pd.DataFrame([{"recipe": t("table.base_model", "en"), "steps": 0, "retention": 1.0},
+                          {"recipe": "smollm2_135m_tiny_smoke", "steps": 4, "retention": 0.9}])
+    monkeypatch.setattr(comparison, "compare_recipes", lambda recipes, out, options: (table.copy(), []))
+    assert main(["compare", "--out", str(tmp_path), "--lang", "zh"]) == 0
+    out = capsys.readouterr().out
+    assert t("table.base_model", "zh") in out and "保持率" in out and "smollm2_135m_tiny_smoke" in out
+    assert "base model" not in out and "retention" not in out and "已写入" in out
+    assert i18n.current_lang() == "zh", "training's lines during compare speak it too"
+    set_lang("en")
+    assert main(["compare", "--out", str(tmp_path), "--lang", "en"]) == 0
+    out = capsys.readouterr().out
+    assert "base model (no training)" in out and "retention" in out and out.rstrip().endswith("comparison.png")
