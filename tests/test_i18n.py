@@ -1,4 +1,4 @@
-"""The message catalogue (workbench/i18n.py) and what speaks through it: the locale, the CLI's hints, the analysis
+"""The message catalogue (workbench/i18n/) and what speaks through it: the locale, the CLI's hints, the analysis
 text, tables and plots in Chinese (a CJK font when installed, English labels with one line when not)."""
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hint(e: BaseException) -> None:
-    """What to do about a refusal a student meets first, in the locale's language (workbench/i18n.py)."""
+    """What to do about a refusal a student meets first, in the locale's language (workbench/i18n/)."""
     from workbench.i18n import default_lang, refusal_hint
 
     hint = refusal_hint(e, default_lang())

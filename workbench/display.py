@@ -16,7 +16,7 @@ evaluates anything.
 pandas, matplotlib and IPython are imported inside the functions that use
 them: they are heavy, and the CLI's `log-dataset` needs none of them.
 
-The tables and plots of results take `lang` ("en"/"zh", workbench/i18n.py):
+The tables and plots of results take `lang` ("en"/"zh", workbench/i18n/):
 headers, titles, axes and legends in that language; a Chinese plot falls back
 to English labels, with one line saying so, where no CJK font is installed.
 """

@@ -19,7 +19,7 @@ xtuner_streamlit_demo.py`); this is the workbench's, built on Streamlit too.
   the page shows the reply character for character.
 - `--lang zh` (default: the system locale's language) puts the whole page in
   Chinese: title, column headings, sidebar, buttons, placeholder, messages
-  (workbench/i18n.py); the answers stay exactly what the model generated.
+  (workbench/i18n/); the answers stay exactly what the model generated.
 - The server binds 127.0.0.1 unless --host says otherwise, and starts with no
   network: usage statistics are off and nothing is fetched.
 """
