@@ -161,7 +161,8 @@ def compare(prompts: list[str], models: dict[str, tuple], settings: GenerationSe
     from tqdm.auto import tqdm
 
     table = {t("col.prompt", lang): list(prompts)}  # the models' labels are the caller's (series_models: in `lang`)
-    for label, (model, builder) in tqdm(models.items(), desc=t("cmp.answering", lang), unit="model", disable=not progress, leave=False):
+    bar = tqdm(models.items(), desc=t("cmp.answering", lang), unit="model", disable=not progress, leave=False)
+    for label, (model, builder) in bar:
         table[label] = answer_batch(model, builder, list(prompts), settings)
     return pd.DataFrame(table)
 

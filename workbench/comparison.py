@@ -148,7 +148,7 @@ def checkpoint_table(runs: list[RunAnalysis], lang: str = "en"):
     headers and marks in `lang` ("en"/"zh")."""
     import pandas as pd  # heavy: only for the table
 
-    from workbench.i18n import localize_columns
+    from workbench.i18n import localize_columns, t
 
     rows = [{**_row(t("table.base_model", lang), runs[0].base, train_seconds=0), "keep": ""}]
     for run in runs:
@@ -161,6 +161,7 @@ def checkpoint_table(runs: list[RunAnalysis], lang: str = "en"):
 def verdict(runs: list[RunAnalysis], lang: str = "en") -> str:
     """Which checkpoint of which recipe to keep, how the recipes compare there, then each run's diagnosis (in `lang`)."""
     from workbench.analysis import diagnosis_in
+    from workbench.i18n import t
 
     best = max(runs, key=lambda run: _score(run.report_at(run.best_step)))
     lines = []
