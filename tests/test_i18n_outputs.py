@@ -106,6 +106,9 @@ def test_tables_of_the_notebooks_localize_their_headers(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     assert list(files_table(tmp_path).columns) == ["file", "size"] and list(files_table(tmp_path, "zh").columns) == ["文件", "大小"]
     assert list(recipes_table("zh").columns) == ["配方", "说明"] and len(recipes_table("zh")) == len(recipes_table())
+    zh_descriptions = list(recipes_table("zh").iloc[:, 1])
+    assert all(re.search(r"[\u4e00-\u9fff]", d) for d in zh_descriptions), "every shipped recipe described in Chinese"
+    assert list(recipes_table().iloc[:, 1]) != zh_descriptions
     evals = [{"step": s, "question": "Who are you?", "answer": f"a{s}"} for s in (0, 2)]
     table = evaluations_table(evals, "zh")
     assert (table.index.name, table.columns.name, list(table.columns)) == ("问题", "步数", [0, 2])
@@ -113,6 +116,8 @@ def test_tables_of_the_notebooks_localize_their_headers(tmp_path):
     samples = [Sample(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])]
     assert list(preview_table(samples, lang="zh").columns) == ["系统提示词", "问题", "回答", "轮数"]
     assert list(preview_table(samples).columns) == ["system", "question", "answer", "turns"]
+    text = [Sample(messages=[], text="plain text")]
+    assert preview_table(text, lang="zh").iloc[0, 1] == "（预训练文本）" and preview_table(text).iloc[0, 1] == "(pre-training text)"
 
 
 def test_series_parameters_and_run_notebooks_pass_the_language(monkeypatch, tmp_path):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import checkpoint_step, list_checkpoints, load_trainable
 from workbench.config import PROJECT_ROOT, Config, load_config, resolve_path
+from workbench.i18n import t
 from workbench.identity import identity_questions
 from workbench.io import atomic_write_json, read_jsonl
 from workbench.loss import token_loss_sum
@@ -359,7 +360,7 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     heldout = load_heldout(heldout_path, heldout_limit)
     builder = load_builder(cfg)
     ckpts = [c for c in list_checkpoints(work) if steps is None or checkpoint_step(c) in steps]
-    bar = tqdm(total=len(ckpts) + 1, desc=f"analyzing {cfg.name}", unit="model", disable=not progress)
+    bar = tqdm(total=len(ckpts) + 1, desc=t("analysis.progress", None, name=cfg.name), unit="model", disable=not progress)
     if reference is not None and _same_base(reference, cfg, probes):
         base, base_nll = reference.base, reference.base_nll
     else:
@@ -412,8 +413,6 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
              lang: str = "en") -> str:
     """A few sentences a student can act on, in `lang` ("en"/"zh", workbench/i18n.py); an overfit identity-only
     run is pointed to `mixed_recipe`."""
-    from workbench.i18n import t
-
     final = reports[-1]
     leaks = {probe: [mentions_identity(r["answer"], cfg.assistant_name, cfg.owner_name)
                      for r in final.answers if r["kind"] == "general" and r["lang"] == probe] for probe in LANGS}

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help="a data file, a config YAML, or a recipe name")
     s.add_argument("--max-length", type=int, default=None, help="report records longer than this (default: the config's, or 512)")
     s.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the config's base model)")
+    s.add_argument("--lang", choices=("en", "zh"), default=None, help="the report in this language (default: the system locale's)")
     s.set_defaults(func=cmd_check_dataset)
 
     s = sub.add_parser("log-dataset", help="show encoded samples with the trained part marked",

@@ -49,10 +49,11 @@ def cmd_gen_data(args) -> int:
 
 def cmd_check_dataset(args) -> int:
     from workbench.encoding import check_dataset
+    from workbench.i18n import default_lang
 
     # A name, not a loaded tokenizer: check_dataset then also reads the model's vocabulary size.
     report = check_dataset(args.path, tokenizer=args.model, max_length=args.max_length, strict=False)
-    print(report)
+    print(report.text(args.lang or default_lang()))
     return 1 if report.errors else 0
 
 

@@ -78,7 +78,7 @@ def preview_table(samples: list[Sample], n: int = 10, lang: str = "en"):
     rows = []
     for s in samples[:n]:
         if s.text is not None:
-            rows.append({"system": "", "question": "(pre-training text)", "answer": s.text[:200], "turns": 0})
+            rows.append({"system": "", "question": t("ds.pretraining_text", lang), "answer": s.text[:200], "turns": 0})
             continue
         system = next((m["content"] for m in s.messages if m["role"] == "system"), "")
         users = [m["content"] for m in s.messages if m["role"] == "user"]
@@ -89,12 +89,18 @@ def preview_table(samples: list[Sample], n: int = 10, lang: str = "en"):
 
 
 def recipes_table(lang: str = "en"):
-    """The shipped recipes and what each is for (pandas DataFrame, headers in `lang`; descriptions as written)."""
+    """The shipped recipes and what each is for (pandas DataFrame, headers and descriptions in `lang`: the YAML's
+    description is the English, workbench/i18n/outputs.py's RECIPES_ZH the Chinese, where it has one)."""
     import pandas as pd  # heavy: only for display
 
     from workbench.config import list_recipes
+    from workbench.i18n.outputs import RECIPES_ZH
 
-    return localize_columns(pd.DataFrame(list_recipes(), columns=["recipe", "description"]), lang)
+    def described(name: str, description: str) -> str:
+        return RECIPES_ZH.get(name, description) if lang == "zh" else description
+
+    rows = [(name, described(name, d)) for name, d in list_recipes()]
+    return localize_columns(pd.DataFrame(rows, columns=["recipe", "description"]), lang)
 
 
 def evaluations_table(evaluations: list[dict], lang: str = "en"):

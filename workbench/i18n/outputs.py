@@ -75,6 +75,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "col.prompt": ("prompt", "问题"),
     "col.question": ("question", "问题"),
     "col.step": ("step", "步数"),
+    "analysis.progress": ("analyzing {name}", "正在分析 {name}"),
+    "ds.pretraining_text": ("(pre-training text)", "（预训练文本）"),
 }
 
 # The keys of the checks' result dicts (convert.verify_merge, gguf_export.verify_gguf) -> Chinese (`localize_keys`).
@@ -85,4 +87,16 @@ KEYS: dict[str, str] = {
     "max |logit difference| vs merged with the GGUF's rounding": "与按 GGUF 取整后的合并模型的最大 |logit 差|",
     "same greedy answers": "贪心解码的回答相同", "answers (merged, gguf)": "回答（合并后模型，GGUF）",
     "template gives the training prompt ids": "模板给出与训练时相同的提示 token",
+}
+
+# The shipped recipes' descriptions in Chinese (notebook 02's table); the English is each YAML's `description`.
+RECIPES_ZH: dict[str, str] = {
+    "internlm2_chat_1_8b_qlora_identity_gpu": "在本地的 internlm2-chat-1_8b 文件夹上做 QLoRA，GPU，身份数据（训练营的作业）",
+    "qwen2_5_1_5b_instruct_lora_identity_gpu": "在本地的 Qwen2.5-1.5B-Instruct 文件夹上做 LoRA，GPU，身份数据",
+    "smollm2_135m_full_identity_cpu": "内置 SmolLM2-135M 的全参数微调，身份数据（短训练）",
+    "smollm2_135m_lora_identity_cpu": "内置 SmolLM2-135M 上的 LoRA，多样的中英文身份数据，CPU，几分钟",
+    "smollm2_135m_lora_identity_mixed_cpu": "治过拟合的配方：多样的身份数据 + 日常对话；学会自己是谁，其余保持不变（make run 训练的就是它）",
+    "smollm2_135m_lora_identity_tutorial": "教程的配方：两条身份问答反复重复，用来复现和观察过拟合",
+    "smollm2_135m_qlora_identity_cpu": "内置 SmolLM2-135M 上的 QLoRA（4-bit NF4 基座），身份数据",
+    "smollm2_135m_tiny_smoke": "冒烟测试：微型随机模型，6 步，几秒钟（测试、CI、笔记本的冒烟模式）",
 }
