@@ -146,3 +146,18 @@ def test_grade_and_report_commands(classroom, probes, tmp_path, capsys):
     assert main(["report", str(classroom / "dave_not_an_adapter")]) == 2
     assert "neither a run" in capsys.readouterr().err
     assert main(["grade", str(tmp_path / "missing"), "--base", "embedded:tiny-random"]) == 2
+
+
+def test_grade_page_in_chinese_keeps_the_csv_columns():
+    """grades.html in Chinese: every header, the link text and the page language; the values and links unchanged."""
+    import pandas as pd
+
+    from workbench.i18n.report import GRADE_COLUMNS_ZH
+
+    row = {c: "" for c in G.COLUMNS} | {"submission": "alice", "strict EN": 0.5, "card": "cards/alice.html"}
+    table = pd.DataFrame([row], columns=G.COLUMNS)
+    zh, en = G.sortable_html(table, "成绩表", "zh"), G.sortable_html(table, "Grades")
+    assert set(GRADE_COLUMNS_ZH) == set(G.COLUMNS), "every column has its Chinese header"
+    assert all(f">{h}</th>" in zh for h in GRADE_COLUMNS_ZH.values()) and '<html lang="zh-CN">' in zh
+    assert ">成绩单</a>" in zh and "href='cards/alice.html'" in zh and "data-v='0.5'" in zh and ">alice<" in zh
+    assert all(f">{c}</th>" in en for c in G.COLUMNS) and ">report card</a>" in en and '<html lang="en">' in en

@@ -51,4 +51,17 @@ MESSAGES: dict[str, tuple[str, str]] = {
                       "严格保持率：微调后回答的首句与基础模型回答的首句比较（token-F1 &ge; {f1}；英文按词，中文按字）。"
                       "只有基础模型的回答包含某个事实时，这个事实才计入。"),
     "card.written": ("report card: {page}\nimage: {png}", "成绩单：{page}\n图片：{png}"),
+    "grade.title": ("Grades: {folder}", "成绩表：{folder}"),
+    "grade.summary": ("{n} submissions; click a column header to sort.", "共 {n} 份作业；点击列标题可排序。"),
+    "grade.sort": ("click to sort", "点击排序"),
+    "grade.card_link": ("report card", "成绩单"),
+    "grade.progress": ("grading", "评分中"),
+}
+
+# The grade table's column headers in Chinese (grades.html; grades.csv keeps the English column names).
+GRADE_COLUMNS_ZH: dict[str, str] = {
+    "submission": "作业", "status": "状态", "kind": "类型", "assistant": "助手", "owner": "主人", "kept": "保留的检查点",
+    "hit unseen EN": "没见过的身份问题 EN", "hit unseen ZH": "没见过的身份问题 ZH", "role mix-ups": "角色弄混",
+    "leak EN": "泄漏 EN", "leak ZH": "泄漏 ZH", "strict EN": "严格保持率 EN", "strict ZH": "严格保持率 ZH",
+    "similarity": "相似度", "facts lost": "丢失的事实", "targets met": "达到的目标", "verdict": "结论", "card": "成绩单",
 }

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from workbench import i18n
 from workbench.analysis import Probes, load_probes
+from workbench.i18n.report import GRADE_COLUMNS_ZH
 from workbench.io import atomic_write_text
 from workbench.report.card import kept_report, names, role_mixups, targets, verdict, write_card
 from workbench.report.subject import analyze_subject
@@ -32,7 +34,7 @@ def submissions(folder: Path, out: Path) -> list[Path]:
 def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | None = None, probes: Probes | None = None,
                  max_new_tokens: int = 40, progress: bool = True, lang: str = "en"):
     """Grade every submission in `folder`; write OUT/grades.csv, OUT/grades.html and a card each (pandas DataFrame).
-    The cards and the verdicts are in `lang`; the table's headers stay English (column names of the CSV)."""
+    The cards and the verdicts are in `lang`; grades.html's headers too (grades.csv keeps the English column names)."""
     import pandas as pd  # heavy: only for the table
 
     folder = Path(folder)
@@ -42,11 +44,11 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
     probes = probes or load_probes()
     cache: dict = {}
     rows = []
-    for sub in tqdm(submissions(folder, out), desc="grading", unit="submission", disable=not progress):
+    for sub in tqdm(submissions(folder, out), desc=i18n.t("grade.progress", lang), unit="submission", disable=not progress):
         rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache, lang))
     table = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_text(out / "grades.csv", table.to_csv(index=False))
-    atomic_write_text(out / "grades.html", sortable_html(table, f"Grades: {folder}"))
+    atomic_write_text(out / "grades.html", sortable_html(table, i18n.t("grade.title", lang, folder=folder), lang))
     return table
 
 
@@ -86,27 +88,28 @@ document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click'
 """
 
 
-def sortable_html(table, title: str) -> str:
-    """The table as a page whose columns sort on a click; the card column links each report card."""
+def sortable_html(table, title: str, lang: str = "en") -> str:
+    """The table as a page whose columns sort on a click; the card column links each report card (headers in `lang`)."""
     esc = html.escape
-    head = "".join(f"<th title='click to sort'>{esc(c)}</th>" for c in table.columns)
+    header = (lambda c: GRADE_COLUMNS_ZH.get(c, c)) if lang == "zh" else (lambda c: c)
+    head = "".join(f"<th title='{esc(i18n.t('grade.sort', lang))}'>{esc(header(c))}</th>" for c in table.columns)
     body = []
     for _, row in table.iterrows():
         cells = []
         for c in table.columns:
             v = row[c]
             if c == "card" and v:
-                cells.append(f"<td><a href='{esc(str(v))}'>report card</a></td>")
+                cells.append(f"<td><a href='{esc(str(v))}'>{esc(i18n.t('grade.card_link', lang))}</a></td>")
             elif isinstance(v, float):
                 cells.append(f"<td data-v='{'' if math.isnan(v) else v}'>{'-' if math.isnan(v) else f'{v:.2f}'}</td>")
             else:
                 cells.append(f"<td>{esc(str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:"DejaVu Sans","Noto Sans CJK SC",sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}th{{background:#f2f2f2;cursor:pointer}}</style></head><body>
-<h1>{esc(title)}</h1><p>{len(table)} submissions; click a column header to sort.</p>
+<h1>{esc(title)}</h1><p>{esc(i18n.t('grade.summary', lang, n=len(table)))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <script>{_SORT_JS}</script></body></html>
 """
