@@ -77,3 +77,23 @@ def test_training_with_the_distillation_term(tmp_path):
                       datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3)])
     result = train(cfg, tmp_path / "work", progress=False)
     assert len(result.metrics) == 2 and all(math.isfinite(m["loss"]) for m in result.metrics)
+
+
+def test_a_source_can_opt_out_of_the_distillation_term():
+    """`distill: false` on a source (hand-written answers the base could not give) keeps its rows out of the
+    term; by default every source but the generated identity data is in it."""
+    from workbench.config import DataSource
+    from workbench.encoding import encode_samples
+    from workbench.mixing import mix_sources
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    sources = [DataSource(generate="identity", repeat=0.1), DataSource(path="data/general_conversations.jsonl", repeat=0.2),
+               DataSource(path="data/general_conversations_zh.jsonl", repeat=0.2, distill=False)]
+    samples = mix_sources(cfg.replace(datasets=sources))
+    encoded, _ = encode_samples(samples, PromptBuilder(load_tokenizer(TINY_MODEL)), max_length=256)
+    by_source = {}
+    for s, e in zip(samples, encoded):
+        by_source.setdefault(s.source, set()).add(e.distill)
+    assert by_source == {"generated:identity": {False}, "data/general_conversations.jsonl": {True},
+                         "data/general_conversations_zh.jsonl": {False}}
+    assert cfg.replace(datasets=sources).validate().datasets[2].distill is False

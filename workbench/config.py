@@ -64,6 +64,7 @@ class DataSource:
     answer_column: str | None = _f(None, help="Tables only: the column holding the answer; null detects it (see question_column).")
     system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
+    distill: bool | None = _f(None, help="Whether this source's rows get the distillation term (distill_weight): the KL divergence from the base model's own distribution. null: every source but generated identity data. false for answers the base model could not give itself (hand-written answers in a language it does not speak well): there the base's distribution is not what the rows teach.")
 
     def validate(self, where: str) -> list[str]:
         errors = []
