@@ -95,7 +95,7 @@ RECIPES_ZH: dict[str, str] = {
     "qwen2_5_1_5b_instruct_lora_identity_gpu": "在本地的 Qwen2.5-1.5B-Instruct 文件夹上做 LoRA，GPU，身份数据",
     "smollm2_135m_full_identity_cpu": "内置 SmolLM2-135M 的全参数微调，身份数据（短训练）",
     "smollm2_135m_lora_identity_cpu": "内置 SmolLM2-135M 上的 LoRA，多样的中英文身份数据，CPU，几分钟",
-    "smollm2_135m_lora_identity_mixed_cpu": "治过拟合的配方：多样的身份数据 + 日常对话；学会自己是谁，其余保持不变（make run 训练的就是它）",
+    "smollm2_135m_lora_identity_mixed_cpu": "治过拟合的配方：多样的身份数据 + 日常对话 + 向基础模型蒸馏；学会自己是谁，其余保持不变（make run 训练的就是它）",
     "smollm2_135m_lora_identity_tutorial": "教程的配方：两条身份问答反复重复，用来复现和观察过拟合",
     "smollm2_135m_qlora_identity_cpu": "内置 SmolLM2-135M 上的 QLoRA（4-bit NF4 基座），身份数据",
     "smollm2_135m_tiny_smoke": "冒烟测试：微型随机模型，6 步，几秒钟（测试、CI、笔记本的冒烟模式）",
