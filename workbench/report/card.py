@@ -132,11 +132,11 @@ def _draw_summary(run: RunAnalysis, r: ModelReport, base: ModelReport, name: str
                 (t("card.m_no_leak", lang), "leak"), (t("card.m_strict", lang), "strict")]
     labels, before, after = [], [], []
     for title, attr in measures:
-        for lang in ("en", "zh"):
+        for probe in ("en", "zh"):  # the probes' languages (not `lang`, the card's)
             flip = (lambda v: 1 - v) if attr == "leak" else (lambda v: v)
-            labels.append(f"{title} {lang.upper()}")
-            before.append(flip(getattr(base, attr).get(lang, math.nan)))
-            after.append(flip(getattr(r, attr).get(lang, math.nan)))
+            labels.append(f"{title} {probe.upper()}")
+            before.append(flip(getattr(base, attr).get(probe, math.nan)))
+            after.append(flip(getattr(r, attr).get(probe, math.nan)))
     for title, value_b, value_a in [(t("card.m_similarity", lang), base.similarity, r.similarity),
                                     (t("card.m_retention", lang), base.retention, r.retention)]:
         labels.append(title)
