@@ -57,7 +57,10 @@ def test_kl_is_zero_for_an_untrained_adapter_and_grows_with_it(setup):
 
 
 def test_config_checks_distill_weight():
+    from workbench.config import DataSource
+
     cfg = load_recipe("smollm2_135m_tiny_smoke")
+    cfg = cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations.jsonl", distill=True)])
     assert cfg.distill_weight == 0.0 and cfg.replace(distill_weight=0.5).validate().distill_weight == 0.5
     with pytest.raises(ConfigError, match="distill_weight"):
         cfg.replace(distill_weight=0.5, method="full").validate()
@@ -74,21 +77,22 @@ def test_training_with_the_distillation_term(tmp_path):
 
     cfg = load_recipe("smollm2_135m_tiny_smoke")
     cfg = cfg.replace(max_steps=2, save_steps=2, evaluation_freq=0, distill_weight=1.0,
-                      datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3)])
+                      datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3, distill=True)])
     result = train(cfg, tmp_path / "work", progress=False)
     assert len(result.metrics) == 2 and all(math.isfinite(m["loss"]) for m in result.metrics)
 
 
 def test_a_source_can_opt_out_of_the_distillation_term():
-    """`distill: false` on a source (hand-written answers the base could not give) keeps its rows out of the
-    term; by default every source but the generated identity data is in it."""
+    """Only the rows of sources marked `distill: true` (the base model's own everyday answers) get the term: not
+    the identity data (generated or from a file, as `configure` puts it), not hand-written answers."""
     from workbench.config import DataSource
     from workbench.encoding import encode_samples
     from workbench.mixing import mix_sources
 
     cfg = load_recipe("smollm2_135m_tiny_smoke")
-    sources = [DataSource(generate="identity", repeat=0.1), DataSource(path="data/general_conversations.jsonl", repeat=0.2),
-               DataSource(path="data/general_conversations_zh.jsonl", repeat=0.2, distill=False)]
+    sources = [DataSource(generate="identity", repeat=0.1), DataSource(path="data/general_conversations.jsonl", repeat=0.2,
+                                                                      distill=True),
+               DataSource(path="data/general_conversations_zh.jsonl", repeat=0.2)]
     samples = mix_sources(cfg.replace(datasets=sources))
     encoded, _ = encode_samples(samples, PromptBuilder(load_tokenizer(TINY_MODEL)), max_length=256)
     by_source = {}
@@ -96,4 +100,17 @@ def test_a_source_can_opt_out_of_the_distillation_term():
         by_source.setdefault(s.source, set()).add(e.distill)
     assert by_source == {"generated:identity": {False}, "data/general_conversations.jsonl": {True},
                          "data/general_conversations_zh.jsonl": {False}}
-    assert cfg.replace(datasets=sources).validate().datasets[2].distill is False
+    assert cfg.replace(datasets=sources).validate().datasets[1].distill is True
+    with pytest.raises(ConfigError, match="distill: true"):
+        cfg.replace(datasets=sources[::2], distill_weight=1.0).validate()
+
+
+def test_the_identity_data_as_a_file_stays_out_of_the_term(tmp_path):
+    """The notebooks' and XTuner's way: identity data written to a file and put in the recipe's place."""
+    from workbench.config import configure
+    from workbench.identity import generate_identity
+    from workbench.samples import write_dataset
+
+    write_dataset(generate_identity("Nova", "Alex"), tmp_path / "identity.json")
+    cfg = configure("smollm2_135m_lora_identity_mixed_cpu", tmp_path / "identity.json")
+    assert cfg.distill_weight > 0 and [d.distill for d in cfg.datasets] == [False, True, False]

@@ -64,7 +64,7 @@ class DataSource:
     answer_column: str | None = _f(None, help="Tables only: the column holding the answer; null detects it (see question_column).")
     system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
-    distill: bool | None = _f(None, help="Whether this source's rows get the distillation term (distill_weight): the KL divergence from the base model's own distribution. null: every source but generated identity data. false for answers the base model could not give itself (hand-written answers in a language it does not speak well): there the base's distribution is not what the rows teach.")
+    distill: bool = _f(False, help="This source's rows get the distillation term (distill_weight), the KL divergence from the base model's own next-token distribution: true for everyday data whose answers the base model gave itself (data/general_conversations.jsonl). Leave it false for the identity data (what the base must not keep) and for hand-written answers the base could not give (its distribution is not what they teach).")
 
     def validate(self, where: str) -> list[str]:
         errors = []
@@ -97,7 +97,7 @@ class Config:
     lora_r: int = _f(8, help="LoRA rank r: size of the low-rank update.")
     lora_alpha: int = _f(16, help="LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
-    distill_weight: float = _f(0.0, help="LoRA/QLoRA only: weight of a distillation term, the KL divergence of the adapter's next-token distribution from the base model's own (the same model with the adapter switched off) on the trained tokens of everyday rows (every source but the generated identity data). 0 = off; it keeps what the base knew.")
+    distill_weight: float = _f(0.0, help="LoRA/QLoRA only: weight of a distillation term, the KL divergence of the adapter's next-token distribution from the base model's own (the same model with the adapter switched off) on the trained tokens of the rows from sources marked `distill: true` (everyday data). 0 = off; it keeps what the base knew.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
     fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy; on a CUDA GPU (workbench/fastpath_cuda.py) packed micro-batches through PyTorch's varlen flash kernel, Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy when liger-kernel is installed (requirements-gpu.txt), fused AdamW. Off: transformers' and peft's plain path, for comparison.")
@@ -153,6 +153,9 @@ class Config:
             errors.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.distill_weight < 0 or (self.distill_weight > 0 and self.method == "full"):
             errors.append(f"{where}.distill_weight: must be >= 0, and 0 for method full (the base is the model with its adapter off), got {self.distill_weight}")
+        if self.distill_weight > 0 and not any(getattr(d, "distill", False) for d in self.datasets):
+            errors.append(f"{where}.distill_weight: {self.distill_weight} but no source under datasets is marked `distill: true` "
+                          "(mark the everyday data whose answers the base model gave itself)")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0 or self.max_norm < 0:

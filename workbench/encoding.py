@@ -21,7 +21,6 @@ from workbench.config import RECIPES_DIR, Config, ConfigError, resolve_config, r
 from workbench.i18n import t
 from workbench.mixing import mix, read_configured
 from workbench.prompt import Encoded, PromptBuilder, builder_for
-from workbench.identity import IDENTITY_SOURCE  # also the prefix of the tutorial's identity source
 from workbench.readers import Reading, read_source
 from workbench.samples import Sample
 
@@ -168,8 +167,7 @@ def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss
         cache[key] = (builder.encode_text(sample.text, max_length) if sample.text is not None
                       else builder.encode(sample.messages, max_length, loss_on))
     enc = cache[key]
-    distill = sample.distill if sample.distill is not None else not sample.source.startswith(IDENTITY_SOURCE)
-    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated, distill=distill)
+    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated, distill=sample.distill)
 
 
 def _count(report: DatasetReport, enc: Encoded) -> None:

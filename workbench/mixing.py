@@ -22,9 +22,8 @@ def load_source(src: DataSource, cfg: Config) -> list[Sample]:
     reading = read_configured(src, cfg)
     if reading.errors:
         raise reading.errors[0]
-    if src.distill is not None:  # the source's own setting beats the default (every source but identity data)
-        for sample in reading.samples:
-            sample.distill = src.distill
+    for sample in reading.samples:  # the source says whether its rows get the distillation term
+        sample.distill = src.distill
     return reading.samples
 
 

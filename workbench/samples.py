@@ -29,7 +29,7 @@ class Sample:
     source: str = ""  # the configured source: a file path, a folder, a glob pattern, or "generated:identity"
     record: int = 0  # 1-based record number in its file
     file: str = ""  # the data file the record is in ("" for generated data); equals source for a file source
-    distill: bool | None = None  # gets the distillation term (Config.distill_weight); None: every source but identity data
+    distill: bool = False  # gets the distillation term (Config.distill_weight): its source is marked `distill: true`
 
     @property
     def where(self) -> str:
