@@ -71,7 +71,9 @@ def test_score_uses_strict_retention_and_facts():
     r.facts_known, r.facts_lost = {"en": 4, "zh": 4}, {"en": ["q"], "zh": []}
     assert r.score == pytest.approx(0.75 * 7 / 8)
     assert "EN 50%" in R.strict_summary(r) and "1 of 8" in R.strict_summary(r)
-    assert R.drift_advice(r).startswith("Drifting") and "distill_weight" in R.drift_advice(r)
+    assert R.drift_advice(r).startswith("Drifting") and "distill_weight > 0" in R.drift_advice(r)
+    assert "distill_weight above 5" in R.drift_advice(r, distill_weight=5.0), "already on: raise it"
+    assert "distill_weight 调到 5 以上" in R.drift_advice(r, lang="zh", distill_weight=5.0)
     r.strict, r.facts_lost = {"en": 0.95}, {}
     assert R.drift_advice(r) == "", "strict retention met and no fact lost: no drift"
 

@@ -431,7 +431,7 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
     elif hit < 0.5:
         lines.append(t("diag.under", lang))
     elif drift_advice(final):
-        lines.append(drift_advice(final, lang=lang))
+        lines.append(drift_advice(final, lang=lang, distill_weight=getattr(cfg, "distill_weight", 0.0)))
     else:
         lines.append(t("diag.healthy", lang))
     if best.step > 0:

@@ -119,12 +119,14 @@ def strict_summary(report, lang: str = "en") -> str:
     return text + ("。" if lang == "zh" else ".")
 
 
-def drift_advice(report, target: float = 0.9, lang: str = "en") -> str:
-    """A remedy when a model learned its identity but drifted from the base's everyday answers; "" otherwise."""
+def drift_advice(report, target: float = 0.9, lang: str = "en", distill_weight: float = 0.0) -> str:
+    """A remedy when a model learned its identity but drifted from the base's everyday answers; "" otherwise.
+    `distill_weight`: the run's, so that the remedy is to raise it when it is already on."""
     from workbench.i18n import t
 
     en = report.strict.get("en", float("nan"))
     lost = sum(len(v) for v in report.facts_lost.values())
     if not (en < target or lost):  # nan (unmeasured) and no fact lost: nothing to say
         return ""
-    return t("diag.drift", lang, strict=f"{en:.0%}", lost=lost)
+    remedy = t("diag.distill_more", lang, weight=distill_weight) if distill_weight > 0 else t("diag.distill_on", lang)
+    return t("diag.drift", lang, strict=f"{en:.0%}", lost=lost, remedy=remedy)

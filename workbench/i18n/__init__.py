@@ -83,9 +83,13 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "plot.strict_en": ("strict retention EN (first sentence)", "严格保持率 EN（首句）"),
     "diag.drift": ("Drifting: the identity is learned, but the everyday answers move away from the base model's "
                    "(strict English retention {strict}, {lost} known facts lost). Remedy: an earlier checkpoint, a lower lr, "
-                   "or distill_weight > 0 (pulls everyday answers toward the base model's own).",
+                   "or {remedy}.",
                    "漂移：身份已经学会，但日常回答偏离了基座模型的回答（英文严格保持率 {strict}，丢失 {lost} 个基座答对的事实）。"
-                   "对策：选更早的检查点、降低学习率，或设 distill_weight > 0（把日常回答拉回基座模型自己的回答）。"),
+                   "对策：选更早的检查点、降低学习率，或{remedy}。"),
+    "diag.distill_on": ("distill_weight > 0 (pulls everyday answers toward the base model's own)",
+                        "设 distill_weight > 0（把日常回答拉回基座模型自己的回答）"),
+    "diag.distill_more": ("a distill_weight above {weight:g} (keeps more of the base, at some cost to the identity)",
+                          "把 distill_weight 调到 {weight:g} 以上（保留更多基座的回答，身份会学得慢一些）"),
     "strict.summary": ("Strict retention (first sentence kept, token-F1 >= {f1}): {parts}",
                        "严格保持率（首句保留，token-F1 >= {f1}）：{parts}"),
     "strict.facts": ("; short-answer facts lost: {lost} of {known} the base model knew",
