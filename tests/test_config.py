@@ -135,9 +135,9 @@ def test_configure_replaces_the_generated_identity_data_by_a_file(tmp_path, caps
     cfg = configure("smollm2_135m_lora_identity_mixed_cpu", str(data))
     recipe = load_recipe("smollm2_135m_lora_identity_mixed_cpu")
     generated, *kept = recipe.datasets
-    assert generated.generate == "identity" and generated.repeat == 2 and kept
-    assert cfg.datasets == [DataSource(path=str(data.resolve()), repeat=2), *kept], "the file takes its place and weight"
-    assert capsys.readouterr().out == (f"configure: datasets: {data.resolve()} (repeat 2) replaces generate: identity; "
+    assert generated.generate == "identity" and generated.repeat == 3 and kept
+    assert cfg.datasets == [DataSource(path=str(data.resolve()), repeat=3), *kept], "the file takes its place and weight"
+    assert capsys.readouterr().out == (f"configure: datasets: {data.resolve()} (repeat 3) replaces generate: identity; "
                                        "2 other source(s) kept\n")
     with pytest.raises(ConfigError, match="unknown field.*lerning_rate"):
         configure("smollm2_135m_tiny_smoke", lerning_rate=0.1)
