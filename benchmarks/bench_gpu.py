@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=None, help=f"comma list, a subset of {', '.join(SHAPES)}")
     p.add_argument("--methods", default=None, help="comma list: lora, qlora")
     p.add_argument("--sides", default=None, help=f"comma list, a subset of {', '.join(SIDES)}")
+    p.add_argument("--runs", type=int, default=2, help="runs of the main comparison (1.5B LoRA, workbench and TRL best); "
+                   "the targets take the median")
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="the workbench side's tokens a micro-batch (config micro_batch_tokens; default: sized from free memory)")
     p.add_argument("--config", default=CONFIG, help="recipe: data, LoRA settings, lr, max_length, seed")
@@ -85,8 +87,9 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         unknown = (keep[key] or set()) - set(known)
         if unknown:
             raise SystemExit(f"--{key}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
-    jobs = [Job(shape, method, side) for shape, method, sides in PLAN for side in sides
-            if all(keep[k] is None or v in keep[k] for k, v in (("shapes", shape), ("methods", method), ("sides", side)))]
+    jobs = [Job(shape, method, side, run=run) for shape, method, sides, run in PLAN for side in sides
+            if all(keep[k] is None or v in keep[k] for k, v in (("shapes", shape), ("methods", method), ("sides", side)))
+            and run <= args.runs]
     return jobs
 
 
@@ -188,6 +191,8 @@ def side_command(job: Job, args: argparse.Namespace, model: Path, batch: int, ro
         cmd[-2:-2] = ["--micro-batch-size", str(micro_batch(args))]
     if side.script == "run_workbench.py" and args.micro_batch_tokens:
         cmd[-2:-2] = ["--micro-batch-tokens", str(args.micro_batch_tokens)]
+    if job.side == "workbench_profile":
+        cmd[-2:-2] = ["--profile", str(out.with_suffix(".profile.txt"))]
     if side.script == "baseline_trl.py":
         cmd[-2:-2] = ["--rows-per-step", str(rows)]
         if job.side == "trl_best" and liger_usable(args):
@@ -267,7 +272,8 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, deadline: float, device:
         batch, _, max_length = sizes[job.shape]
         rows = max(1, round(args.tokens / max_length))
         cmd = side_command(job, args, models[job.shape], batch, rows, runs_dir / f"{job.name}.json")
-        timeout = min(args.side_timeout_s * (2 if job.shape == "qwen2.5-7b" else 1), deadline - time.perf_counter())
+        slow = (2 if job.shape == "qwen2.5-7b" else 1) * (2 if job.side in ("workbench_compile", "workbench_profile") else 1)
+        timeout = min(args.side_timeout_s * slow, deadline - time.perf_counter())
         print(f"[{i}/{len(jobs)}] {job.name}: {batch} samples ({rows} TRL rows) a step, time box {timeout:.0f} s", flush=True)
         job.status = "running"
         run_side(job, cmd, timeout, runs_dir)

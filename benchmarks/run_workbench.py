@@ -25,6 +25,7 @@ clipping, AdamW, the scheduler) and metrics.jsonl, whose per-step `tokens`
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 STARTED = time.perf_counter()
 
@@ -93,7 +94,8 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
     from workbench.models import build_model, load_base, pick_device, pick_dtype
     from workbench.train import Trainer
 
-    cfg = with_micro_batch_tokens(cfg, getattr(args, "micro_batch_tokens", None))
+    cfg = with_field(cfg, "micro_batch_tokens", getattr(args, "micro_batch_tokens", None))
+    cfg = with_field(cfg, "torch_compile", True if getattr(args, "torch_compile", False) else None)
     log: list[tuple[float, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench-wb-") as tmp:
         trainer = Trainer(cfg, work_dir=Path(tmp) / "work", on_log=lambda rec: log.append((time.perf_counter(), rec)),
@@ -104,7 +106,8 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
         model = build_model(trainer.cfg, trainer.device, trainer.strategy, base=base)
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.setup(rows=in_plan_order(rows, cfg.seed), model=model, builder=builder)
-        trainer.train()
+        with profiled(getattr(args, "profile", None)):
+            trainer.train()
         trainer.export()
     steps = step_records(log, rows)
     device = pick_device(cfg.device)
@@ -112,23 +115,52 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
     first_start = log[0][0] - steps[0]["time_s"]
     extra = {"base_model_bytes": base_model_bytes, "trainable_params": trainable_params,
              "micro_batch_tokens": getattr(cfg, "micro_batch_tokens", None),
+             "torch_compile": getattr(cfg, "torch_compile", None), "gradient_checkpointing": cfg.gradient_checkpointing,
              "setup_s": round(first_start - STARTED, 2), "device": device.type, "dtype": dtype}
     return steps, extra
 
 
-def with_micro_batch_tokens(cfg, tokens: int | None):
-    """The config with `micro_batch_tokens` (GPU: tokens a micro-batch) where the workbench's Config has the field."""
+def with_field(cfg, name: str, value):
+    """The config with `name` set (micro_batch_tokens, torch_compile) where the workbench's Config has the field."""
     import dataclasses
 
-    if tokens is None or "micro_batch_tokens" not in {f.name for f in dataclasses.fields(cfg)}:
+    if value is None or name not in {f.name for f in dataclasses.fields(cfg)}:
         return cfg
-    return cfg.replace(micro_batch_tokens=tokens)
+    return cfg.replace(**{name: value})
+
+
+@contextmanager
+def profiled(path: str | None):
+    """torch.profiler around the training steps (CPU and CUDA activity); the operators' table by GPU time to `path`.
+
+    For finding where a step's time goes: the profiler's own overhead makes this run's
+    tokens/s not comparable with an unprofiled one.
+    """
+    if not path:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    sorts = ["self_device_time_total", "device_time_total"] if torch.cuda.is_available() else ["self_cpu_time_total"]
+    averages = prof.key_averages()
+    text = "every training step of the run (the first is a warm-up)\n"
+    for sort in sorts + ["cpu_time_total"]:
+        text += f"\n## sorted by {sort}\n\n{averages.table(sort_by=sort, row_limit=35, max_name_column_width=70)}\n"
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def parser():
     p = runner_parser(__doc__.splitlines()[0])
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="GPU: tokens a micro-batch (config micro_batch_tokens; default: sized from free GPU memory)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="GPU: torch.compile the decoder layers (config torch_compile)")
+    p.add_argument("--profile", default=None, metavar="TXT",
+                   help="write torch.profiler's operator table of the training steps here (slows the run)")
     return p
 
 

@@ -40,6 +40,11 @@ def test_plan_is_ordered_and_filtered():
     assert any(j.side == "unsloth" for j in jobs)
     some = bench_gpu.plan_jobs(args_of("--shapes", "smollm2-135m", "--sides", "workbench"))
     assert [(j.shape, j.side) for j in some] == [("smollm2-135m", "workbench")]
+    main = [(j.side, j.run) for j in jobs if (j.shape, j.method) == ("qwen2.5-1.5b", "lora") and j.side in ("workbench", "trl_best")]
+    assert main == [("workbench", 1), ("trl_best", 1), ("workbench", 2), ("trl_best", 2)], "the median of two runs"
+    assert len({j.name for j in jobs}) == len(jobs)
+    once = bench_gpu.plan_jobs(args_of("--runs", "1"))
+    assert all(j.run == 1 for j in once) and len(once) == len(jobs) - 2
     with pytest.raises(SystemExit, match="unknown"):
         bench_gpu.plan_jobs(args_of("--sides", "nope"))
 
@@ -97,8 +102,18 @@ def test_rows_report_and_targets():
     assert by_words["1.5B LoRA: >= 1.5x TRL's best in real tokens/s, loss at equal tokens within noise"] is True
     assert by_words["1.5B LoRA: >= 40% MFU"] is False  # 1.8%
     assert by_words["7B QLoRA: peak GPU memory <= 0.6x LoRA's"] is True  # 20000 / 40000
-    assert len(by_words) == 4
+    assert len(by_words) == 4  # no peak memory on the 1.5B rows, no torch.compile row
     assert by_words["7B QLoRA: faster than TRL's QLoRA"] is False  # 800 vs 1000
+    # a second run of the main comparison and a torch.compile side: the targets take medians
+    more = [Job("qwen2.5-1.5b", "lora", "workbench", "ok", result=fake_result(5000, [2.0, 1.5, 1.2, 1.1], 500), run=2),
+            Job("qwen2.5-1.5b", "lora", "trl_best", "ok", result=fake_result(1500, [2.0, 1.5, 1.2, 1.1], 600), run=2),
+            Job("qwen2.5-1.5b", "lora", "workbench_compile", "ok", result=fake_result(4400, [2.0, 1.5, 1.2, 1.1]))]
+    rows2 = [gpu_report.job_row(j, jobs + more, flops, 1000.0) for j in jobs + more]
+    assert rows2[-3]["name"] == "workbench (run 2)" and rows2[-2]["workbench_speedup"] == pytest.approx(5000 / 1500)
+    found = {t["target"]: t for t in gpu_report.targets(rows2)}
+    assert found["1.5B LoRA: >= 1.5x TRL's best in real tokens/s, loss at equal tokens within noise"]["value"].startswith(
+        "2.67x (median of 2 runs / median of 2 runs)")  # (3000 + 5000) / 2 over 1500
+    assert found["1.5B LoRA: torch.compile of the decoder layers (kept only where faster)"]["met"] is True  # 4400 / 4000
     report = {"machine": {"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17", "peft": "0.21.2", "trl": "1.16.0",
                           "liger_kernel": "0.8.5", "bitsandbytes": "0.50.2"},
               "dry_run": False, "date": "today", "matmul": {"dtype": "bfloat16", "size": 8192, "tflops": 1000.0},
@@ -114,7 +129,7 @@ def test_dry_run_end_to_end(tmp_path):
     """The dry run on the tiny Qwen2.5-1.5B shape (its vocabulary kept): the workbench, the PEFT script, TRL's best (when trl is installed), Unsloth's row."""
     sides = "workbench,peft,unsloth" + (",trl_best" if importlib.util.find_spec("trl") else "")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry-run", "--shapes", "qwen2.5-1.5b",
-           "--sides", sides, "--steps", "2", "--tokens", "512", "--work-dir", str(tmp_path)]
+           "--sides", sides, "--runs", "1", "--steps", "2", "--tokens", "512", "--work-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))

@@ -207,3 +207,31 @@ def test_flat_batch_carries_the_distillation_mask(rows):
     per_row = [padded["distill"][i, :row_length(r)] for i, r in enumerate(marked)]
     assert torch.equal(flat["distill"][0], torch.cat(per_row))
     assert not (flat["distill"] & (flat["labels"] == IGNORE)).any()
+
+
+def test_compiled_layers_keep_loss_and_gradients_and_leave_generation_alone(rows, emulated_kernel, one_torch_thread):
+    """torch_compile: the varlen training forward goes through torch.compile (aot_eager here: the graph capture and
+    autograd split, no C compiler), with the same loss and gradients; calls without boundaries stay uncompiled."""
+    from torch._dynamo.utils import counters
+
+    plain, fast = tiny_lora(), tiny_lora()
+    for model in (plain, fast):
+        fastpath_cuda.enable_varlen_attention(model)
+    torch._dynamo.reset()
+    counters.clear()
+    assert fastpath_cuda.compile_decoder_layers(fast, backend="aot_eager") == len(fastpath_cuda.decoder_layers(fast)) >= 2
+    assert fastpath_cuda.uses_compiled_layers(fast) and not fastpath_cuda.uses_compiled_layers(plain)
+    assert fastpath_cuda.compile_decoder_layers(fast, backend="aot_eager") == 0  # already compiled: left as it is
+    with fastpath_cuda.standard_attention(fast), torch.no_grad():  # generation: no boundaries, the layers' own forward
+        fast.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert counters["stats"]["unique_graphs"] == 0
+    try:
+        loss_p, grads_p = loss_and_grads(plain, collate_flat(rows))
+        loss_f, grads_f = loss_and_grads(fast, collate_flat(rows))
+        assert counters["stats"]["unique_graphs"] >= 1  # compiled once, shared by the layers
+        assert loss_f == pytest.approx(loss_p, rel=1e-5)
+        assert grads_p.keys() == grads_f.keys() and len(grads_p) > 0
+        for k in grads_p:
+            torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
+    finally:
+        torch._dynamo.reset()

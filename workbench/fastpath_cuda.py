@@ -34,6 +34,14 @@ it carries tens of thousands of tokens in few kernels, so:
   `batch_size` says; the loss is still divided by the trained tokens of the whole step,
   so the maths is the step's, not the micro-batch's.
 
+* **torch.compile, opt-in** (`torch_compile`, `compile_decoder_layers`). Each decoder
+  layer's training forward is compiled (regional compilation: the layers share one
+  code object, so it is compiled once, with dynamic shapes, and reused); calls without
+  varlen boundaries (generation, evaluation) run the layer uncompiled. Kept off by
+  default until `make bench-gpu` shows it faster (its side "workbench + torch.compile").
+  CUDA graphs are not used: every micro-batch has its own length and boundaries, and a
+  graph per shape would be captured for one use.
+
 Fused AdamW on CUDA is chosen in `train.make_optimizer`; gradient checkpointing stays
 the config's choice (off by default: it pays only when the budget would otherwise fall
 below one row of max_length, and `budget_tokens` says so).
@@ -293,6 +301,50 @@ def fused_linear_loss_sum(model, batch: dict, keep: torch.Tensor, targets: torch
 def can_call_decoder(model) -> bool:
     """No DDP / DeepSpeed / FSDP wrapper whose forward must run (their hooks synchronise gradients)."""
     return not hasattr(model, "module")
+
+
+# ---------------------------------------------------------------------------
+# torch.compile of the decoder layers
+# ---------------------------------------------------------------------------
+_COMPILED = "_wb_compiled_forward"
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers (the `layers` ModuleList of the transformers decoder), [] where there is none."""
+    lm = _causal_lm(model)
+    decoder = getattr(lm, lm.base_model_prefix, None) if lm is not None else None
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def compile_decoder_layers(model, backend: str = "inductor") -> int:
+    """torch.compile every decoder layer's forward on the varlen training path; the number of layers changed.
+
+    A layer's forward is swapped for a dispatcher: calls that carry varlen boundaries
+    (`cu_seq_lens_q`, training micro-batches) go to `torch.compile(layer.forward,
+    dynamic=True)`, the others (generation with a KV cache, evaluation) to the layer's
+    own forward, so that no generation shape is ever compiled. Dynamo compiles the
+    shared code once and guards on the layer's structure, not its identity, so the
+    other layers reuse it. `backend` "aot_eager" checks the plumbing without a compiler.
+    """
+    changed = 0
+    for layer in decoder_layers(model):
+        if _COMPILED in vars(layer):
+            continue
+        original = layer.forward
+        compiled = torch.compile(original, backend=backend, dynamic=True)
+
+        def forward(*args, _original=original, _compiled=compiled, **kwargs):
+            return (_compiled if kwargs.get("cu_seq_lens_q") is not None else _original)(*args, **kwargs)
+
+        layer.forward = forward
+        setattr(layer, _COMPILED, compiled)
+        changed += 1
+    return changed
+
+
+def uses_compiled_layers(model) -> bool:
+    return any(_COMPILED in vars(layer) for layer in decoder_layers(model))
 
 
 # ---------------------------------------------------------------------------

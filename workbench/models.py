@@ -348,6 +348,8 @@ def with_fast_path(model, cfg: Config, strategy=None):
         if not fastpath_cuda.enable_varlen_attention(model):
             fastpath.enable_packed_attention(model)
         fastpath_cuda.use_liger(model)
+        if cfg.torch_compile:
+            fastpath_cuda.compile_decoder_layers(model)
     else:
         fastpath.enable_packed_attention(model)
         fastpath.use_fast_lora_dropout(model)

@@ -288,7 +288,8 @@ def gpu_budget(trainer: Trainer) -> int:
     if checkpoint:
         enable_checkpointing(model)
     if trainer.dist.is_main:
-        liger = ", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else ""
+        liger = (", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else "") \
+            + (", torch.compile" if fastpath_cuda.uses_compiled_layers(model) else "")
         sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
         note = "; gradient checkpointing switched on: one row of max_length does not fit without it" if checkpoint else ""
         print(f"GPU fast path: varlen flash attention{liger}, micro-batches of up to {budget} tokens{sized}{note}")
