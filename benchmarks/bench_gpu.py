@@ -272,7 +272,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, deadline: float, device:
         batch, _, max_length = sizes[job.shape]
         rows = max(1, round(args.tokens / max_length))
         cmd = side_command(job, args, models[job.shape], batch, rows, runs_dir / f"{job.name}.json")
-        slow = (2 if job.shape == "qwen2.5-7b" else 1) * (2 if job.side in ("workbench_compile", "workbench_profile") else 1)
+        slow = (2 if job.shape == "qwen2.5-7b" else 1) * {"workbench_compile": 3, "workbench_profile": 2}.get(job.side, 1)
         timeout = min(args.side_timeout_s * slow, deadline - time.perf_counter())
         print(f"[{i}/{len(jobs)}] {job.name}: {batch} samples ({rows} TRL rows) a step, time box {timeout:.0f} s", flush=True)
         job.status = "running"

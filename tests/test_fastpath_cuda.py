@@ -184,6 +184,9 @@ def test_fused_linear_loss_path_equals_the_logits_path(rows, emulated_kernel, mo
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     for k in grads_p:
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
+    fastpath_cuda.stop_liger_loss(fast)  # the benchmark's --no-fused-loss: the logits path again, the same loss
+    assert not fastpath_cuda.uses_liger_loss(fast)
+    assert loss_and_grads(fast, collate_flat(rows))[0] == pytest.approx(loss_p, rel=1e-5)
 
 
 def test_qlora_base_qualifies_for_varlen_and_attends_in_half_precision():

@@ -269,6 +269,13 @@ def _head_is_plain(base) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not getattr(config, "final_logit_softcapping", None)
 
 
+def stop_liger_loss(model) -> None:
+    """Back to the logits path for the loss (Liger's other kernels stay): for measuring what the fused loss gives."""
+    lm = _causal_lm(model)
+    if lm is not None and hasattr(lm, _LIGER_FLAG):
+        delattr(lm, _LIGER_FLAG)
+
+
 def uses_liger_loss(model) -> bool:
     lm = _causal_lm(model) if isinstance(model, torch.nn.Module) else None
     return bool(getattr(lm, _LIGER_FLAG, False))
