@@ -115,3 +115,15 @@ def test_existing_file_is_not_overwritten(tmp_path):
     write_identity_dataset(path, "Nova", "Alex", style="tutorial", n_repeat=1, overwrite=True)
     assert len(json.loads(path.read_text(encoding="utf-8"))) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["assistant.json"]
+
+
+def test_written_file_trains_what_the_recipe_generates(tmp_path):
+    """Notebook 01's file and a recipe's `generate: identity` mix into the same rows in the same order."""
+    from workbench.config import DataSource, resolve_config
+    from workbench.mixing import mix_sources
+
+    path = write_identity_dataset(tmp_path / "identity.json", "Nova", "Alex")
+    cfg = resolve_config("smollm2_135m_lora_identity_mixed_cpu")
+    from_file = cfg.replace(datasets=[DataSource(path=str(path), repeat=3), *cfg.datasets[1:]])
+    assert cfg.datasets[0].generate == "identity" and cfg.datasets[0].repeat == 3
+    assert [s.messages for s in mix_sources(from_file)] == [s.messages for s in mix_sources(cfg)]

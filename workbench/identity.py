@@ -198,10 +198,14 @@ def generate_tutorial_identity(owner_name: str, n_repeat: int = 3750,
 
 
 def write_identity_dataset(path: str | os.PathLike, assistant_name: str, owner_name: str, style: str = "diverse",
-                           n_repeat: int = 3750, fmt: str = "xtuner", seed: int = 0, overwrite: bool = False) -> Path:
+                           n_repeat: int = 3750, fmt: str = "xtuner", seed: int | None = None,
+                           overwrite: bool = False) -> Path:
     """Write identity data to `path` (.json list or .jsonl), atomically, UTF-8 with readable Chinese.
 
     style: "diverse" (`generate_identity`) or "tutorial" (`generate_tutorial_identity` with n_repeat).
+    seed: the shuffle of the diverse set; by default the config's default seed, so that a run that reads
+    this file trains the same rows in the same order as a recipe's own `generate: identity` (notebook 01
+    writes the file that `make run` trains on; the recipe's figures are measured with `workbench train`).
     fmt: "xtuner" ({"conversation": [{"input", "output"}]}, as in the tutorial) or "messages" (OpenAI style).
     An existing file is replaced only with overwrite=True.
     """
@@ -211,7 +215,8 @@ def write_identity_dataset(path: str | os.PathLike, assistant_name: str, owner_n
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; not overwriting it (pass overwrite=True or choose another path)")
     if style == "diverse":
-        samples = generate_identity(assistant_name, owner_name, seed=seed)
+        samples = generate_identity(assistant_name, owner_name,
+                                    seed=Config.__dataclass_fields__["seed"].default if seed is None else seed)
     elif style == "tutorial":
         samples = generate_tutorial_identity(owner_name, n_repeat=n_repeat, assistant_name=assistant_name)
     else:
