@@ -104,10 +104,10 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
         base = load_base(trainer.cfg, trainer.device)
         base_model_bytes = base.get_memory_footprint()
         model = build_model(trainer.cfg, trainer.device, trainer.strategy, base=base)
-        if getattr(args, "no_fused_loss", False):
-            from workbench.fastpath_cuda import stop_liger_loss
+        if getattr(args, "fused_loss", False):
+            from workbench.fastpath_cuda import liger_available, set_liger_loss
 
-            stop_liger_loss(model)
+            set_liger_loss(model, liger_available())
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.setup(rows=in_plan_order(rows, cfg.seed), model=model, builder=builder)
         with profiled(getattr(args, "profile", None)):
@@ -163,8 +163,8 @@ def parser():
                    help="GPU: tokens a micro-batch (config micro_batch_tokens; default: sized from free GPU memory)")
     p.add_argument("--torch-compile", action="store_true",
                    help="GPU: torch.compile the decoder layers (config torch_compile)")
-    p.add_argument("--no-fused-loss", action="store_true",
-                   help="GPU: the loss through logits at the trained positions, not Liger's fused linear cross-entropy")
+    p.add_argument("--fused-loss", action="store_true",
+                   help="GPU: the loss through Liger's fused linear cross-entropy (by default only with checkpointing)")
     p.add_argument("--profile", default=None, metavar="TXT",
                    help="write torch.profiler's operator table of the training steps here (slows the run)")
     return p

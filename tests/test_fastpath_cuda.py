@@ -177,14 +177,14 @@ def test_fused_linear_loss_path_equals_the_logits_path(rows, emulated_kernel, mo
     lm = fastpath_cuda._causal_lm(fast)
     assert lm is not None and fastpath_cuda._head_is_plain(lm)  # the causal LM, not the decoder peft forwards to
     fastpath_cuda.enable_varlen_attention(fast)
-    setattr(lm, fastpath_cuda._LIGER_FLAG, True)  # what use_liger sets where liger-kernel is installed
+    assert fastpath_cuda.set_liger_loss(fast, True)  # what use_liger(fused_loss=True) sets where liger-kernel is installed
     assert fastpath_cuda.uses_liger_loss(fast)
     loss_p, grads_p = loss_and_grads(plain, collate(rows, pad_id=0))
     loss_f, grads_f = loss_and_grads(fast, collate_flat(rows))
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     for k in grads_p:
         torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6, msg=k)
-    fastpath_cuda.stop_liger_loss(fast)  # the benchmark's --no-fused-loss: the logits path again, the same loss
+    assert not fastpath_cuda.set_liger_loss(fast, False)  # the logits path again (the default), the same loss
     assert not fastpath_cuda.uses_liger_loss(fast)
     assert loss_and_grads(fast, collate_flat(rows))[0] == pytest.approx(loss_p, rel=1e-5)
 

@@ -347,7 +347,7 @@ def with_fast_path(model, cfg: Config, strategy=None):
     if on_cuda:
         if not fastpath_cuda.enable_varlen_attention(model):
             fastpath.enable_packed_attention(model)
-        fastpath_cuda.use_liger(model)
+        fastpath_cuda.use_liger(model, fused_loss=cfg.gradient_checkpointing)  # fused loss: memory, not speed
         if cfg.torch_compile:
             fastpath_cuda.compile_decoder_layers(model)
     else:
