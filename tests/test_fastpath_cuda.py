@@ -112,7 +112,7 @@ def test_varlen_refused_without_the_kernel_or_in_float32():
     model = tiny_lora()  # float32 on a CPU: the flash kernel takes bf16/fp16 on CUDA only
     assert fastpath_cuda.enable_varlen_attention(model) is False
     assert not fastpath_cuda.uses_varlen_attention(model)
-    assert fastpath_cuda.use_liger(model) == []  # no liger-kernel, no CUDA
+    assert fastpath_cuda.use_liger(model) == [] and fastpath_cuda.liger_applied(model) == ()  # no liger-kernel, no CUDA
 
 
 def test_group_by_budget():

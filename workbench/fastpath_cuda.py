@@ -226,7 +226,14 @@ def use_liger(model, fused_loss: bool = True) -> list[str]:
         applied.append("rope")
     if fused_loss and set_liger_loss(model, True):
         applied.append("fused_linear_cross_entropy")
+    base._wb_liger = tuple(applied)
     return applied
+
+
+def liger_applied(model) -> tuple[str, ...]:
+    """What `use_liger` applied to this model (() if it did not run or found nothing to patch)."""
+    base = _transformers_model(model)
+    return getattr(base, "_wb_liger", ())
 
 
 def _causal_lm(model):

@@ -288,7 +288,7 @@ def gpu_budget(trainer: Trainer) -> int:
     if checkpoint:
         enable_checkpointing(model)
     if trainer.dist.is_main:
-        liger = (", Liger kernels" if fastpath_cuda.uses_liger_loss(model) else "") \
+        liger = (f", Liger ({', '.join(fastpath_cuda.liger_applied(model))})" if fastpath_cuda.liger_applied(model) else "") \
             + (", torch.compile" if fastpath_cuda.uses_compiled_layers(model) else "")
         sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
         note = "; gradient checkpointing switched on: one row of max_length does not fit without it" if checkpoint else ""
