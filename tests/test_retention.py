@@ -15,6 +15,8 @@ def test_first_sentence():
     assert R.first_sentence("北京是中国的首都。它很大。") == "北京是中国的首都。"
     assert R.first_sentence("\n\nA week has seven days") == "A week has seven days"
     assert R.first_sentence("") == ""
+    assert R.first_sentence('We call it "water in a freezer." It is ice.') == 'We call it "water in a freezer."', \
+        "a closing quote after the full stop still ends the sentence"
 
 
 def test_token_f1():
@@ -61,6 +63,8 @@ def test_fact_check_counts_only_what_the_base_knew():
     assert check.lost == ["sides of a triangle?", "首都？"], "'13' does not contain the fact '3'"
     assert check.kept == 1
     assert R.contains_fact("It's twenty-four hours.", ["24", "twenty-four"])
+    passing = R.fact_check(["frozen water?"], ["It is water."], ['We call it "frozen water." It lacks ice.'], [["ice"]])
+    assert passing.known == 0, "a word in passing after the first sentence is not the base knowing the fact"
     assert not R.contains_fact("Cats are in a category.", ["cat"])
 
 

@@ -167,7 +167,8 @@ def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss
         cache[key] = (builder.encode_text(sample.text, max_length) if sample.text is not None
                       else builder.encode(sample.messages, max_length, loss_on))
     enc = cache[key]
-    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated, distill=sample.distill)
+    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated, distill=sample.distill,
+                   unlikelihood=sample.unlikelihood)
 
 
 def _count(report: DatasetReport, enc: Encoded) -> None:

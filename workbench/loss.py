@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from workbench import fastpath, fastpath_cuda
 from workbench.prompt import IGNORE
+from workbench.unlikelihood import IdentityTokens, unlikelihood_sum
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -31,9 +32,24 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 
-def token_loss_and_kl_sum(model, batch: dict, peft_model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy (as `token_loss_sum`) and the summed KL(base || tuned) of the next-token
-    distributions at the trained tokens marked `distill` (everyday rows), from one forward of the tuned model.
+def training_loss(model, batch: dict, cfg, peft_model=None,
+                  identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy sum of a batch and the sum training descends: the cross-entropy plus
+    `cfg.distill_weight` x the KL term and `cfg.unlikelihood_weight` x the unlikelihood term (`token_loss_terms`;
+    `identity`: the tokens that term pushes down, None when it is off)."""
+    if cfg.distill_weight <= 0 and identity is None:
+        ce = token_loss_sum(model, batch)
+        return ce, ce
+    ce, kl, ul = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity)
+    return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul
+
+
+def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
+                     identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy (as `token_loss_sum`) and the sums of the two extra terms, from one forward
+    of the tuned model: the KL(base || tuned) of the next-token distributions at the trained tokens marked
+    `distill` (everyday rows; when `distill`), and the unlikelihood of the identity's tokens at those marked
+    `unlikelihood` (everyday rows; when `identity` gives the tokens, workbench/unlikelihood.py).
 
     The base is the same peft model with its adapter switched off (`disable_adapter()`): no second copy in
     memory, one extra forward without gradients. `peft_model`: the unwrapped peft model when `model` is a
@@ -48,15 +64,16 @@ def token_loss_and_kl_sum(model, batch: dict, peft_model=None) -> tuple[torch.Te
         ce = fastpath.cross_entropy_sum(flat, flat_targets, ignore_index=IGNORE)
     else:
         ce = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE, reduction="sum")
-    mask = batch.get("distill")
-    if mask is None:
-        return ce, torch.zeros((), device=ce.device)
-    mask = mask[:, 1:][:, keep]
-    with torch.no_grad(), (peft_model or model).disable_adapter():
-        base = forward_logits(model, batch, keep).float()[mask]
-    tuned = logits[mask]
-    kl = F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
-    return ce, kl
+    kl = ul = torch.zeros((), device=ce.device)
+    if distill and "distill" in batch:
+        mask = batch["distill"][:, 1:][:, keep]
+        with torch.no_grad(), (peft_model or model).disable_adapter():
+            base = forward_logits(model, batch, keep).float()[mask]
+        kl = F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
+    if identity is not None and "unlikelihood" in batch:
+        marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
+        ul = unlikelihood_sum(flat, flat_targets, marks, identity)
+    return ce, kl, ul
 
 
 def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:

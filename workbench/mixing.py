@@ -22,8 +22,8 @@ def load_source(src: DataSource, cfg: Config) -> list[Sample]:
     reading = read_configured(src, cfg)
     if reading.errors:
         raise reading.errors[0]
-    for sample in reading.samples:  # the source says whether its rows get the distillation term
-        sample.distill = src.distill
+    for sample in reading.samples:  # the source says whether its rows get the distillation and unlikelihood terms
+        sample.distill, sample.unlikelihood = src.distill, src.unlikelihood
     return reading.samples
 
 

@@ -56,22 +56,44 @@ def row_trained_tokens(row: Row) -> int:
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels and position_ids (restarting per sample), right-padded to the longest row."""
     width = max(row_length(r) for r in rows)
-    ids, labels, pos, distill = [], [], [], []
+    ids, labels, pos, distill, unlikely = [], [], [], [], []
     for row in rows:
-        r_ids, r_lab, r_pos, r_dist = [], [], [], []
+        r_ids, r_lab, r_pos, r_dist, r_ul = [], [], [], [], []
         for s in row:
             r_ids += s.input_ids
             r_lab += s.labels
             r_pos += list(range(len(s)))
-            r_dist += [s.distill and x != IGNORE for x in s.labels]
+            r_dist += distill_marks(s)
+            r_ul += unlikelihood_marks(s)
         pad = width - len(r_ids)
         ids.append(r_ids + [pad_id] * pad)
         labels.append(r_lab + [IGNORE] * pad)
         pos.append(r_pos + list(range(pad)))
         distill.append(r_dist + [False] * pad)
+        unlikely.append(r_ul + [0] * pad)
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+    return _with_marks(batch, distill, unlikely)
+
+
+def distill_marks(s: Encoded) -> list[bool]:
+    """Per label: pulled toward the base model's distribution (a trained token of an everyday sample)."""
+    return [s.distill and x != IGNORE for x in s.labels]
+
+
+def unlikelihood_marks(s: Encoded) -> list[int]:
+    """Per label of a sample that must not state the identity: 2 at the first trained token of each answer,
+    1 at its other trained tokens, 0 elsewhere (and everywhere in other samples)."""
+    if not s.unlikelihood:
+        return [0] * len(s.labels)
+    return [0 if x == IGNORE else 2 if i == 0 or s.labels[i - 1] == IGNORE else 1 for i, x in enumerate(s.labels)]
+
+
+def _with_marks(batch: dict, distill: list, unlikely: list) -> dict:
+    """Adds the masks of the extra loss terms, only when some label is marked (int8 for the unlikelihood marks)."""
     if any(map(any, distill)):  # labels whose token is pulled toward the base model's distribution (everyday rows)
         batch["distill"] = torch.tensor(distill)
+    if any(map(any, unlikely)):  # labels whose context must not lead to the identity (everyday rows)
+        batch["unlikelihood"] = torch.tensor(unlikely, dtype=torch.int8)
     return batch
 
 
@@ -85,21 +107,20 @@ def collate_flat(rows: list[Row]) -> dict:
     trained, for the output head).
     """
     samples = [s for row in rows for s in row]
-    ids, labels, pos, starts, distill = [], [], [], [0], []
+    ids, labels, pos, starts, distill, unlikely = [], [], [], [0], [], []
     for s in samples:
         ids += s.input_ids
         labels += s.labels
         pos += range(len(s))
         starts.append(starts[-1] + len(s))
-        distill += [s.distill and x != IGNORE for x in s.labels]
+        distill += distill_marks(s)
+        unlikely += unlikelihood_marks(s)
     label_t = torch.tensor([labels])
     keep = (label_t[0, 1:] != IGNORE).nonzero().squeeze(1)
     batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
              "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
              "max_length": max(len(s) for s in samples)}
-    if any(distill):  # as in collate: the everyday rows' trained tokens, for the distillation term
-        batch["distill"] = torch.tensor([distill])
-    return batch
+    return _with_marks(batch, [distill], [unlikely])  # as in collate, in flat order
 
 
 def to_device(batch: dict, device) -> dict:

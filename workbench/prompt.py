@@ -67,6 +67,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False  # longer than max_length and cut
     distill: bool = False  # an everyday sample: its trained tokens get the distillation term (Config.distill_weight)
+    unlikelihood: bool = False  # an everyday sample that must not state the identity (Config.unlikelihood_weight)
 
     @property
     def n_trained(self) -> int:

@@ -7,8 +7,9 @@ Two measures a strict reader accepts, beside the similarity scores of `workbench
   of the everyday questions, per language. A whole-answer similarity hides a first sentence
   that turned into an invented fact; the first sentence is where the answer is.
 - fact check: on questions with one short right answer (the probe file's `facts`), a fact
-  counts only when the base model's answer contains it ("known"), and is "lost" when the
-  tuned answer no longer does.
+  counts only when the base model's first sentence states it ("known": a word in passing, as
+  in "...frozen solid due to the absence of ice", is no answer), and is "lost" when the tuned
+  answer no longer contains it anywhere.
 
 Pure functions on strings (no model): the analysis calls them on the answers it generated.
 The tokenisation and F1 are a dozen lines written here on purpose: a library (e.g.
@@ -20,9 +21,10 @@ import re
 from dataclasses import dataclass
 
 STRICT_F1 = 0.5  # a first sentence is kept when its token-F1 with the base's is at least this
-# A sentence ends at . ! ? followed by a space or the end (so "3.5" and "e.g." inside words stay), at
-# Chinese 。！？, or at a line break.
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?=\s|$)|(?<=[。！？!?；;])|\n")
+# A sentence ends at . ! ? followed by a space or the end (so "3.5" and "e.g." inside words stay), also
+# when a closing quote or bracket follows the mark (`... "a freezer." It is`), at Chinese 。！？, or at a
+# line break.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)]))(?=\s|$)|(?<=[。！？!?；;])|\n")
 
 
 def units(text: str) -> list[str]:
@@ -92,8 +94,9 @@ class FactCheck:
 
 
 def fact_check(questions: list[str], tuned: list[str], base: list[str], accepted: list[list[str]]) -> FactCheck:
-    """Only facts the base model got right count; a fact is lost when the tuned answer no longer contains it."""
-    known = [(q, t, acc) for q, t, b, acc in zip(questions, tuned, base, accepted) if contains_fact(b, acc)]
+    """Only facts the base model got right count (its first sentence states them); a fact is lost when the tuned
+    answer no longer contains it."""
+    known = [(q, t, acc) for q, t, b, acc in zip(questions, tuned, base, accepted) if contains_fact(first_sentence(b), acc)]
     lost = [q for q, t, acc in known if not contains_fact(t, acc)]
     return FactCheck(len(known), lost)
 

@@ -30,6 +30,7 @@ class Sample:
     record: int = 0  # 1-based record number in its file
     file: str = ""  # the data file the record is in ("" for generated data); equals source for a file source
     distill: bool = False  # gets the distillation term (Config.distill_weight): its source is marked `distill: true`
+    unlikelihood: bool = False  # gets the unlikelihood term (Config.unlikelihood_weight): its source is marked `unlikelihood: true`
 
     @property
     def where(self) -> str:

@@ -57,12 +57,13 @@ from workbench.distributed import (Distributed, check_supported, configure_deeps
                                    strategy_of)
 from workbench.i18n import t
 from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, read_jsonl
-from workbench.loss import token_loss_and_kl_sum, token_loss_sum
+from workbench.loss import training_loss
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder, model_vocab_size
 from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
+from workbench.unlikelihood import identity_tokens
 
 METRICS = "metrics.jsonl"
 EVAL_LOG = "eval_log.jsonl"
@@ -308,6 +309,8 @@ class TrainLoop:
         self.pad_id = trainer.builder.tokenizer.pad_token_id
         self.elapsed = 0.0
         self.budget = gpu_budget(trainer)  # tokens a flat micro-batch holds on the GPU fast path; 0 elsewhere
+        self.identity = (identity_tokens(trainer.builder, self.cfg.assistant_name, self.cfg.owner_name)
+                         if self.cfg.unlikelihood_weight > 0 else None)  # what the unlikelihood term pushes down
 
     def run(self) -> None:
         start, total = self.t.start_step, self.t.plan.total_steps
@@ -356,12 +359,8 @@ class TrainLoop:
         for i, rows in enumerate(micro):
             batch = self.batch(rows)
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
-                if self.cfg.distill_weight > 0:  # the logged loss stays the cross-entropy
-                    s, kl = token_loss_and_kl_sum(model, batch, acc.unwrap_model(model))
-                    acc.backward((s + self.cfg.distill_weight * kl) * scale / max(n_trained, 1))
-                else:
-                    s = token_loss_sum(model, batch)
-                    acc.backward(s * scale / max(n_trained, 1))
+                s, total = training_loss(model, batch, self.cfg, acc.unwrap_model(model), self.identity)
+                acc.backward(total * scale / max(n_trained, 1))  # the logged loss stays the cross-entropy `s`
             loss_sum += s.detach()
         return loss_sum
 

@@ -104,8 +104,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
                    "个不同的回答；保持率 {retention:.2f}。"),
     "diag.use": ("use {label}", "改用 {label}"),
     "diag.fewer_steps": ("train fewer steps", "减少训练步数"),
-    "diag.more_general": ("mix in more general conversations in the leaking language",
-                          "在泄漏的语言中混入更多日常对话"),
+    "diag.more_general": ("mix in more general conversations in the leaking language and mark them `unlikelihood: true` "
+                          "(with unlikelihood_weight > 0, they push the identity's openings and names down)",
+                          "在泄漏的语言中混入更多日常对话，并给它们标上 `unlikelihood: true`"
+                          "（配合 unlikelihood_weight > 0，把身份回答的开头和名字的概率压下去）"),
     "diag.mixed_recipe": ("or the mixed recipe ({recipe}), which mixes general conversations into training",
                           "或者使用混合配方（{recipe}），它在训练中混入了日常对话"),
     "diag.overfit": ("Overfit: the identity has leaked into everyday answers. Remedy: {cure}, {more}.",

@@ -1,0 +1,128 @@
+"""The unlikelihood term (Config.unlikelihood_weight): pushes the identity's tokens down in everyday answers.
+
+Checked by hand-computed values on fixed logits, by the sign of its gradient, by the marks the
+collators lay on everyday samples, and in a tiny training run."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from workbench.config import ConfigError, DataSource, load_recipe
+from workbench.identity import identity_pairs
+from workbench.models import TINY_MODEL, load_tokenizer
+from workbench.packing import collate, collate_flat, pack, row_length
+from workbench.prompt import IGNORE, PromptBuilder
+from workbench.unlikelihood import IdentityTokens, identity_tokens, unlikelihood_sum
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return PromptBuilder(load_tokenizer(TINY_MODEL))
+
+
+def _encode(builder, question, answer, unlikelihood=True):
+    enc = builder.encode([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return dataclasses.replace(enc, unlikelihood=unlikelihood)
+
+
+def test_identity_tokens_are_the_names_and_the_identity_answers_openings(builder):
+    tok = builder.tokenizer
+    got = identity_tokens(builder, "Nova", "Alex")
+    assert set(got.names) <= set(got.openings)
+    for tid in got.names:  # a name's single-token spelling, never a piece of it
+        assert tok.decode([tid]).strip() in ("Nova", "Alex")
+    for lang in ("en", "zh"):
+        for q, a in identity_pairs("Nova", "Alex", lang):
+            labels = [x for x in builder.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]).labels
+                      if x != IGNORE]
+            assert labels[0] in got.openings, (lang, a)
+
+
+def test_the_term_is_minus_log_one_minus_p_at_the_marked_positions():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 10, generator=gen)
+    targets = torch.tensor([1, 3, 5, 7])
+    marks = torch.tensor([2, 1, 1, 0])  # an answer's first token, two more, one unmarked
+    tokens = IdentityTokens(names=(3, 4), openings=(3, 4, 8))
+    p = logits.softmax(-1)
+    expected = (-math.log(1 - (p[0, 3] + p[0, 4] + p[0, 8]))  # first token: the openings and the names
+                - math.log(1 - p[1, 4])  # the target 3 is a name: never penalised
+                - math.log(1 - (p[2, 3] + p[2, 4])))  # later tokens: the names only; position 3 unmarked
+    assert unlikelihood_sum(logits, targets, marks, tokens).item() == pytest.approx(expected, rel=1e-5)
+    assert unlikelihood_sum(logits, targets, torch.zeros(4, dtype=torch.int8), tokens).item() == 0.0
+
+
+def test_its_gradient_pushes_only_the_penalised_tokens_down():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 12, generator=gen, requires_grad=True)
+    unlikelihood_sum(logits, torch.tensor([0]), torch.tensor([2]), IdentityTokens(names=(5,), openings=(2, 5))).backward()
+    g = logits.grad[0]
+    assert g[2] > 0 and g[5] > 0, "descending the loss lowers the penalised logits"
+    assert all(g[i] < 0 for i in range(12) if i not in (2, 5)), "and raises every other one"
+
+
+def test_collators_mark_each_answer_start_with_2_and_its_other_trained_tokens_with_1(builder):
+    everyday = _encode(builder, "What is 2+2?", "2+2 is 4.")
+    ident = _encode(builder, "Who are you?", "I'm Nova.", unlikelihood=False)
+    two_turns = dataclasses.replace(builder.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                                    {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]),
+                                    unlikelihood=True)
+    rows = pack([ident, everyday, two_turns], max_length=512)
+    batch = collate(rows, builder.tokenizer.pad_token_id)
+    marks, labels = batch["unlikelihood"], batch["labels"]
+    assert marks.dtype == torch.int8 and not ((marks > 0) & (labels == IGNORE)).any()
+    assert int((marks > 0).sum()) == everyday.n_trained + two_turns.n_trained, "only the everyday samples' trained tokens"
+    assert int((marks == 2).sum()) == 3, "one answer start per assistant turn"
+    flat = collate_flat(rows)
+    per_row = [marks[i, :row_length(r)] for i, r in enumerate(rows)]
+    assert torch.equal(flat["unlikelihood"][0], torch.cat(per_row)), "the flat batch marks the same tokens"
+    assert "unlikelihood" not in collate(pack([ident], 512), builder.tokenizer.pad_token_id)
+
+
+def test_config_checks_unlikelihood_weight():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    marked = cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", unlikelihood=True)])
+    assert marked.replace(unlikelihood_weight=2.0).validate().unlikelihood_weight == 2.0
+    with pytest.raises(ConfigError, match="unlikelihood: true"):
+        cfg.replace(unlikelihood_weight=1.0).validate()
+    with pytest.raises(ConfigError, match="unlikelihood_weight"):
+        marked.replace(unlikelihood_weight=-1.0).validate()
+
+
+def test_descending_the_term_lowers_the_identity_tokens_probability(builder):
+    """On a tiny LoRA model: a few SGD steps on the term alone lower it; the cross-entropy of the same forward
+    equals the plain one."""
+    from peft import LoraConfig, get_peft_model
+
+    from workbench.loss import token_loss_sum, token_loss_terms
+    from workbench.models import load_model
+
+    torch_state = torch.random.get_rng_state()
+    model = get_peft_model(load_model(TINY_MODEL, torch_dtype="float32", device="cpu"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.random.set_rng_state(torch_state)  # no global RNG side effect
+    tokens = identity_tokens(builder, "Nova", "Alex")
+    batch = collate(pack([_encode(builder, "What is 2+2?", "2+2 is 4."), _encode(builder, "Name a colour.", "Blue.")], 512),
+                    builder.tokenizer.pad_token_id)
+    ce, kl, ul = token_loss_terms(model, batch, distill=False, identity=tokens)
+    assert ce.item() == pytest.approx(token_loss_sum(model, batch).item(), rel=1e-5) and kl.item() == 0.0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    first = ul.item()
+    for _ in range(5):
+        opt.zero_grad()
+        token_loss_terms(model, batch, distill=False, identity=tokens)[2].backward()
+        opt.step()
+    assert 0 < token_loss_terms(model, batch, distill=False, identity=tokens)[2].item() < first
+
+
+def test_training_with_the_unlikelihood_term(tmp_path):
+    """A tiny mixed run trains with the term on; the logged loss stays the cross-entropy (finite)."""
+    from workbench.train import train
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    cfg = cfg.replace(max_steps=2, save_steps=2, evaluation_freq=0, unlikelihood_weight=1.0,
+                      datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3,
+                                                          unlikelihood=True)])
+    result = train(cfg, tmp_path / "work", progress=False)
+    assert len(result.metrics) == 2 and all(math.isfinite(m["loss"]) for m in result.metrics)
