@@ -54,13 +54,13 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
 def bench_config(config: str, model: str | None = None, method: str = "lora", steps: int = 12,
                  gradient_checkpointing: bool = False, fast_path: bool = True):
     """The recipe with the benchmark's settings: no evaluation, no checkpoints but the last, one row per step, and no
-    distillation term (the sides compared, PEFT's and TRL's trainers, train on the cross-entropy alone)."""
+    distillation or unlikelihood term (the sides compared, PEFT's and TRL's trainers, train on the cross-entropy alone)."""
     from workbench.config import resolve_config
 
     cfg = resolve_config(config)
     changes = dict(method=method, max_steps=steps, batch_size=1, accumulative_counts=1, evaluation_freq=0,
                    save_steps=10**9, save_total_limit=1, logging_steps=1, gradient_checkpointing=gradient_checkpointing,
-                   fast_path=fast_path, distill_weight=0.0)
+                   fast_path=fast_path, distill_weight=0.0, unlikelihood_weight=0.0)
     if model:
         changes["pretrained_model_name_or_path"] = model
     return cfg.replace(**changes)

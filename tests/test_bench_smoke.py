@@ -180,3 +180,15 @@ def test_profile_step_prints_where_the_time_goes():
                 "| dropout |", "| softmax + cross-entropy |", "| **total** |"):
         assert row in out
     assert "workbench, plain path ms (share)" in out and "top operators, baseline" in out
+
+
+def test_bench_config_trains_the_cross_entropy_alone():
+    """The sides compared (PEFT's and TRL's trainers) train on the cross-entropy alone: the workbench side runs the
+    mixed recipe without its distillation and unlikelihood terms."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.common import bench_config
+    finally:
+        sys.path.remove(str(ROOT))
+    cfg = bench_config("smollm2_135m_lora_identity_mixed_cpu")
+    assert cfg.distill_weight == 0.0 and cfg.unlikelihood_weight == 0.0
