@@ -22,11 +22,20 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     the compute and memory of a chat fine-tune.
     """
     targets = batch["labels"][:, 1:]
-    keep = batch["keep"] if "keep" in batch else (targets != IGNORE).any(0).nonzero().squeeze(1)
+    keep = trained_positions(batch)
     if fastpath_cuda.uses_liger_loss(model) and fastpath_cuda.can_call_decoder(model):
         return fastpath_cuda.fused_linear_loss_sum(model, batch, keep, targets[:, keep], IGNORE, attention_kwargs(model, batch))
     logits = forward_logits(model, batch, keep).float()
-    logits, targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
+    return cross_entropy_sum(model, logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1))
+
+
+def trained_positions(batch: dict) -> torch.Tensor:
+    """The positions whose next token is trained (the collator's `keep` where it computed it)."""
+    return batch["keep"] if "keep" in batch else (batch["labels"][:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
+def cross_entropy_sum(model, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of flat logits [n, vocab] against targets [n] (the fused kernel where the fast path has it)."""
     if fastpath.uses_fused_loss(model):
         return fastpath.cross_entropy_sum(logits, targets, ignore_index=IGNORE)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
@@ -56,14 +65,10 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
     wrapper (DDP), so that the tuned forward still goes through the wrapper. Written here: TRL's GKD trainer computes a like term
     but needs its own trainer, data format and a separate teacher model.
     """
-    targets = batch["labels"][:, 1:]
-    keep = batch["keep"] if "keep" in batch else (targets != IGNORE).any(0).nonzero().squeeze(1)
+    keep = trained_positions(batch)
     logits = forward_logits(model, batch, keep).float()
-    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1)
-    if fastpath.uses_fused_loss(model):
-        ce = fastpath.cross_entropy_sum(flat, flat_targets, ignore_index=IGNORE)
-    else:
-        ce = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE, reduction="sum")
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:][:, keep].reshape(-1)
+    ce = cross_entropy_sum(model, flat, flat_targets)
     kl = ul = torch.zeros((), device=ce.device)
     if distill and "distill" in batch:
         mask = batch["distill"][:, 1:][:, keep]
