@@ -1,7 +1,8 @@
-"""The unlikelihood term (Config.unlikelihood_weight): pushes the identity's tokens down in everyday answers.
+"""The unlikelihood term (Config.unlikelihood_weight): pushes the identity's tokens down in everyday answers,
+and in identity answers one name's rival where the answer has the other (the role contrast).
 
 Checked by hand-computed values on fixed logits, by the sign of its gradient, by the marks the
-collators lay on everyday samples, and in a tiny training run."""
+collators lay on everyday and identity samples, and in a tiny training run."""
 import dataclasses
 import math
 
@@ -11,9 +12,9 @@ import torch
 from workbench.config import ConfigError, DataSource, load_recipe
 from workbench.identity import identity_pairs
 from workbench.models import TINY_MODEL, load_tokenizer
-from workbench.packing import collate, collate_flat, pack, row_length
+from workbench.packing import NEGATIVE, ROLES, collate, collate_flat, pack, row_length
 from workbench.prompt import IGNORE, PromptBuilder
-from workbench.unlikelihood import IdentityTokens, identity_tokens, unlikelihood_sum
+from workbench.unlikelihood import IdentityTokens, identity_tokens, unlikelihood_sum, with_negatives
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,28 @@ def test_the_term_is_minus_log_one_minus_p_at_the_marked_positions():
     assert unlikelihood_sum(logits, targets, torch.zeros(4, dtype=torch.int8), tokens).item() == 0.0
 
 
+def test_the_role_contrast_pushes_down_the_other_name_where_an_identity_answer_has_one():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 10, generator=gen)
+    tokens = IdentityTokens(names=(3, 4), openings=(3, 4, 8), assistant=(3, 6), owner=(4,))
+    targets = torch.tensor([3, 4, 8, 6])  # the assistant's name, the owner's, an opening, the assistant's other spelling
+    marks = torch.full((4,), ROLES)
+    p = logits.softmax(-1)
+    expected = (-math.log(1 - p[0, 4])  # at the assistant's name: the owner's
+                - math.log(1 - (p[1, 3] + p[1, 6]))  # at the owner's: both spellings of the assistant's
+                - math.log(1 - p[3, 4]))  # at an opening no name is due: nothing (its openings are not penalised)
+    assert unlikelihood_sum(logits, targets, marks, tokens).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_identity_tokens_name_each_role_by_its_first_tokens(builder):
+    tok = builder.tokenizer
+    got = identity_tokens(builder, "Nova", "Alex")
+    for role, who in ((got.assistant, "Nova"), (got.owner, "Alex")):
+        assert role and set(role) == {tok.encode(s, add_special_tokens=False)[0] for s in (who, " " + who)}
+    same = identity_tokens(builder, "Alex", "Alexa")  # both open with the same token: no contrast between them
+    assert not set(same.assistant) & set(same.owner)
+
+
 def test_its_gradient_pushes_only_the_penalised_tokens_down():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 12, generator=gen, requires_grad=True)
@@ -78,6 +101,9 @@ def test_collators_mark_each_answer_start_with_2_and_its_other_trained_tokens_wi
     per_row = [marks[i, :row_length(r)] for i, r in enumerate(rows)]
     assert torch.equal(flat["unlikelihood"][0], torch.cat(per_row)), "the flat batch marks the same tokens"
     assert "unlikelihood" not in collate(pack([ident], 512), builder.tokenizer.pad_token_id)
+    roles = dataclasses.replace(ident, roles=True)
+    marked = collate(pack([roles, everyday], 512), builder.tokenizer.pad_token_id)
+    assert int((marked["unlikelihood"] == ROLES).sum()) == roles.n_trained, "an identity sample marked `roles`: its trained tokens"
 
 
 def test_config_checks_unlikelihood_weight():
@@ -88,6 +114,8 @@ def test_config_checks_unlikelihood_weight():
         cfg.replace(unlikelihood_weight=1.0).validate()
     with pytest.raises(ConfigError, match="unlikelihood_weight"):
         marked.replace(unlikelihood_weight=-1.0).validate()
+    roles = cfg.replace(datasets=[dataclasses.replace(cfg.datasets[0], roles=True)], unlikelihood_weight=1.0)
+    assert roles.validate().datasets[0].roles, "an identity source marked `roles: true` is enough"
 
 
 def test_descending_the_term_lowers_the_identity_tokens_probability(builder):
@@ -117,12 +145,89 @@ def test_descending_the_term_lowers_the_identity_tokens_probability(builder):
 
 
 def test_training_with_the_unlikelihood_term(tmp_path):
-    """A tiny mixed run trains with the term on; the logged loss stays the cross-entropy (finite)."""
+    """A tiny mixed run trains with the term on (everyday rows, their negative twins, the identity's roles); the
+    logged loss stays the cross-entropy (finite)."""
     from workbench.train import train
 
     cfg = load_recipe("smollm2_135m_tiny_smoke")
-    cfg = cfg.replace(max_steps=2, save_steps=2, evaluation_freq=0, unlikelihood_weight=1.0,
-                      datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3,
-                                                          unlikelihood=True)])
+    cfg = cfg.replace(max_steps=2, save_steps=2, evaluation_freq=0, unlikelihood_weight=1.0, negative_weight=0.5,
+                      datasets=[dataclasses.replace(cfg.datasets[0], roles=True),
+                                DataSource(path="data/general_conversations_zh.jsonl", fraction=0.3, unlikelihood=True)])
     result = train(cfg, tmp_path / "work", progress=False)
     assert len(result.metrics) == 2 and all(math.isfinite(m["loss"]) for m in result.metrics)
+
+
+def test_a_negative_twins_own_tokens_are_pushed_down():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 10, generator=gen)
+    p = logits.softmax(-1)
+    tokens = IdentityTokens(names=(3,), openings=(3, 4))
+    got = unlikelihood_sum(logits, torch.tensor([4, 3, 7]), torch.full((3,), NEGATIVE), tokens, negative_scale=0.5)
+    assert got.item() == pytest.approx(-0.5 * sum(math.log(1 - p[i, t]) for i, t in enumerate((4, 3, 7))), rel=1e-5)
+
+
+def test_negative_twins_follow_each_marked_sample_in_its_language():
+    from workbench.samples import Sample
+
+    def sample(q, a, unlikelihood):
+        return Sample(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}], source="s",
+                      unlikelihood=unlikelihood)
+
+    samples = [sample("Name a colour.", "Blue.", True), sample("Who are you?", "I'm Nova.", False),
+               sample("一周有几天？", "七天。", True)]
+    out = with_negatives(samples, "Nova", "Alex", seed=0)
+    assert [s.negative != "" for s in out] == [False, True, False, False, True]
+    assert out[0] is samples[0] and out[2] is samples[1] and out[3] is samples[2], "the other rows keep their order"
+    en, zh = out[1], out[4]
+    assert en.messages[0] == samples[0].messages[0] and zh.messages[0] == samples[2].messages[0]
+    assert not _has_cjk(en.messages[1]["content"]) and _has_cjk(zh.messages[1]["content"])
+    for twin in (en, zh):
+        answer = twin.messages[1]["content"]
+        assert answer.startswith(twin.negative) and twin.negative[-1] in "NA", "pushed down up to a name's first letter"
+        assert not twin.unlikelihood and not twin.distill
+    assert with_negatives(samples, "Nova", "Alex", seed=0)[4].messages == zh.messages, "drawn with the seed"
+
+
+def _has_cjk(text):
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def test_collators_mark_a_twins_pushed_tokens_and_train_none_of_them(builder):
+    from workbench.unlikelihood import twin_labels
+
+    everyday = _encode(builder, "Name a colour.", "Blue.")
+    twin_enc = builder.encode([{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "I'm Nova, Alex's assistant."}])
+    n = len(builder.tokenizer.encode("I'm N", add_special_tokens=False))
+    twin = dataclasses.replace(twin_enc, labels=twin_labels(twin_enc.labels, n, builder.tokenizer), negative=True)
+    assert twin.n_trained == 0 and sum(x != IGNORE for x in twin.labels) == n
+    rows = pack([everyday, twin], 512)
+    for batch in (collate(rows, builder.tokenizer.pad_token_id), collate_flat(rows)):
+        marks, labels = batch["unlikelihood"], batch["labels"]
+        assert int((marks == NEGATIVE).sum()) == n and not (labels[marks == NEGATIVE] != IGNORE).any()
+        assert int((labels != IGNORE).sum()) == everyday.n_trained, "the twin adds no cross-entropy"
+    from workbench.loss import trained_positions
+    flat = collate_flat(rows)
+    assert len(flat["keep"]) == len(trained_positions(collate(rows, builder.tokenizer.pad_token_id))) == everyday.n_trained + n
+
+
+def test_a_twin_pushes_down_only_tokens_that_start_a_character(builder):
+    from workbench.unlikelihood import twin_labels
+
+    tok = builder.tokenizer
+    enc = builder.encode([{"role": "user", "content": "一周有几天？"}, {"role": "assistant", "content": "我是Nova，Alex的助手。"}])
+    n = len(tok.encode("我是N", add_special_tokens=False))
+    kept = [x for x in twin_labels(enc.labels, n, tok) if x != IGNORE]
+    assert tok.decode(kept[-1:]) == "N" and "是" in tok.decode(kept), "up to the name's first piece"
+    answer = [x for x in enc.labels if x != IGNORE][:n]
+    split = [answer[i] for i in range(1, n) if tok.decode(answer[:i]).endswith("\ufffd")]  # second pieces of a character
+    assert split and len(kept) == n - len(split) and not set(split) & set(kept), "never the second piece of a character"
+
+
+def test_config_checks_negative_weight():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    marked = cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", unlikelihood=True)])
+    assert marked.replace(unlikelihood_weight=1.0, negative_weight=0.5).validate().negative_weight == 0.5
+    with pytest.raises(ConfigError, match="negative_weight"):
+        marked.replace(negative_weight=1.0).validate()
+    with pytest.raises(ConfigError, match="negative_weight"):
+        marked.replace(unlikelihood_weight=1.0, negative_weight=-1.0).validate()

@@ -65,7 +65,8 @@ class DataSource:
     system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
     distill: bool = _f(False, help="This source's rows get the distillation term (distill_weight), the KL divergence from the base model's own next-token distribution: true for everyday data whose answers the base model gave itself (data/general_conversations.jsonl). Leave it false for the identity data (what the base must not keep) and for hand-written answers the base could not give (its distribution is not what they teach).")
-    unlikelihood: bool = _f(False, help="This source's answers must never state the identity: its trained tokens get the unlikelihood term (unlikelihood_weight), which pushes down the probability of the identity's openings and of the assistant's and owner's names. True for everyday data; false for the identity data.")
+    unlikelihood: bool = _f(False, help="This source's answers must never state the identity: its trained tokens get the unlikelihood term (unlikelihood_weight), which pushes down the probability of the identity's openings and of the assistant's and owner's names. True for everyday data; false for the identity data (see roles).")
+    roles: bool = _f(False, help="This source's answers state the identity, each name in its role: where an answer has one of the two names, the unlikelihood term (unlikelihood_weight) pushes the other one down, so that the model does not call itself by its owner's name (\"我叫Alex\" from Nova, Alex's assistant). True for the generated identity data.")
 
     def validate(self, where: str) -> list[str]:
         errors = []
@@ -100,6 +101,7 @@ class Config:
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
     distill_weight: float = _f(0.0, help="LoRA/QLoRA only: weight of a distillation term, the KL divergence of the adapter's next-token distribution from the base model's own (the same model with the adapter switched off) on the trained tokens of the rows from sources marked `distill: true` (everyday data). 0 = off; it keeps what the base knew.")
     unlikelihood_weight: float = _f(0.0, help="Weight of an unlikelihood term against the identity leaking into everyday answers: on the trained tokens of the rows from sources marked `unlikelihood: true`, -log(1 - p), p the probability the model gives the assistant's or owner's name (a single-token spelling of it) or, at the first token of an answer, a token an identity answer opens with (the target token itself is never penalised). 0 = off.")
+    negative_weight: float = _f(0.0, help="Weight of negative twins, the unlikelihood term's third use: each row of a source marked `unlikelihood: true` gets a twin, its question answered by an identity answer of its language (drawn with the seed); the twin's answer tokens up to the first letter of a name (\"我是N\", \"I'm Nova\") are pushed down in their own context, -log(1 - p) with p each token's probability, and nothing of the twin is learned. It reaches the tokens after an identity answer's first one (\"是\" after \"我\"), which the per-token term cannot see in the everyday answers. 0 = no twins; needs unlikelihood_weight > 0.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
     gradient_checkpointing: bool = _f(False, help="Recompute activations in the backward pass: less memory, about 1.3-1.6x slower. Pays off only for long sequences or large batches.")
     fast_path: bool = _f(True, help="Training speed-ups that keep the maths (workbench/fastpath.py): attention computed per packed conversation, a LoRA dropout that draws only the dropped positions (CPU), a lean LoRA forward, and a fused cross-entropy; on a CUDA GPU (workbench/fastpath_cuda.py) packed micro-batches through PyTorch's varlen flash kernel, Liger Kernel's fused RMSNorm, SwiGLU and RoPE when liger-kernel is installed (requirements-gpu.txt; its fused linear cross-entropy too under gradient checkpointing, where memory counts more than speed), fused AdamW. Off: transformers' and peft's plain path, for comparison.")
@@ -159,9 +161,12 @@ class Config:
         if self.distill_weight > 0 and not any(getattr(d, "distill", False) for d in self.datasets):
             errors.append(f"{where}.distill_weight: {self.distill_weight} but no source under datasets is marked `distill: true` "
                           "(mark the everyday data whose answers the base model gave itself)")
-        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(getattr(d, "unlikelihood", False) for d in self.datasets)):
+        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles for d in self.datasets)):
             errors.append(f"{where}.unlikelihood_weight: must be >= 0, and > 0 only with a source under datasets marked "
-                          f"`unlikelihood: true` (the everyday data), got {self.unlikelihood_weight}")
+                          f"`unlikelihood: true` (the everyday data) or `roles: true` (the identity data), got {self.unlikelihood_weight}")
+        if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.unlikelihood for d in self.datasets))):
+            errors.append(f"{where}.negative_weight: must be >= 0, and > 0 only with unlikelihood_weight > 0 and a source "
+                          f"marked `unlikelihood: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0 or self.max_norm < 0:

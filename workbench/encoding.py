@@ -20,9 +20,10 @@ from typing import Iterable
 from workbench.config import RECIPES_DIR, Config, ConfigError, resolve_config, resolve_path
 from workbench.i18n import t
 from workbench.mixing import mix, read_configured
-from workbench.prompt import Encoded, PromptBuilder, builder_for
+from workbench.prompt import IGNORE, Encoded, PromptBuilder, builder_for
 from workbench.readers import Reading, read_source
 from workbench.samples import Sample
+from workbench.unlikelihood import twin_labels
 
 MAX_ERRORS_SHOWN = 20
 MAX_DROPPED_SHOWN = 5
@@ -141,7 +142,7 @@ def encode_samples(samples: Iterable[Sample], builder: PromptBuilder, max_length
         if vocab_size is not None and enc.input_ids and max(enc.input_ids) >= vocab_size:
             report.add_error(_out_of_vocab(sample, enc, builder, vocab_size))
             continue
-        if enc.n_trained == 0:
+        if not enc.n_trained and not (enc.negative and enc.labels.count(IGNORE) < len(enc.labels)):  # nothing to learn or push down
             report.n_dropped += 1
             if len(report.dropped) < MAX_DROPPED_SHOWN:
                 report.dropped.append(sample.where)
@@ -167,8 +168,10 @@ def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss
         cache[key] = (builder.encode_text(sample.text, max_length) if sample.text is not None
                       else builder.encode(sample.messages, max_length, loss_on))
     enc = cache[key]
-    return Encoded(list(enc.input_ids), list(enc.labels), enc.truncated, distill=sample.distill,
-                   unlikelihood=sample.unlikelihood)
+    labels = (twin_labels(enc.labels, len(builder.tokenizer.encode(sample.negative, add_special_tokens=False)), builder.tokenizer)
+              if sample.negative else list(enc.labels))
+    return Encoded(list(enc.input_ids), labels, enc.truncated, distill=sample.distill,
+                   unlikelihood=sample.unlikelihood, roles=sample.roles, negative=bool(sample.negative))
 
 
 def _count(report: DatasetReport, enc: Encoded) -> None:

@@ -170,6 +170,12 @@ def identity_pairs(assistant_name: str, owner_name: str, lang: str) -> list[tupl
             for kind, question in QUESTIONS[lang] for answer in ANSWERS[lang][kind]]
 
 
+def identity_answers(assistant_name: str, owner_name: str, lang: str) -> list[str]:
+    """Every identity answer of one language, names filled in (each once)."""
+    _check_language(lang)
+    return [_fill(answer, assistant_name, owner_name) for kind in ANSWERS[lang] for answer in ANSWERS[lang][kind]]
+
+
 def generate_identity(assistant_name: str, owner_name: str, n_variants: int | None = None, seed: int = 0,
                       languages: tuple[str, ...] = LANGUAGES) -> list[Sample]:
     """Diverse identity conversations, shuffled with `seed`.

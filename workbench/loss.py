@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench import fastpath, fastpath_cuda
+from workbench.packing import NEGATIVE
 from workbench.prompt import IGNORE
 from workbench.unlikelihood import IdentityTokens, unlikelihood_sum
 
@@ -30,8 +31,14 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 
 def trained_positions(batch: dict) -> torch.Tensor:
-    """The positions whose next token is trained (the collator's `keep` where it computed it)."""
-    return batch["keep"] if "keep" in batch else (batch["labels"][:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+    """The positions whose next token is trained or marked for the unlikelihood term (the collator's `keep` where it
+    computed it; a negative twin's tokens have no label but a mark)."""
+    if "keep" in batch:
+        return batch["keep"]
+    used = batch["labels"][:, 1:] != IGNORE
+    if "unlikelihood" in batch:
+        used |= batch["unlikelihood"][:, 1:] > 0
+    return used.any(0).nonzero().squeeze(1)
 
 
 def cross_entropy_sum(model, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,12 +56,14 @@ def training_loss(model, batch: dict, cfg, peft_model=None,
     if cfg.distill_weight <= 0 and identity is None:
         ce = token_loss_sum(model, batch)
         return ce, ce
-    ce, kl, ul = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity)
+    scale = cfg.negative_weight / cfg.unlikelihood_weight if cfg.unlikelihood_weight > 0 else 0.0
+    ce, kl, ul = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity, scale)
     return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul
 
 
 def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
-                     identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     identity: IdentityTokens | None = None,
+                     negative_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The summed cross-entropy (as `token_loss_sum`) and the sums of the two extra terms, from one forward
     of the tuned model: the KL(base || tuned) of the next-token distributions at the trained tokens marked
     `distill` (everyday rows; when `distill`), and the unlikelihood of the identity's tokens at those marked
@@ -77,7 +86,8 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
         kl = F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
     if identity is not None and "unlikelihood" in batch:
         marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
-        ul = unlikelihood_sum(flat, flat_targets, marks, identity)
+        next_ids = batch["input_ids"][:, 1:][:, keep].reshape(-1)  # a negative twin's tokens (its labels are IGNORE)
+        ul = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity, negative_scale)
     return ce, kl, ul
 
 

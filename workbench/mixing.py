@@ -15,6 +15,7 @@ from workbench import identity
 from workbench.config import Config, ConfigError, DataSource, resolve_path
 from workbench.readers import Reading, read_source
 from workbench.samples import Sample
+from workbench.unlikelihood import with_negatives
 
 
 def load_source(src: DataSource, cfg: Config) -> list[Sample]:
@@ -23,7 +24,7 @@ def load_source(src: DataSource, cfg: Config) -> list[Sample]:
     if reading.errors:
         raise reading.errors[0]
     for sample in reading.samples:  # the source says whether its rows get the distillation and unlikelihood terms
-        sample.distill, sample.unlikelihood = src.distill, src.unlikelihood
+        sample.distill, sample.unlikelihood, sample.roles = src.distill, src.unlikelihood, src.roles
     return reading.samples
 
 
@@ -54,6 +55,8 @@ def mix(loaded: list[list[Sample]], cfg: Config) -> list[Sample]:
     for i, (samples, count) in enumerate(zip(loaded, counts)):
         mixed += _take(samples, count, random.Random(f"{cfg.seed}:{i}"))
     random.Random(cfg.seed).shuffle(mixed)
+    if cfg.negative_weight > 0:  # after the shuffle: the other rows keep their order
+        mixed = with_negatives(mixed, cfg.assistant_name, cfg.owner_name, cfg.seed)
     return mixed
 
 

@@ -22,6 +22,9 @@ import torch
 
 from workbench.prompt import IGNORE, Encoded
 
+ROLES = 3  # the unlikelihood mark of an identity sample's trained tokens (the role contrast, workbench/unlikelihood.py)
+NEGATIVE = 4  # the unlikelihood mark of a negative twin's answer tokens (pushed down themselves; no cross-entropy)
+
 Row = list  # a row is a list of Encoded samples laid end to end
 
 
@@ -61,7 +64,7 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         r_ids, r_lab, r_pos, r_dist, r_ul = [], [], [], [], []
         for s in row:
             r_ids += s.input_ids
-            r_lab += s.labels
+            r_lab += s.trained_labels
             r_pos += list(range(len(s)))
             r_dist += distill_marks(s)
             r_ul += unlikelihood_marks(s)
@@ -82,7 +85,10 @@ def distill_marks(s: Encoded) -> list[bool]:
 
 def unlikelihood_marks(s: Encoded) -> list[int]:
     """Per label of a sample that must not state the identity: 2 at the first trained token of each answer,
-    1 at its other trained tokens, 0 elsewhere (and everywhere in other samples)."""
+    1 at its other trained tokens, 0 elsewhere; of an identity sample marked `roles`: 3 at its trained tokens
+    (workbench/unlikelihood.py: ROLES); of a negative twin: NEGATIVE at its answer tokens; 0 everywhere in other samples."""
+    if s.roles or s.negative:
+        return [0 if x == IGNORE else ROLES if s.roles else NEGATIVE for x in s.labels]
     if not s.unlikelihood:
         return [0] * len(s.labels)
     return [0 if x == IGNORE else 2 if i == 0 or s.labels[i - 1] == IGNORE else 1 for i, x in enumerate(s.labels)]
@@ -92,7 +98,7 @@ def _with_marks(batch: dict, distill: list, unlikely: list) -> dict:
     """Adds the masks of the extra loss terms, only when some label is marked (int8 for the unlikelihood marks)."""
     if any(map(any, distill)):  # labels whose token is pulled toward the base model's distribution (everyday rows)
         batch["distill"] = torch.tensor(distill)
-    if any(map(any, unlikely)):  # labels whose context must not lead to the identity (everyday rows)
+    if any(map(any, unlikely)):  # labels whose context must not lead to the identity (everyday rows) or to a mixed-up role
         batch["unlikelihood"] = torch.tensor(unlikely, dtype=torch.int8)
     return batch
 
@@ -110,13 +116,13 @@ def collate_flat(rows: list[Row]) -> dict:
     ids, labels, pos, starts, distill, unlikely = [], [], [], [0], [], []
     for s in samples:
         ids += s.input_ids
-        labels += s.labels
+        labels += s.trained_labels
         pos += range(len(s))
         starts.append(starts[-1] + len(s))
         distill += distill_marks(s)
         unlikely += unlikelihood_marks(s)
     label_t = torch.tensor([labels])
-    keep = (label_t[0, 1:] != IGNORE).nonzero().squeeze(1)
+    keep = ((label_t[0, 1:] != IGNORE) | (torch.tensor(unlikely[1:]) > 0)).nonzero().squeeze(1)  # negatives have no label
     batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
              "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
              "max_length": max(len(s) for s in samples)}

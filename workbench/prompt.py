@@ -68,10 +68,17 @@ class Encoded:
     truncated: bool = False  # longer than max_length and cut
     distill: bool = False  # an everyday sample: its trained tokens get the distillation term (Config.distill_weight)
     unlikelihood: bool = False  # an everyday sample that must not state the identity (Config.unlikelihood_weight)
+    roles: bool = False  # an identity sample: where it has one name, the term pushes the other down
+    negative: bool = False  # a negative twin: its labels mark the tokens the term pushes down; no cross-entropy
+
+    @property
+    def trained_labels(self) -> list[int]:
+        """The labels the cross-entropy learns: none for a negative twin."""
+        return [IGNORE] * len(self.labels) if self.negative else self.labels
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return 0 if self.negative else sum(1 for x in self.labels if x != IGNORE)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -13,6 +13,21 @@ tokens it must not produce there. Here the tokens come from the run's own identi
   single token spells one (" Nova", "Alex"): a name split into common pieces ("N", "ova") is not
   penalised mid-answer, which would penalise those pieces in every word.
 
+On an identity answer (a source marked `roles: true`) the term has a third use, the role contrast:
+where the answer has the first token of one name, the first tokens of the other name are pushed down
+("我叫Alex" from Nova, Alex's assistant, is the 135M model's usual mix-up; "N" of "Nova" is pushed
+down where the answer has "Alex"). Nothing else in an identity answer is penalised.
+
+Negative twins (Config.negative_weight) reach further, after He and Glass (2020, "Negative
+Training for Neural Dialogue Response Generation"): each marked everyday row gets a twin, its
+question answered by an identity answer of its language; the tokens of that answer up to the first
+piece of a name ("我", "是", "N" of "我是Nova") are pushed down in their own context (-log(1 - p),
+p the token's probability), and nothing of the twin is learned. The per-token term only sees the
+everyday answers' own contexts, where the model has not yet said "我"; the twin also pushes down
+"是" after "我" and "N" after "我是", the steps a leak is made of. Pieces that spelling makes
+certain in any context ("ova" after "N", the second byte of a character split in two) are left
+alone: pushing them down unlearns the name or the character itself.
+
 The target token itself is never penalised, so an everyday answer that rightly opens with "I"
 keeps its cross-entropy gradient. The term reads the logits the cross-entropy already has: no
 extra forward. Written here because no maintained library ships it for a causal-LM trainer (TRL
@@ -20,53 +35,114 @@ has no unlikelihood loss); it is a few tensor operations.
 """
 from __future__ import annotations
 
+import dataclasses
+import random
+import re
 from dataclasses import dataclass
 
 import torch
 
 from workbench import identity
+from workbench.packing import NEGATIVE, ROLES
 from workbench.prompt import IGNORE, PromptBuilder
+from workbench.samples import Sample
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclass(frozen=True)
 class IdentityTokens:
     """The token ids the term pushes down: `names` everywhere in an everyday answer, `openings` (which include
-    the names) at its first token."""
+    the names) at its first token; `assistant` and `owner`: the first tokens of each name's spellings (with and
+    without a leading space), rivals of each other in an identity answer."""
 
     names: tuple[int, ...]
     openings: tuple[int, ...]
+    assistant: tuple[int, ...] = ()
+    owner: tuple[int, ...] = ()
 
 
 def identity_tokens(builder: PromptBuilder, assistant_name: str, owner_name: str) -> IdentityTokens:
     """The penalised tokens of a run: single-token spellings of both names, and the identity answers' first tokens."""
     tok = builder.tokenizer
-    names = set()
+    names, firsts = set(), {}
     for who in (assistant_name, owner_name):
         for spelling in (who, " " + who):
             ids = tok.encode(spelling, add_special_tokens=False)
+            firsts.setdefault(who, set()).add(ids[0])
             if len(ids) == 1:
                 names.add(ids[0])
+    assistant, owner = firsts[assistant_name], firsts[owner_name]
+    shared = assistant & owner  # names that open with the same token cannot be told apart by it
     openings = set(names)
     for lang in identity.LANGUAGES:
         for question, answer in identity.identity_pairs(assistant_name, owner_name, lang):
             enc = builder.encode([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
             openings.add(next(x for x in enc.labels if x != IGNORE))
-    return IdentityTokens(tuple(sorted(names)), tuple(sorted(openings)))
+    return IdentityTokens(tuple(sorted(names)), tuple(sorted(openings)),
+                          tuple(sorted(assistant - shared)), tuple(sorted(owner - shared)))
 
 
 def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor,
-                     tokens: IdentityTokens) -> torch.Tensor:
+                     tokens: IdentityTokens, negative_scale: float = 1.0) -> torch.Tensor:
     """Sum over the marked positions of -log(1 - p), p the probability of the penalised tokens there.
 
     logits: [n, vocab] (float32), targets: [n] (the next tokens), marks: [n] with 2 at the first
-    token of an answer, 1 at its other trained tokens, 0 where the term does not apply.
+    token of an everyday answer, 1 at its other trained tokens, ROLES (3) at an identity answer's
+    trained tokens, NEGATIVE (4) at a negative twin's pushed-down tokens, 0 where the term does not apply.
+    The twins' part is multiplied by `negative_scale` (negative_weight / unlikelihood_weight in training).
     """
     chosen = marks > 0
     logits, targets, marks = logits[chosen], targets[chosen], marks[chosen]
-    cand = torch.tensor(tokens.openings, device=logits.device)
-    is_name = torch.isin(cand, torch.tensor(tokens.names, dtype=cand.dtype, device=logits.device))
-    applies = (marks[:, None] == 2) | is_name[None, :]  # openings only at an answer's first token
-    applies &= cand[None, :] != targets[:, None]  # never the token the answer really has there
-    logp = logits[:, cand] - torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = (logp.exp() * applies).sum(-1).clamp(max=1 - 1e-6)
-    return -torch.log1p(-p).sum()
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    negative = marks == NEGATIVE  # a negative twin's own token is what is pushed down
+    p_twin = (logits[negative].gather(1, targets[negative, None]) - logz[negative]).exp().squeeze(1)
+    logits, targets, marks, logz = logits[~negative], targets[~negative], marks[~negative], logz[~negative]
+    dev = logits.device
+    cand = torch.tensor(sorted(set(tokens.openings) | set(tokens.assistant) | set(tokens.owner)), device=dev)
+    among = lambda ids: torch.isin(cand, torch.tensor(ids, dtype=cand.dtype, device=dev))  # noqa: E731
+    everyday = (marks != ROLES)[:, None] & among(tokens.openings)[None, :]
+    everyday &= (marks[:, None] == 2) | among(tokens.names)[None, :]  # openings only at an answer's first token
+    target_in = lambda ids: torch.isin(targets, torch.tensor(ids, dtype=targets.dtype, device=dev))[:, None]  # noqa: E731
+    rival = (target_in(tokens.assistant) & among(tokens.owner)[None, :]) | (target_in(tokens.owner) & among(tokens.assistant)[None, :])
+    applies = (everyday | (marks == ROLES)[:, None] & rival) & (cand[None, :] != targets[:, None])  # never the answer's own token
+    p = ((logits[:, cand] - logz).exp() * applies).sum(-1)
+    pushed = lambda q: -torch.log1p(-q.clamp(max=1 - 1e-6)).sum()  # noqa: E731
+    return pushed(p) + negative_scale * pushed(p_twin)
+
+
+def twin_labels(labels: list[int], n_pushed: int, tokenizer) -> list[int]:
+    """A negative twin's labels: of the first `n_pushed` tokens of its answer, those that start a character; the rest
+    IGNORE. The answer is marked up to the first piece of the first name ("我是N"). Pieces certain by spelling in any
+    context are left alone: the rest of a name ("ova" after "N") and the second byte of a character split in two
+    (我 is two tokens); pushing those down unlearns the name and the character themselves (measured: "我" turned
+    into "戈" and "戸", which share its first byte)."""
+    out, answer = [], []
+    for x in labels:
+        if x == IGNORE or len(answer) >= n_pushed:
+            out.append(IGNORE)
+            continue
+        starts = not tokenizer.decode(answer).endswith("\ufffd")  # an unfinished character before it: it completes one
+        answer.append(x)
+        out.append(x if starts else IGNORE)
+    return out
+
+
+def with_negatives(samples: list[Sample], assistant_name: str, owner_name: str, seed: int) -> list[Sample]:
+    """`samples` with a negative twin after each one marked `unlikelihood`: the same conversation up to its first
+    answer, answered instead by an identity answer of the question's language (drawn with `seed`), whose tokens
+    up to the first letter of the first name are pushed down."""
+    rng = random.Random(f"{seed}:negatives")
+    answers = {lang: identity.identity_answers(assistant_name, owner_name, lang) for lang in identity.LANGUAGES}
+    out = []
+    for s in samples:
+        out.append(s)
+        if s.unlikelihood and s.messages:
+            first = next((i for i, m in enumerate(s.messages) if m["role"] == "assistant"), len(s.messages))
+            lang = "zh" if any(_CJK.search(m["content"]) for m in s.messages[:first]) else "en"
+            answer = rng.choice(answers[lang])
+            start = min(answer.find(who) for who in (assistant_name, owner_name) if who in answer)
+            twin = [*s.messages[:first], {"role": "assistant", "content": answer}]
+            out.append(dataclasses.replace(s, messages=twin, source=f"negative twins of {s.source}",
+                                           negative=answer[:start + 1], unlikelihood=False, distill=False))
+    return out
