@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in, mentions_identity, role_errors, states_identity
-from workbench.i18n import check_lang, t
+from workbench.i18n import check_lang, plot_lang, t
 from workbench.io import atomic_write_bytes, atomic_write_text
 from workbench.retention import STRICT_F1, drifted, strict_summary
 
@@ -100,6 +100,7 @@ def summary_figure(run: RunAnalysis, lang: str = "en"):
     """Targets (green met, red missed) and base vs kept bars per measure and language."""
     import matplotlib.pyplot as plt  # heavy: only for the card
 
+    lang = plot_lang(lang)  # English labels, with one line saying so, where no CJK font is installed
     r, base, (name, owner) = kept_report(run), run.base, names(run)
     with plt.rc_context({"font.family": _font_family()}):  # names in Chinese render where a CJK font is installed
         fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 1.5]})
