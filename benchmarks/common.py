@@ -60,7 +60,7 @@ def bench_config(config: str, model: str | None = None, method: str = "lora", st
     cfg = resolve_config(config)
     changes = dict(method=method, max_steps=steps, batch_size=1, accumulative_counts=1, evaluation_freq=0,
                    save_steps=10**9, save_total_limit=1, logging_steps=1, gradient_checkpointing=gradient_checkpointing,
-                   fast_path=fast_path, distill_weight=0.0, unlikelihood_weight=0.0)
+                   fast_path=fast_path, distill_weight=0.0, unlikelihood_weight=0.0, negative_weight=0.0)
     if model:
         changes["pretrained_model_name_or_path"] = model
     return cfg.replace(**changes)

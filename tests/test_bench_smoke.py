@@ -182,7 +182,7 @@ def test_profile_step_prints_where_the_time_goes():
     assert "workbench, plain path ms (share)" in out and "top operators, baseline" in out
 
 
-def test_bench_config_trains_the_cross_entropy_alone():
+def test_bench_config_trains_the_cross_entropy_alone(tmp_path):
     """The sides compared (PEFT's and TRL's trainers) train on the cross-entropy alone: the workbench side runs the
     mixed recipe without its distillation and unlikelihood terms."""
     sys.path.insert(0, str(ROOT))
@@ -192,3 +192,7 @@ def test_bench_config_trains_the_cross_entropy_alone():
         sys.path.remove(str(ROOT))
     cfg = bench_config("smollm2_135m_lora_identity_mixed_cpu")
     assert cfg.distill_weight == 0.0 and cfg.unlikelihood_weight == 0.0
+    recipe = (ROOT / "workbench/recipes/smollm2_135m_lora_identity_mixed_cpu.yaml").read_text(encoding="utf-8")
+    (tmp_path / "twins.yaml").write_text(recipe + "negative_weight: 2.0\n", encoding="utf-8")
+    twins = bench_config(str(tmp_path / "twins.yaml"))
+    assert twins.negative_weight == 0.0 and twins.validate().unlikelihood_weight == 0.0, "no negative twins either"
