@@ -169,9 +169,9 @@ def test_a_negative_twins_own_tokens_are_pushed_down():
 def test_negative_twins_follow_each_marked_sample_in_its_language():
     from workbench.samples import Sample
 
-    def sample(q, a, unlikelihood):
+    def sample(q, a, negatives):
         return Sample(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}], source="s",
-                      unlikelihood=unlikelihood)
+                      negatives=negatives, unlikelihood=negatives)
 
     samples = [sample("Name a colour.", "Blue.", True), sample("Who are you?", "I'm Nova.", False),
                sample("一周有几天？", "七天。", True)]
@@ -184,7 +184,7 @@ def test_negative_twins_follow_each_marked_sample_in_its_language():
     for twin in (en, zh):
         answer = twin.messages[1]["content"]
         assert answer.startswith(twin.negative) and twin.negative[-1] in "NA", "pushed down up to a name's first letter"
-        assert not twin.unlikelihood and not twin.distill
+        assert not twin.unlikelihood and not twin.distill and not twin.negatives, "a twin has no twin"
     assert with_negatives(samples, "Nova", "Alex", seed=0)[4].messages == zh.messages, "drawn with the seed"
 
 
@@ -231,3 +231,19 @@ def test_config_checks_negative_weight():
         marked.replace(negative_weight=1.0).validate()
     with pytest.raises(ConfigError, match="negative_weight"):
         marked.replace(unlikelihood_weight=1.0, negative_weight=-1.0).validate()
+    no_twins = marked.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", unlikelihood=True, negatives=False)])
+    with pytest.raises(ConfigError, match="negative_weight"):
+        no_twins.replace(unlikelihood_weight=1.0, negative_weight=1.0).validate()
+
+
+def test_a_source_says_whether_its_rows_get_twins_apart_from_the_per_token_term():
+    from workbench.mixing import load_source
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    sources = {"default": DataSource(path="data/general_conversations_zh.jsonl", unlikelihood=True),
+               "twins only": DataSource(path="data/general_conversations_zh.jsonl", negatives=True),
+               "term only": DataSource(path="data/general_conversations_zh.jsonl", unlikelihood=True, negatives=False)}
+    got = {k: {(s.unlikelihood, s.negatives) for s in load_source(src, cfg)} for k, src in sources.items()}
+    assert got == {"default": {(True, True)}, "twins only": {(False, True)}, "term only": {(True, False)}}
+    twins_only = cfg.replace(datasets=[*cfg.datasets, sources["twins only"]], unlikelihood_weight=1.0, negative_weight=1.0)
+    assert twins_only.validate().negative_weight == 1.0

@@ -66,7 +66,13 @@ class DataSource:
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
     distill: bool = _f(False, help="This source's rows get the distillation term (distill_weight), the KL divergence from the base model's own next-token distribution: true for everyday data whose answers the base model gave itself (data/general_conversations.jsonl). Leave it false for the identity data (what the base must not keep) and for hand-written answers the base could not give (its distribution is not what they teach).")
     unlikelihood: bool = _f(False, help="This source's answers must never state the identity: its trained tokens get the unlikelihood term (unlikelihood_weight), which pushes down the probability of the identity's openings and of the assistant's and owner's names. True for everyday data; false for the identity data (see roles).")
+    negatives: bool | None = _f(None, help="This source's rows get negative twins when negative_weight > 0 (see there). null = the same as `unlikelihood`; true gives twins without the per-token term (English everyday rows, whose leak the term cost identity for), false keeps the term without twins.")
     roles: bool = _f(False, help="This source's answers state the identity, each name in its role: where an answer has one of the two names, the unlikelihood term (unlikelihood_weight) pushes the other one down, so that the model does not call itself by its owner's name (\"我叫Alex\" from Nova, Alex's assistant). True for the generated identity data.")
+
+    @property
+    def twins(self) -> bool:
+        """Whether this source's rows get negative twins (when negative_weight > 0): `negatives`, else `unlikelihood`."""
+        return self.unlikelihood if self.negatives is None else self.negatives
 
     def validate(self, where: str) -> list[str]:
         errors = []
@@ -161,12 +167,12 @@ class Config:
         if self.distill_weight > 0 and not any(getattr(d, "distill", False) for d in self.datasets):
             errors.append(f"{where}.distill_weight: {self.distill_weight} but no source under datasets is marked `distill: true` "
                           "(mark the everyday data whose answers the base model gave itself)")
-        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles for d in self.datasets)):
+        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles or d.negatives for d in self.datasets)):
             errors.append(f"{where}.unlikelihood_weight: must be >= 0, and > 0 only with a source under datasets marked "
-                          f"`unlikelihood: true` (the everyday data) or `roles: true` (the identity data), got {self.unlikelihood_weight}")
-        if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.unlikelihood for d in self.datasets))):
+                          f"`unlikelihood: true` (the everyday data), `roles: true` (the identity data) or `negatives: true`, got {self.unlikelihood_weight}")
+        if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.twins for d in self.datasets))):
             errors.append(f"{where}.negative_weight: must be >= 0, and > 0 only with unlikelihood_weight > 0 and a source "
-                          f"marked `unlikelihood: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
+                          f"marked `unlikelihood: true` or `negatives: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0 or self.max_norm < 0:

@@ -24,7 +24,7 @@ def load_source(src: DataSource, cfg: Config) -> list[Sample]:
     if reading.errors:
         raise reading.errors[0]
     for sample in reading.samples:  # the source says whether its rows get the distillation and unlikelihood terms
-        sample.distill, sample.unlikelihood, sample.roles = src.distill, src.unlikelihood, src.roles
+        sample.distill, sample.unlikelihood, sample.roles, sample.negatives = src.distill, src.unlikelihood, src.roles, src.twins
     return reading.samples
 
 

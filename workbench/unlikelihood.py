@@ -129,7 +129,7 @@ def twin_labels(labels: list[int], n_pushed: int, tokenizer) -> list[int]:
 
 
 def with_negatives(samples: list[Sample], assistant_name: str, owner_name: str, seed: int) -> list[Sample]:
-    """`samples` with a negative twin after each one marked `unlikelihood`: the same conversation up to its first
+    """`samples` with a negative twin after each one marked `negatives` (by default its source's `unlikelihood`): the same conversation up to its first
     answer, answered instead by an identity answer of the question's language (drawn with `seed`), whose tokens
     up to the first letter of the first name are pushed down."""
     rng = random.Random(f"{seed}:negatives")
@@ -137,12 +137,12 @@ def with_negatives(samples: list[Sample], assistant_name: str, owner_name: str, 
     out = []
     for s in samples:
         out.append(s)
-        if s.unlikelihood and s.messages:
+        if s.negatives and s.messages:
             first = next((i for i, m in enumerate(s.messages) if m["role"] == "assistant"), len(s.messages))
             lang = "zh" if any(_CJK.search(m["content"]) for m in s.messages[:first]) else "en"
             answer = rng.choice(answers[lang])
             start = min(answer.find(who) for who in (assistant_name, owner_name) if who in answer)
             twin = [*s.messages[:first], {"role": "assistant", "content": answer}]
             out.append(dataclasses.replace(s, messages=twin, source=f"negative twins of {s.source}",
-                                           negative=answer[:start + 1], unlikelihood=False, distill=False))
+                                           negative=answer[:start + 1], unlikelihood=False, distill=False, negatives=False))
     return out
