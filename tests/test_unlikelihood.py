@@ -247,3 +247,14 @@ def test_a_source_says_whether_its_rows_get_twins_apart_from_the_per_token_term(
     assert got == {"default": {(True, True)}, "twins only": {(False, True)}, "term only": {(True, False)}}
     twins_only = cfg.replace(datasets=[*cfg.datasets, sources["twins only"]], unlikelihood_weight=1.0, negative_weight=1.0)
     assert twins_only.validate().negative_weight == 1.0
+
+
+def test_a_sources_flags_are_booleans_and_twins_alone_need_negative_weight():
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    for flag, value in (("distill", "sure"), ("unlikelihood", 1), ("roles", "yes"), ("negatives", "maybe")):
+        with pytest.raises(ConfigError, match=rf"datasets\[1\]\.{flag}: must be true or false"):
+            cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", **{flag: value})]).validate()
+    twins_only = cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations_zh.jsonl", negatives=True)])
+    with pytest.raises(ConfigError, match="unlikelihood_weight"):  # twins without negative_weight: the term has nothing to act on
+        twins_only.replace(unlikelihood_weight=1.0).validate()
+    assert twins_only.replace(unlikelihood_weight=1.0, negative_weight=1.0).validate().negative_weight == 1.0

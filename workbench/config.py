@@ -86,6 +86,10 @@ class DataSource:
             errors.append(f"{where}.fraction: must be in (0, 1], got {self.fraction}")
         if self.n_repeat < 1:
             errors.append(f"{where}.n_repeat: must be >= 1, got {self.n_repeat}")
+        for flag in ("distill", "unlikelihood", "roles", "negatives"):  # YAML's `distill: sure` would read as true
+            value = getattr(self, flag)
+            if not isinstance(value, bool) and not (flag == "negatives" and value is None):
+                errors.append(f"{where}.{flag}: must be true or false{' or null' if flag == 'negatives' else ''}, got {value!r}")
         return errors
 
 
@@ -167,9 +171,9 @@ class Config:
         if self.distill_weight > 0 and not any(getattr(d, "distill", False) for d in self.datasets):
             errors.append(f"{where}.distill_weight: {self.distill_weight} but no source under datasets is marked `distill: true` "
                           "(mark the everyday data whose answers the base model gave itself)")
-        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles or d.negatives for d in self.datasets)):
+        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles or (d.negatives and self.negative_weight > 0) for d in self.datasets)):
             errors.append(f"{where}.unlikelihood_weight: must be >= 0, and > 0 only with a source under datasets marked "
-                          f"`unlikelihood: true` (the everyday data), `roles: true` (the identity data) or `negatives: true`, got {self.unlikelihood_weight}")
+                          f"`unlikelihood: true` (the everyday data), `roles: true` (the identity data) or, with negative_weight > 0, `negatives: true`, got {self.unlikelihood_weight}")
         if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.twins for d in self.datasets))):
             errors.append(f"{where}.negative_weight: must be >= 0, and > 0 only with unlikelihood_weight > 0 and a source "
                           f"marked `unlikelihood: true` or `negatives: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
