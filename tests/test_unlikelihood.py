@@ -50,8 +50,9 @@ def test_the_term_is_minus_log_one_minus_p_at_the_marked_positions():
     expected = (-math.log(1 - (p[0, 3] + p[0, 4] + p[0, 8]))  # first token: the openings and the names
                 - math.log(1 - p[1, 4])  # the target 3 is a name: never penalised
                 - math.log(1 - (p[2, 3] + p[2, 4])))  # later tokens: the names only; position 3 unmarked
-    assert unlikelihood_sum(logits, targets, marks, tokens).item() == pytest.approx(expected, rel=1e-5)
-    assert unlikelihood_sum(logits, targets, torch.zeros(4, dtype=torch.int8), tokens).item() == 0.0
+    everyday, twins = unlikelihood_sum(logits, targets, marks, tokens)
+    assert everyday.item() == pytest.approx(expected, rel=1e-5) and twins.item() == 0.0
+    assert sum(unlikelihood_sum(logits, targets, torch.zeros(4, dtype=torch.int8), tokens)).item() == 0.0
 
 
 def test_the_role_contrast_pushes_down_the_other_name_where_an_identity_answer_has_one():
@@ -64,7 +65,7 @@ def test_the_role_contrast_pushes_down_the_other_name_where_an_identity_answer_h
     expected = (-math.log(1 - p[0, 4])  # at the assistant's name: the owner's
                 - math.log(1 - (p[1, 3] + p[1, 6]))  # at the owner's: both spellings of the assistant's
                 - math.log(1 - p[3, 4]))  # at an opening no name is due: nothing (its openings are not penalised)
-    assert unlikelihood_sum(logits, targets, marks, tokens).item() == pytest.approx(expected, rel=1e-5)
+    assert unlikelihood_sum(logits, targets, marks, tokens)[0].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_identity_tokens_name_each_role_by_its_first_tokens(builder):
@@ -79,7 +80,7 @@ def test_identity_tokens_name_each_role_by_its_first_tokens(builder):
 def test_its_gradient_pushes_only_the_penalised_tokens_down():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 12, generator=gen, requires_grad=True)
-    unlikelihood_sum(logits, torch.tensor([0]), torch.tensor([2]), IdentityTokens(names=(5,), openings=(2, 5))).backward()
+    unlikelihood_sum(logits, torch.tensor([0]), torch.tensor([2]), IdentityTokens(names=(5,), openings=(2, 5)))[0].backward()
     g = logits.grad[0]
     assert g[2] > 0 and g[5] > 0, "descending the loss lowers the penalised logits"
     assert all(g[i] < 0 for i in range(12) if i not in (2, 5)), "and raises every other one"
@@ -133,8 +134,8 @@ def test_descending_the_term_lowers_the_identity_tokens_probability(builder):
     tokens = identity_tokens(builder, "Nova", "Alex")
     batch = collate(pack([_encode(builder, "What is 2+2?", "2+2 is 4."), _encode(builder, "Name a colour.", "Blue.")], 512),
                     builder.tokenizer.pad_token_id)
-    ce, kl, ul = token_loss_terms(model, batch, distill=False, identity=tokens)
-    assert ce.item() == pytest.approx(token_loss_sum(model, batch).item(), rel=1e-5) and kl.item() == 0.0
+    ce, kl, ul, twins = token_loss_terms(model, batch, distill=False, identity=tokens)
+    assert ce.item() == pytest.approx(token_loss_sum(model, batch).item(), rel=1e-5) and kl.item() == twins.item() == 0.0
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     first = ul.item()
     for _ in range(5):
@@ -162,8 +163,8 @@ def test_a_negative_twins_own_tokens_are_pushed_down():
     logits = torch.randn(3, 10, generator=gen)
     p = logits.softmax(-1)
     tokens = IdentityTokens(names=(3,), openings=(3, 4))
-    got = unlikelihood_sum(logits, torch.tensor([4, 3, 7]), torch.full((3,), NEGATIVE), tokens, negative_scale=0.5)
-    assert got.item() == pytest.approx(-0.5 * sum(math.log(1 - p[i, t]) for i, t in enumerate((4, 3, 7))), rel=1e-5)
+    everyday, twins = unlikelihood_sum(logits, torch.tensor([4, 3, 7]), torch.full((3,), NEGATIVE), tokens)
+    assert everyday.item() == 0.0 and twins.item() == pytest.approx(-sum(math.log(1 - p[i, t]) for i, t in enumerate((4, 3, 7))), rel=1e-5)
 
 
 def test_negative_twins_follow_each_marked_sample_in_its_language():

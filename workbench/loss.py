@@ -51,23 +51,22 @@ def cross_entropy_sum(model, logits: torch.Tensor, targets: torch.Tensor) -> tor
 def training_loss(model, batch: dict, cfg, peft_model=None,
                   identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The cross-entropy sum of a batch and the sum training descends: the cross-entropy plus
-    `cfg.distill_weight` x the KL term and `cfg.unlikelihood_weight` x the unlikelihood term (`token_loss_terms`;
-    `identity`: the tokens that term pushes down, None when it is off)."""
+    `cfg.distill_weight` x the KL term, `cfg.unlikelihood_weight` x the unlikelihood term and `cfg.negative_weight`
+    x the negative twins' term (`token_loss_terms`; `identity`: the tokens those terms push down, None when off)."""
     if cfg.distill_weight <= 0 and identity is None:
         ce = token_loss_sum(model, batch)
         return ce, ce
-    scale = cfg.negative_weight / cfg.unlikelihood_weight if cfg.unlikelihood_weight > 0 else 0.0
-    ce, kl, ul = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity, scale)
-    return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul
+    ce, kl, ul, twins = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity)
+    return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul + cfg.negative_weight * twins
 
 
 def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
-                     identity: IdentityTokens | None = None,
-                     negative_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy (as `token_loss_sum`) and the sums of the two extra terms, from one forward
+                     identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy (as `token_loss_sum`) and the sums of the three extra terms, from one forward
     of the tuned model: the KL(base || tuned) of the next-token distributions at the trained tokens marked
-    `distill` (everyday rows; when `distill`), and the unlikelihood of the identity's tokens at those marked
-    `unlikelihood` (everyday rows; when `identity` gives the tokens, workbench/unlikelihood.py).
+    `distill` (everyday rows; when `distill`), the unlikelihood of the identity's tokens at those marked
+    `unlikelihood` (everyday rows and identity roles), and that of the negative twins' own tokens (the last
+    two when `identity` gives the tokens, workbench/unlikelihood.py).
 
     The base is the same peft model with its adapter switched off (`disable_adapter()`): no second copy in
     memory, one extra forward without gradients. `peft_model`: the unwrapped peft model when `model` is a
@@ -78,7 +77,7 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
     logits = forward_logits(model, batch, keep).float()
     flat, flat_targets = logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:][:, keep].reshape(-1)
     ce = cross_entropy_sum(model, flat, flat_targets)
-    kl = ul = torch.zeros((), device=ce.device)
+    kl = ul = twins = torch.zeros((), device=ce.device)
     if distill and "distill" in batch:
         mask = batch["distill"][:, 1:][:, keep]
         with torch.no_grad(), (peft_model or model).disable_adapter():
@@ -87,8 +86,8 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
     if identity is not None and "unlikelihood" in batch:
         marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
         next_ids = batch["input_ids"][:, 1:][:, keep].reshape(-1)  # a negative twin's tokens (its labels are IGNORE)
-        ul = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity, negative_scale)
-    return ce, kl, ul
+        ul, twins = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity)
+    return ce, kl, ul, twins
 
 
 def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:

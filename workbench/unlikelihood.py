@@ -84,13 +84,14 @@ def identity_tokens(builder: PromptBuilder, assistant_name: str, owner_name: str
 
 
 def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor,
-                     tokens: IdentityTokens, negative_scale: float = 1.0) -> torch.Tensor:
-    """Sum over the marked positions of -log(1 - p), p the probability of the penalised tokens there.
+                     tokens: IdentityTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the marked positions of -log(1 - p), p the probability of the penalised tokens there:
+    (the everyday and role positions' sum, the negative twins' sum), weighted apart in training
+    (unlikelihood_weight, negative_weight).
 
     logits: [n, vocab] (float32), targets: [n] (the next tokens), marks: [n] with 2 at the first
     token of an everyday answer, 1 at its other trained tokens, ROLES (3) at an identity answer's
     trained tokens, NEGATIVE (4) at a negative twin's pushed-down tokens, 0 where the term does not apply.
-    The twins' part is multiplied by `negative_scale` (negative_weight / unlikelihood_weight in training).
     """
     chosen = marks > 0
     logits, targets, marks = logits[chosen], targets[chosen], marks[chosen]
@@ -108,7 +109,7 @@ def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.T
     applies = (everyday | (marks == ROLES)[:, None] & rival) & (cand[None, :] != targets[:, None])  # never the answer's own token
     p = ((logits[:, cand] - logz).exp() * applies).sum(-1)
     pushed = lambda q: -torch.log1p(-q.clamp(max=1 - 1e-6)).sum()  # noqa: E731
-    return pushed(p) + negative_scale * pushed(p_twin)
+    return pushed(p), pushed(p_twin)
 
 
 def twin_labels(labels: list[int], n_pushed: int, tokenizer) -> list[int]:
