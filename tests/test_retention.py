@@ -101,7 +101,7 @@ def test_no_probe_text_occurs_in_any_training_data():
         training += [m["content"] for s in samples for m in s.messages]
     prompts = yaml.safe_load((PROJECT_ROOT / "data" / "general_prompts.yaml").read_text(encoding="utf-8"))
     training += [p for ps in prompts.values() for p in ps]
-    for name in ("general_conversations.jsonl", "general_conversations_zh.jsonl"):
+    for name in ("general_conversations.jsonl", "general_conversations_zh.jsonl", "general_conversations_zh_personal.jsonl"):
         training += [m["content"] for s in read_records(PROJECT_ROOT / "data" / name) for m in s.messages]
     corpus = "\n".join(f" {' '.join(R.units(t))} " for t in training)  # words (CJK characters) between spaces
     for probe in _probe_texts(probes):

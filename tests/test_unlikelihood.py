@@ -259,3 +259,32 @@ def test_a_sources_flags_are_booleans_and_twins_alone_need_negative_weight():
     with pytest.raises(ConfigError, match="unlikelihood_weight"):  # twins without negative_weight: the term has nothing to act on
         twins_only.replace(unlikelihood_weight=1.0).validate()
     assert twins_only.replace(unlikelihood_weight=1.0, negative_weight=1.0).validate().negative_weight == 1.0
+
+
+def test_a_names_only_source_marks_every_trained_token_1_and_its_first_token_pushes_no_opening(builder):
+    names_only = _encode(builder, "Give me a word.", "I'm glad to help: swift.", unlikelihood="names")
+    batch = collate(pack([names_only], 512), builder.tokenizer.pad_token_id)
+    marks = batch["unlikelihood"][batch["labels"] != IGNORE]
+    assert marks.tolist() == [1] * names_only.n_trained, "no answer start marked 2: the openings are not pushed down"
+    tokens = IdentityTokens(names=(5,), openings=(5, 7))
+    logits = torch.zeros(2, 10)
+    logits[:, 7] = math.log(9.0)  # an opening ("I") at half the probability mass, the name at 1/18
+    targets = torch.tensor([1, 1])
+    p_name = 1 / 18
+    got, _ = unlikelihood_sum(logits, targets, torch.tensor([1, 2]), tokens)
+    names_only_term = -math.log(1 - p_name)
+    assert got.item() == pytest.approx(names_only_term - math.log(1 - p_name - 9 / 18)), "mark 1: the name alone; mark 2: and the opening"
+
+
+def test_a_names_only_source_is_valid_gets_no_twins_and_other_words_are_refused():
+    from workbench.mixing import load_source
+
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    src = DataSource(path="data/general_conversations.jsonl", unlikelihood="names")
+    marked = cfg.replace(datasets=[*cfg.datasets, src], unlikelihood_weight=1.0)
+    assert marked.validate().datasets[-1].unlikelihood == "names"
+    assert {(s.unlikelihood, s.negatives) for s in load_source(src, cfg)} == {("names", False)}, "twins only when asked"
+    with pytest.raises(ConfigError, match="negative_weight"):  # no source gets twins
+        marked.replace(negative_weight=1.0).validate()
+    with pytest.raises(ConfigError, match=r"datasets\[1\]\.unlikelihood: must be true or false or 'names', got 'name'"):
+        cfg.replace(datasets=[*cfg.datasets, DataSource(path="data/general_conversations.jsonl", unlikelihood="name")]).validate()

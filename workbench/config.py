@@ -65,14 +65,14 @@ class DataSource:
     system_column: str | None = _f("system", help="Tables only: optional column with a per-row system prompt (ignored when absent).")
     n_repeat: int = _f(1, help="identity_tutorial only: how often the two pairs are repeated (the tutorial uses 3750).")
     distill: bool = _f(False, help="This source's rows get the distillation term (distill_weight), the KL divergence from the base model's own next-token distribution: true for everyday data whose answers the base model gave itself (data/general_conversations.jsonl). Leave it false for the identity data (what the base must not keep) and for hand-written answers the base could not give (its distribution is not what they teach).")
-    unlikelihood: bool = _f(False, help="This source's answers must never state the identity: its trained tokens get the unlikelihood term (unlikelihood_weight), which pushes down the probability of the identity's openings and of the assistant's and owner's names. True for everyday data; false for the identity data (see roles).")
-    negatives: bool | None = _f(None, help="This source's rows get negative twins when negative_weight > 0 (see there). null = the same as `unlikelihood`; true gives twins without the per-token term (English everyday rows, whose leak the term cost identity for), false keeps the term without twins.")
+    unlikelihood: bool | str = _f(False, help="This source's answers must never state the identity: its trained tokens get the unlikelihood term (unlikelihood_weight), which pushes down the probability of the identity's openings at an answer's first token and of the assistant's and owner's names at every token. True for everyday data; false for the identity data (see roles); 'names' for the names alone, no openings (the base model's own English answers, which rightly open with \"I\" as the identity does: \"I'm glad...\" must not go on \"I'm Nova\").")
+    negatives: bool | None = _f(None, help="This source's rows get negative twins when negative_weight > 0 (see there). null = true where `unlikelihood` is true (not 'names'); true gives twins without the per-token term (English everyday rows, whose leak the term cost identity for), false keeps the term without twins.")
     roles: bool = _f(False, help="This source's answers state the identity, each name in its role: where an answer has one of the two names, the unlikelihood term (unlikelihood_weight) pushes the other one down, so that the model does not call itself by its owner's name (\"我叫Alex\" from Nova, Alex's assistant). True for the generated identity data.")
 
     @property
     def twins(self) -> bool:
         """Whether this source's rows get negative twins (when negative_weight > 0): `negatives`, else `unlikelihood`."""
-        return self.unlikelihood if self.negatives is None else self.negatives
+        return self.unlikelihood is True if self.negatives is None else self.negatives
 
     def validate(self, where: str) -> list[str]:
         errors = []
@@ -88,8 +88,9 @@ class DataSource:
             errors.append(f"{where}.n_repeat: must be >= 1, got {self.n_repeat}")
         for flag in ("distill", "unlikelihood", "roles", "negatives"):  # YAML's `distill: sure` would read as true
             value = getattr(self, flag)
-            if not isinstance(value, bool) and not (flag == "negatives" and value is None):
-                errors.append(f"{where}.{flag}: must be true or false{' or null' if flag == 'negatives' else ''}, got {value!r}")
+            if not isinstance(value, bool) and not (flag == "negatives" and value is None) and not (flag == "unlikelihood" and value == "names"):
+                other = {"negatives": " or null", "unlikelihood": " or 'names'"}.get(flag, "")
+                errors.append(f"{where}.{flag}: must be true or false{other}, got {value!r}")
         return errors
 
 

@@ -85,13 +85,15 @@ def distill_marks(s: Encoded) -> list[bool]:
 
 def unlikelihood_marks(s: Encoded) -> list[int]:
     """Per label of a sample that must not state the identity: 2 at the first trained token of each answer,
-    1 at its other trained tokens, 0 elsewhere; of an identity sample marked `roles`: 3 at its trained tokens
+    1 at its other trained tokens (1 at every trained token where only the names are pushed down, `unlikelihood:
+    names`), 0 elsewhere; of an identity sample marked `roles`: 3 at its trained tokens
     (workbench/unlikelihood.py: ROLES); of a negative twin: NEGATIVE at its answer tokens; 0 everywhere in other samples."""
     if s.roles or s.negative:
         return [0 if x == IGNORE else ROLES if s.roles else NEGATIVE for x in s.labels]
     if not s.unlikelihood:
         return [0] * len(s.labels)
-    return [0 if x == IGNORE else 2 if i == 0 or s.labels[i - 1] == IGNORE else 1 for i, x in enumerate(s.labels)]
+    first = 1 if s.unlikelihood == "names" else 2  # the mark of an answer's first token (2: the openings as well)
+    return [0 if x == IGNORE else first if i == 0 or s.labels[i - 1] == IGNORE else 1 for i, x in enumerate(s.labels)]
 
 
 def _with_marks(batch: dict, distill: list, unlikely: list) -> dict:

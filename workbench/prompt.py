@@ -67,7 +67,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False  # longer than max_length and cut
     distill: bool = False  # an everyday sample: its trained tokens get the distillation term (Config.distill_weight)
-    unlikelihood: bool = False  # an everyday sample that must not state the identity (Config.unlikelihood_weight)
+    unlikelihood: bool | str = False  # an everyday sample that must not state the identity (Config.unlikelihood_weight); "names": only the names
     roles: bool = False  # an identity sample: where it has one name, the term pushes the other down
     negative: bool = False  # a negative twin: its labels mark the tokens the term pushes down; no cross-entropy
 

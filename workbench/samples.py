@@ -30,7 +30,7 @@ class Sample:
     record: int = 0  # 1-based record number in its file
     file: str = ""  # the data file the record is in ("" for generated data); equals source for a file source
     distill: bool = False  # gets the distillation term (Config.distill_weight): its source is marked `distill: true`
-    unlikelihood: bool = False  # gets the unlikelihood term (Config.unlikelihood_weight): its source is marked `unlikelihood: true`
+    unlikelihood: bool | str = False  # gets the unlikelihood term (Config.unlikelihood_weight): its source's `unlikelihood` (true or "names")
     negatives: bool = False  # gets a negative twin (Config.negative_weight): its source's `negatives` (default: `unlikelihood`)
     negative: str = ""  # a negative twin (Config.negative_weight): the start of its answer whose tokens are pushed down; never learned
     roles: bool = False  # gets the term's role contrast (one name pushes the other down): its source is marked `roles: true`

@@ -13,6 +13,10 @@ tokens it must not produce there. Here the tokens come from the run's own identi
   single token spells one (" Nova", "Alex"): a name split into common pieces ("N", "ova") is not
   penalised mid-answer, which would penalise those pieces in every word.
 
+A source marked `unlikelihood: names` gets the names alone, at every token, first included: the
+base model's own English answers open with "I" as the identity does, and pushing "I" down there
+cost the English identity (measured); the names alone still stop "I'm glad... I'm Nova" in them.
+
 On an identity answer (a source marked `roles: true`) the term has a third use, the role contrast:
 where the answer has the first token of one name, the first tokens of the other name are pushed down
 ("我叫Alex" from Nova, Alex's assistant, is the 135M model's usual mix-up; "N" of "Nova" is pushed
