@@ -71,7 +71,7 @@ class DataSource:
 
     @property
     def twins(self) -> bool:
-        """Whether this source's rows get negative twins (when negative_weight > 0): `negatives`, else `unlikelihood`."""
+        """Whether this source's rows get negative twins (when negative_weight > 0): `negatives`, else `unlikelihood: true`."""
         return self.unlikelihood is True if self.negatives is None else self.negatives
 
     def validate(self, where: str) -> list[str]:
@@ -174,7 +174,7 @@ class Config:
                           "(mark the everyday data whose answers the base model gave itself)")
         if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles or (d.negatives and self.negative_weight > 0) for d in self.datasets)):
             errors.append(f"{where}.unlikelihood_weight: must be >= 0, and > 0 only with a source under datasets marked "
-                          f"`unlikelihood: true` (the everyday data), `roles: true` (the identity data) or, with negative_weight > 0, `negatives: true`, got {self.unlikelihood_weight}")
+                          f"`unlikelihood: true` or `names` (the everyday data), `roles: true` (the identity data) or, with negative_weight > 0, `negatives: true`, got {self.unlikelihood_weight}")
         if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.twins for d in self.datasets))):
             errors.append(f"{where}.negative_weight: must be >= 0, and > 0 only with unlikelihood_weight > 0 and a source "
                           f"marked `unlikelihood: true` or `negatives: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
