@@ -114,3 +114,32 @@ def test_the_identity_data_as_a_file_stays_out_of_the_term(tmp_path):
     write_dataset(generate_identity("Nova", "Alex"), tmp_path / "identity.json")
     cfg = configure("smollm2_135m_lora_identity_mixed_cpu", tmp_path / "identity.json")
     assert cfg.distill_weight > 0 and [d.distill for d in cfg.datasets] == [False, True, False]
+
+
+@pytest.mark.parametrize("packed_attention", [False, True], ids=["masked", "packed"])
+def test_the_base_forward_runs_only_the_everyday_conversations(setup, packed_attention):
+    """The base model's logits at the distilled positions are the same whether the whole batch or only the
+    conversations that hold them go through the forward (rows of several conversations, padding, two rows)."""
+    from workbench import fastpath
+    from workbench.loss import conversations_holding, forward_logits, trained_positions
+
+    builder, model, everyday, identity, _ = setup
+    other = dataclasses.replace(builder.encode([{"role": "user", "content": "Name a colour."},
+                                                {"role": "assistant", "content": "Blue, like the sea."}]), distill=True)
+    rows = pack([identity, everyday, identity, other, identity], max_length=3 * len(identity.input_ids))
+    batch = collate(rows, builder.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] >= 2 and (batch["input_ids"] == builder.tokenizer.pad_token_id).any()
+    keep = trained_positions(batch)
+    mask = batch["distill"][:, 1:][:, keep]
+    sub = conversations_holding(batch, keep, mask)
+    assert sub["input_ids"].shape[1] == len(everyday.input_ids) + len(other.input_ids), "the two everyday conversations"
+    if packed_attention:
+        assert fastpath.enable_packed_attention(model)
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            whole = forward_logits(model, batch, keep)[mask]
+            cut = forward_logits(model, sub, sub["keep"])[0]
+    finally:
+        fastpath.disable_packed_attention(model)
+    assert whole.shape == cut.shape and whole.shape[0] == everyday.n_trained + other.n_trained
+    torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-4)

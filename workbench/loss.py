@@ -80,14 +80,49 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
     kl = ul = twins = torch.zeros((), device=ce.device)
     if distill and "distill" in batch:
         mask = batch["distill"][:, 1:][:, keep]
-        with torch.no_grad(), (peft_model or model).disable_adapter():
-            base = forward_logits(model, batch, keep).float()[mask]
+        base = base_logits(model, batch, keep, mask, peft_model)
         kl = F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
     if identity is not None and "unlikelihood" in batch:
         marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
         next_ids = batch["input_ids"][:, 1:][:, keep].reshape(-1)  # a negative twin's tokens (its labels are IGNORE)
         ul, twins = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity)
     return ce, kl, ul, twins
+
+
+def base_logits(model, batch: dict, keep: torch.Tensor, mask: torch.Tensor, peft_model=None) -> torch.Tensor:
+    """The base model's logits (adapter off, no gradients) at the positions `keep` where `mask` [rows, len(keep)]
+    is set, in the order of `logits[mask]`.
+
+    Where no conversation attends to another (transformers' own models) and the batch is on the CPU, only the
+    conversations holding such a position go through this forward (`conversations_holding`): the same logits for
+    the share of the tokens they are (the recipe's everyday English rows are under half of each packed row, and
+    this forward was about a third of a step). On a GPU the cut would need host synchronisation: the whole row.
+    """
+    with torch.no_grad(), (peft_model or model).disable_adapter():
+        if batch["input_ids"].device.type == "cpu" and fastpath.keeps_conversations_apart(model):
+            sub = conversations_holding(batch, keep, mask)
+            return forward_logits(model, sub, sub["keep"]).float()[0]
+        return forward_logits(model, batch, keep).float()[mask]
+
+
+def conversations_holding(batch: dict, keep: torch.Tensor, mask: torch.Tensor) -> dict:
+    """One row of the conversations of `batch` that hold a position `keep[j]` of a row i with `mask[i, j]`, end to end
+    in their order, and `keep`: those positions in it (ascending, so the logits come in the order of `logits[mask]`).
+
+    A conversation starts where `position_ids` restart at 0 (padding starts a block of its own).
+    """
+    pos = batch["position_ids"].reshape(-1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    wanted = rows * batch["position_ids"].shape[1] + keep[cols]  # flat positions, ascending (row-major)
+    starts = (pos == 0).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], torch.tensor([pos.numel()])])
+    chosen = torch.unique(torch.searchsorted(starts, wanted, right=True) - 1)
+    lengths = ends[chosen] - starts[chosen]
+    first = torch.repeat_interleave(starts[chosen], lengths)  # each kept token's conversation start
+    offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    taken = first + offset  # flat positions of the kept conversations' tokens, ascending
+    return {"input_ids": batch["input_ids"].reshape(-1)[taken][None], "position_ids": pos[taken][None],
+            "keep": torch.searchsorted(taken, wanted)}
 
 
 def forward_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
