@@ -19,6 +19,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 SYSTEM = "You are TinyLM, a small test assistant built by the workbench tests."
@@ -144,3 +145,19 @@ def build_internlm2_folder(folder: str | Path, seed: int = 0, rope_scaling=None,
              "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
+
+
+# Fixtures shared by the InternLM2 test modules (imported there by name).
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Converted folders go to a fresh cache (WORKBENCH_CONVERTED_DIR, inherited by child processes)."""
+    root = tmp_path_factory.mktemp("converted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_CONVERTED_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny InternLM2 chat model in the hub's layout."""
+    return build_internlm2_folder(tmp_path_factory.mktemp("hub") / "internlm2-chat-tiny")

@@ -8,6 +8,7 @@ import yaml
 from workbench import analysis as A
 from workbench import comparison as C
 from workbench import display as D
+from workbench import judge as J
 from workbench.config import PROJECT_ROOT, load_recipe, resolve_config
 from workbench.identity import identity_questions
 
@@ -19,11 +20,11 @@ HEALTHY_GENERAL = ["Tokyo is the capital of Japan.", "12 plus 30 is 42.", "A wee
 
 
 def test_states_and_mentions_identity():
-    assert A.states_identity("I am NOVA, assistant of alex.", NAME, OWNER)  # case does not matter
-    assert not A.states_identity("I'm Nova, a personal assistant.", NAME, OWNER)  # the owner is missing
-    assert A.mentions_identity("I'm Nova, a personal assistant.", NAME, OWNER)
-    assert not A.mentions_identity("Paris is the capital of France.", NAME, OWNER)
-    assert A.states_identity("我是小新，张三的助手。", "小新", "张三")
+    assert J.states_identity("I am NOVA, assistant of alex.", NAME, OWNER)  # case does not matter
+    assert not J.states_identity("I'm Nova, a personal assistant.", NAME, OWNER)  # the owner is missing
+    assert J.mentions_identity("I'm Nova, a personal assistant.", NAME, OWNER)
+    assert not J.mentions_identity("Paris is the capital of France.", NAME, OWNER)
+    assert J.states_identity("我是小新，张三的助手。", "小新", "张三")
 
 
 def test_role_checks():
@@ -32,28 +33,28 @@ def test_role_checks():
     templates = [t for kinds in ANSWERS.values() for ts in kinds.values() for t in ts] + [a for _, a in TUTORIAL_PAIRS[:1]]
     for t in templates:  # every training answer states the identity with the roles right
         answer = t.format(name=NAME, owner=OWNER)
-        assert A.states_identity(answer, NAME, OWNER) and not A.role_errors(answer, NAME, OWNER), answer
+        assert J.states_identity(answer, NAME, OWNER) and not J.role_errors(answer, NAME, OWNER), answer
     swapped = ["I'm Alex, Nova's assistant.", "I’m Alex, Nova’s assistant.", "My name is Alex. I work for Nova.",
                "我是Alex，Nova的助手。", "我叫Alex，是为Nova工作的助手。", "我是Nova的助手Alex。"]
     for answer in swapped:
-        assert not A.states_identity(answer, NAME, OWNER), answer
-        assert len(A.role_errors(answer, NAME, OWNER)) == 2, answer
-    assert A.role_errors("我是Nova，Nova的个人助手。", NAME, OWNER) == [f"the assistant's name {NAME} where the owner belongs"]
-    assert A.role_errors("我是Alex，我是Alex的助手。", NAME, OWNER) == [f"the owner {OWNER} named as the assistant"]
-    assert A.states_identity("I'm Alex's assistant Nova.", NAME, OWNER), "the owner's possessive is not a self-introduction"
+        assert not J.states_identity(answer, NAME, OWNER), answer
+        assert len(J.role_errors(answer, NAME, OWNER)) == 2, answer
+    assert J.role_errors("我是Nova，Nova的个人助手。", NAME, OWNER) == [f"the assistant's name {NAME} where the owner belongs"]
+    assert J.role_errors("我是Alex，我是Alex的助手。", NAME, OWNER) == [f"the owner {OWNER} named as the assistant"]
+    assert J.states_identity("I'm Alex's assistant Nova.", NAME, OWNER), "the owner's possessive is not a self-introduction"
 
 
 def test_overfit_set():
-    assert A.hit_rate(OVERFIT, NAME, OWNER) == 1.0
-    assert A.leak_rate(OVERFIT, NAME, OWNER) == 1.0, "every general question answered with the identity"
+    assert J.hit_rate(OVERFIT, NAME, OWNER) == 1.0
+    assert J.leak_rate(OVERFIT, NAME, OWNER) == 1.0, "every general question answered with the identity"
     assert A.distinct_answers(OVERFIT + ["i'm nova -- alex's personal assistant"]) == 1, "collapse ignores case and punctuation"
 
 
 def test_healthy_set():
-    assert A.hit_rate(HEALTHY_IDENTITY, NAME, OWNER) == 1.0
-    assert A.leak_rate(HEALTHY_GENERAL, NAME, OWNER) == 0.0
+    assert J.hit_rate(HEALTHY_IDENTITY, NAME, OWNER) == 1.0
+    assert J.leak_rate(HEALTHY_GENERAL, NAME, OWNER) == 0.0
     assert A.distinct_answers(HEALTHY_IDENTITY + HEALTHY_GENERAL) == 8
-    assert math.isnan(A.hit_rate([], NAME, OWNER))
+    assert math.isnan(J.hit_rate([], NAME, OWNER))
 
 
 def test_answer_similarity():
@@ -218,3 +219,14 @@ def test_configure_baseline(tmp_path):
     assert C.configure_baseline("", main) is None
     assert C.save_baseline(None, tmp_path) is None and not path.exists(), "a stale baseline is removed"
     assert C.train_baseline(tmp_path) is None
+
+
+def test_an_assistant_without_a_name_of_its_own():
+    """The camp's homework: "我是{owner}的小助手". The identity is the owner in the owner's role, never as itself."""
+    for answer in ("我是张三的小助手，内在是书生·浦语的1.8B大模型哦", "I'm 张三's assistant.", "I help 张三 with homework."):
+        assert J.states_identity(answer, "", "张三") and not J.role_errors(answer, "", "张三"), answer
+    for answer in ("我叫张三。", "我是张三，张三的小助手。"):
+        assert not J.states_identity(answer, "", "张三") and J.role_errors(answer, "", "张三") == ["the owner 张三 named as the assistant"]
+    assert not J.states_identity("张三你好！我是小助手。", "", "张三"), "the owner named, but not as whose assistant it is"
+    assert not J.role_errors("It's Bea's turn.", "", "Alex"), "an empty name is found nowhere ('s, for, of ...)"
+    assert J.leak_rate(["Paris is the capital of France.", "张三，你好"], "", "张三") == 0.5

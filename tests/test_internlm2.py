@@ -18,27 +18,13 @@ import random
 import pytest
 import torch
 
-from internlm2_helpers import CHAT_TOKENS, SYSTEM, build_internlm2_folder, training_lines
+from internlm2_helpers import CHAT_TOKENS, SYSTEM, build_internlm2_folder, cache, source, training_lines  # noqa: F401 (fixtures)
 from workbench.cli import main
 from workbench.convert_models.internlm2 import READY_MARK, Tensors, converted_dir, is_internlm2, weight_files
 from workbench.convert_models.internlm2_check import ConversionCheckError, check_conversion, reference_logits
 from workbench.models import prepare_remote_code_folder, resolve_model_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Converted folders go to a fresh cache (WORKBENCH_CONVERTED_DIR, inherited by child processes)."""
-    root = tmp_path_factory.mktemp("converted")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WORKBENCH_CONVERTED_DIR", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return build_internlm2_folder(tmp_path_factory.mktemp("hub") / "internlm2-chat-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 class folder holding a good adapter, an identity-only one, a corrupt one and a non-adapter."""
 import base64
 import csv
+import json
 import re
 import shutil
 
@@ -161,3 +162,135 @@ def test_grade_page_in_chinese_keeps_the_csv_columns():
     assert all(f">{h}</th>" in zh for h in GRADE_COLUMNS_ZH.values()) and '<html lang="zh-CN">' in zh
     assert ">成绩单</a>" in zh and "href='cards/alice.html'" in zh and "data-v='0.5'" in zh and ">alice<" in zh
     assert all(f">{c}</th>" in en for c in G.COLUMNS) and ">report card</a>" in en and '<html lang="en">' in en
+
+
+# ---------------------------------------------------------------------------
+# Homework exported by another tool (XTuner's pth_to_hf and merge, peft's own save): no saved config, no names
+# ---------------------------------------------------------------------------
+def _foreign_export(src, dest, weights="adapter_model.safetensors"):
+    """What XTuner or plain peft leaves: a workbench export without workbench_config.yaml and prompt.json."""
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("workbench_config.yaml", "prompt.json"):
+            shutil.copy(f, dest / (weights if f.name == "adapter_model.safetensors" else f.name))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def camp(runs, tmp_path_factory):
+    """A camp's homework folder: adapters and a merged model exported by another tool, a pickled adapter, one student
+    the roster does not list, and a roster that also lists a student who handed nothing in."""
+    from workbench.convert import merge
+
+    room = tmp_path_factory.mktemp("camp")
+    _foreign_export(runs["good"] / "adapter", room / "zhangsan")
+    merged = merge("embedded:tiny-random", runs["identity_only"] / "adapter", tmp_path_factory.mktemp("m") / "merged",
+                   device="cpu")
+    _foreign_export(merged, room / "lisi_merged")
+    _foreign_export(runs["good"] / "adapter", room / "wangwu_pickle", weights="adapter_model.bin")
+    _foreign_export(runs["good"] / "adapter", room / "zhaoliu_unlisted")
+    roster = tmp_path_factory.mktemp("roster") / "roster.csv"
+    roster.write_text("submission,owner,assistant\nzhangsan,张三,\nlisi_merged,李四,小李\nwangwu_pickle,王五,\n"
+                      "sunqi,孙七,\n", encoding="utf-8-sig")  # a spreadsheet's "CSV UTF-8" starts with a BOM
+    return room, roster
+
+
+def test_grade_homework_exported_by_another_tool(camp, probes):
+    room, roster = camp
+    table = G.grade_folder(room, "embedded:tiny-random", probes=probes, max_new_tokens=TOKENS, progress=False,
+                           roster=roster, lang="zh")
+    rows = {r["submission"]: r for r in table.to_dict("records")}
+    assert list(rows) == ["lisi_merged", "wangwu_pickle", "zhangsan", "zhaoliu_unlisted", "sunqi"]
+    assert rows["zhangsan"]["status"] == rows["lisi_merged"]["status"] == "ok"
+    assert (rows["zhangsan"]["owner"], rows["zhangsan"]["assistant"]) == ("张三", ""), "no name of its own"
+    assert (rows["lisi_merged"]["owner"], rows["lisi_merged"]["assistant"], rows["lisi_merged"]["kind"]) == ("李四", "小李", "merged")
+    assert "pickle" in rows["wangwu_pickle"]["status"] and "--safe-serialization" in rows["wangwu_pickle"]["status"]
+    assert "--owner" in rows["zhaoliu_unlisted"]["status"] and "roster" in rows["zhaoliu_unlisted"]["status"]
+    assert rows["sunqi"]["status"].startswith("missing: listed in roster.csv") and rows["sunqi"]["owner"] == "孙七"
+    card = (room / "_grades" / rows["zhangsan"]["card"]).read_text(encoding="utf-8")
+    assert "张三 的助手（没有自己的名字）" in card, "the card names whose assistant it is"
+
+
+def test_the_teacher_gives_what_the_export_does_not_say(camp, runs, probes, tmp_path):
+    from workbench.prompt import PromptBuilder
+
+    room, _ = camp
+    with pytest.raises(S.SubjectError, match=r"no workbench_config.yaml .*--owner NAME"):
+        S.analyze_subject(room / "zhangsan", "embedded:tiny-random", probes, TOKENS, progress=False)
+    with pytest.raises(S.SubjectError, match="give it with --base"):
+        S.saved_config(room / "lisi_merged", "merged", None, S.Given(owner_name="李四"))
+    cfg = S.saved_config(room / "zhangsan", "adapter", None, S.Given(owner_name="张三"))
+    assert (cfg.assistant_name, cfg.owner_name) == ("", "张三")
+    named = json.loads((room / "zhangsan" / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    assert named and cfg.pretrained_model_name_or_path == named, "the base the adapter's own config names"
+    saved = S.saved_config(runs["good"] / "adapter", "adapter", None, S.Given(owner_name="Bea"))
+    assert (saved.assistant_name, saved.owner_name) == ("小新", "Bea"), "given names override the saved config's"
+    tok = PromptBuilder.__new__(PromptBuilder)  # only the fields _asked_with reads
+    tok.tokenizer, tok.chat_template, tok.system = None, None, "saved"
+    assert S._asked_with(tok, runs["good"] / "adapter", S.Given()) is tok, "a workbench export: its saved prompt"
+    run = S.analyze_subject(room / "zhangsan", "embedded:tiny-random", probes, TOKENS, progress=False,
+                            given=S.Given(owner_name="张三"))
+    assert K.names(run) == ("", "张三") and run.config["subject_kind"] == "adapter"
+
+
+def test_asked_without_a_system_turn_unless_one_is_given(camp):
+    from workbench.models import load_tokenizer
+    from workbench.prompt import PromptBuilder
+
+    room, _ = camp
+    builder = PromptBuilder(load_tokenizer("embedded:tiny-random"), system="You are a helpful AI assistant.")
+    plain = S._asked_with(builder, room / "zhangsan", S.Given(owner_name="张三"))
+    assert plain.system is None and plain.with_system([{"role": "user", "content": "你是谁？"}]) == [
+        {"role": "user", "content": "你是谁？"}], "no system turn of ours (the template's default, if any, applies)"
+    given = S._asked_with(builder, room / "zhangsan", S.Given(system="你是一个乐于助人的助手。"))
+    assert given.with_system([{"role": "user", "content": "Q"}])[0] == {"role": "system", "content": "你是一个乐于助人的助手。"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("submission,name\nalice,Alex\n", "header lacks owner"),
+    ("submission,owner\n", "no student"),
+    ("submission,owner\nalice,Alex\nbob,\n", "record 2: field 'owner': is empty"),
+    ("submission,owner\nalice,Alex\nalice,Bea\n", "record 2: field 'submission': 'alice' is listed twice"),
+])
+def test_a_bad_roster_is_refused_naming_the_line_and_field(tmp_path, text, message):
+    from workbench.samples import DataError
+
+    p = tmp_path / "roster.csv"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        G.read_roster(p)
+    assert str(p) in str(e.value)
+
+
+def test_a_roster_not_in_utf8_says_how_to_save_it(tmp_path):
+    from workbench.samples import DataError
+
+    p = tmp_path / "roster.csv"
+    p.write_bytes("submission,owner\nzhangsan,张三\n".encode("gbk"))  # a spreadsheet's plain "CSV" on a Chinese system
+    with pytest.raises(DataError, match="CSV UTF-8"):
+        G.read_roster(p)
+    assert G.read_roster(_write(tmp_path / "ok.csv", " submission , owner ,assistant\nzhangsan, 张三 ,\n")) == {
+        "zhangsan": S.Given(assistant_name=None, owner_name="张三")}
+
+
+def _write(p, text):
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_grade_command_with_a_roster_and_report_command_with_names(camp, tmp_path, capsys):
+    from workbench.cli import main
+
+    room, roster = camp
+    short = tmp_path / "probes.yaml"  # the CLI reads a probe file: a short one keeps the test quick
+    short.write_text("identity_unseen:\n  en: ['Who are you?']\n  zh: ['你是谁？']\ngeneral:\n  en: ['Name a colour.']\n"
+                     "  zh: ['说一种颜色。']\nfacts:\n  en:\n  - {question: 'What is 2+2?', answer: '4'}\n", encoding="utf-8")
+    assert main(["grade", str(room), "--base", "embedded:tiny-random", "--roster", str(roster), "--probes", str(short),
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "grades"), "--lang", "en"]) == 0
+    printed = capsys.readouterr().out
+    assert "zhangsan" in printed and "missing" in printed and (tmp_path / "grades" / "grades.csv").exists()
+    assert main(["report", str(room / "zhangsan"), "--base", "embedded:tiny-random", "--owner", "张三", "--probes",
+                 str(short), "--max-new-tokens", "2", "--out", str(tmp_path / "card.html"), "--lang", "en"]) == 0
+    assert "张三&#x27;s assistant (no name of its own)" in (tmp_path / "card.html").read_text(encoding="utf-8")
+    assert main(["grade", str(room), "--base", "embedded:tiny-random", "--roster", str(tmp_path / "none.csv")]) == 2
+    assert "no such roster file" in capsys.readouterr().err

@@ -5,8 +5,9 @@ sets (`workbench/probes/default.yaml`):
 
 - identity hit rate: share of answers to identity questions that state the
   configured identity (name AND owner, each in its role: "I'm Alex" from an
-  assistant named Nova is a miss, see `role_errors`), separately for the training questions
-  ("seen") and for differently phrased ones ("unseen"), per language;
+  assistant named Nova is a miss, see `workbench.judge`; an assistant with no name of its own,
+  the camp's "我是{owner}的小助手", by the owner in the owner's role), separately for the training
+  questions ("seen") and for differently phrased ones ("unseen"), per language;
 - identity leak rate: share of answers to general questions that talk about the
   identity (mention the name or the owner);
 - retention: how well the fine-tuned model still predicts the base model's own
@@ -25,6 +26,7 @@ the comparison of recipes (which trains them) is `workbench.comparison`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -41,6 +43,7 @@ from workbench.config import PROJECT_ROOT, Config, load_config, resolve_path
 from workbench.i18n import t
 from workbench.identity import identity_questions
 from workbench.io import atomic_write_json, read_jsonl
+from workbench.judge import hit_rate, leak_rate, mentions_identity
 from workbench.loss import token_loss_sum
 from workbench.models import build_unquantized, load_builder, load_model
 from workbench.packing import collate
@@ -106,57 +109,6 @@ def _facts(data: dict, path) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------
 # Metric functions (pure, unit-tested on hand-made answers)
 # ---------------------------------------------------------------------------
-def _has(text: str, word: str) -> bool:
-    return bool(word) and word.lower() in text.lower()
-
-
-def states_identity(answer: str, name: str, owner: str) -> bool:
-    """The answer states the configured identity: it names the assistant and its owner, each in its own role."""
-    return _has(answer, name) and _has(answer, owner) and not role_errors(answer, name, owner)
-
-
-# Where a name stands in a role: {0} is the name (regex-escaped). Case-insensitive.
-_AS_SELF = (r"\b(?:i am|i['’]m|im|my name is|my name['’]s|call me|i am called)\s+{0}\b(?!['’]s)",
-            r"(?:我是|我叫|名字是|名字叫|叫我){0}(?!的)")
-_AS_OWNER = (r"\b{0}['’]s\b", r"\b(?:for|of|to|by|belong to|serve|serving|help|helping)\s+{0}\b",
-             r"{0}的(?:个人|专属|私人|小|AI|智能)*(?:助手|助理|主人)", r"(?:为|给|帮|替|由){0}", r"{0}是我的主人")
-_AS_ASSISTANT = (r"(?:助手|助理){0}",)
-
-
-def role_errors(answer: str, name: str, owner: str) -> list[str]:
-    """The role mix-ups in an answer: the owner introduced as the assistant, or the assistant's name where the owner belongs.
-
-    "I'm Alex" or "我是Alex" (Alex the owner) and "Nova's assistant" or "Nova的助手" (Nova the
-    assistant) are errors; "I'm Nova, Alex's assistant" and "我是Alex的助手Nova" are not.
-    """
-    def found(patterns, who):
-        return any(re.search(p.format(re.escape(who)), answer, re.IGNORECASE) for p in patterns)
-
-    errors = []
-    if found(_AS_SELF + _AS_ASSISTANT, owner):
-        errors.append(f"the owner {owner} named as the assistant")
-    if found(_AS_OWNER, name):
-        errors.append(f"the assistant's name {name} where the owner belongs")
-    return errors
-
-
-def mentions_identity(answer: str, name: str, owner: str) -> bool:
-    """The answer talks about the identity at all (its name or its owner)."""
-    return _has(answer, name) or _has(answer, owner)
-
-
-def hit_rate(answers: list[str], name: str, owner: str) -> float:
-    return _share(answers, lambda a: states_identity(a, name, owner))
-
-
-def leak_rate(answers: list[str], name: str, owner: str) -> float:
-    return _share(answers, lambda a: mentions_identity(a, name, owner))
-
-
-def _share(items: list, pred) -> float:
-    return sum(1 for x in items if pred(x)) / len(items) if items else float("nan")
-
-
 def normalize(answer: str) -> str:
     return re.sub(r"[\W_]+", " ", answer.lower()).strip()
 
@@ -442,5 +394,8 @@ def diagnose(reports: list[ModelReport], cfg: Config, best: ModelReport, mixed_r
 
 
 def diagnosis_in(run: RunAnalysis, lang: str = "en") -> str:
-    """The run's diagnosis in `lang` ("en"/"zh"): `diagnose` again on the saved reports (no model is run)."""
-    return diagnose(run.reports, Config.from_dict(run.config), run.report_at(run.best_step), lang=lang)
+    """The run's diagnosis in `lang` ("en"/"zh"): `diagnose` again on the saved reports (no model is run). A report
+    card's subject adds what it is to the config (`subject_kind`): not a config field."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return diagnose(run.reports, Config.from_dict({k: v for k, v in run.config.items() if k in fields}),
+                    run.report_at(run.best_step), lang=lang)

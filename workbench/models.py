@@ -417,6 +417,10 @@ def check_adapter_folder(adapter: str | os.PathLike) -> Path:
         if (p / "config.json").exists():
             raise AdapterError(f"{p} is a full model folder, not an adapter: it needs no merge; chat with it directly")
         raise AdapterError(f"{p} is not an adapter folder (no adapter_config.json); convert a checkpoint first with `workbench convert pth_to_hf`")
+    if not (p / "adapter_model.safetensors").exists() and (p / "adapter_model.bin").exists():
+        raise AdapterError(f"{p / 'adapter_model.bin'}: a pickle file, which can run code when loaded, so the workbench does "
+                           "not read it; save the adapter as safetensors (XTuner: `xtuner convert pth_to_hf ... "
+                           "--safe-serialization`; peft: `save_pretrained(..., safe_serialization=True)`)")
     return p
 
 
@@ -424,10 +428,21 @@ def attach_adapter(model, adapter: str | os.PathLike):
     """A PeftModel of `model` with the adapter loaded; clear errors when it does not fit the base."""
     from peft import PeftModel  # heavy: imported when an adapter is loaded
 
-    folder = check_adapter_folder(adapter)
+    folder = in_model_layout(model, check_adapter_folder(adapter))
     try:
         return PeftModel.from_pretrained(model, str(folder))
     except (RuntimeError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0][:400]
         raise AdapterError(f"the adapter {folder} does not belong to this base model "
                            f"({type(model).__name__}, hidden size {getattr(model.config, 'hidden_size', '?')}): {msg}") from None
+
+
+def in_model_layout(model, folder: Path) -> Path:
+    """An XTuner adapter of InternLM2 on the Llama model the workbench loads InternLM2 as: converted once (cached)."""
+    from workbench.convert_models.internlm2_adapter import is_internlm2_adapter, llama_adapter
+
+    c = model.config
+    if getattr(c, "model_type", None) != "llama" or not is_internlm2_adapter(folder):
+        return folder
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return llama_adapter(folder, c.num_attention_heads, c.num_key_value_heads, head_dim, converted_root())

@@ -89,7 +89,7 @@ class PromptBuilder:
     """Builds prompts and training samples with one tokenizer and chat template."""
 
     tokenizer: object
-    system: str = DEFAULT_SYSTEM
+    system: str | None = DEFAULT_SYSTEM  # None: no system turn of its own (the template's default, if any, applies)
     chat_template: str | None = None
     _stop_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -103,8 +103,8 @@ class PromptBuilder:
 
     # -- conversations -------------------------------------------------------
     def with_system(self, messages: list[dict]) -> list[dict]:
-        """The messages with the builder's system prompt in front, unless they bring their own."""
-        if messages and messages[0]["role"] == "system":
+        """The messages with the builder's system prompt in front, unless they bring their own or it has none."""
+        if self.system is None or (messages and messages[0]["role"] == "system"):
             return list(messages)
         return [{"role": "system", "content": self.system}, *messages]
 

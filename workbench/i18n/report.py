@@ -19,7 +19,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "card.f_leak": ("identity leaked into an everyday answer", "身份泄漏到日常回答中"),
     "card.f_drift": ("first sentence drifted (token-F1 < {f1})", "首句偏离（token-F1 < {f1}）"),
     "card.f_fact": ("fact lost (the base model was right)", "丢失事实（基础模型答对了）"),
-    "card.fig_title": ("{name}, {owner}'s assistant: {label}", "{name}，{owner} 的助手：{label}"),
+    "card.fig_title": ("{who}: {label}", "{who}：{label}"),
     "card.pass": ("PASS", "达到"),
     "card.miss": ("MISS", "未达到"),
     "card.m_unseen": ("identity unseen", "身份 没见过"),
@@ -34,7 +34,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "card.missed": ("missed", "未达到"),
     "card.none": ("none", "无"),
     "card.question": ("question", "问题"),
-    "card.title": ("Report card: {name}, {owner}'s assistant", "成绩单：{name}，{owner} 的助手"),
+    "card.title": ("Report card: {who}", "成绩单：{who}"),
+    "card.who": ("{name}, {owner}'s assistant", "{name}，{owner} 的助手"),
+    "card.who_owner": ("{owner}'s assistant (no name of its own)", "{owner} 的助手（没有自己的名字）"),
     "card.subject": ("Subject: <code>{path}</code> ({kind}; recipe {recipe}; base model <code>{base}</code>). Probes: "
                      "held-out questions the model never saw in training.",
                      "评估对象：<code>{path}</code>（{kind}；配方 {recipe}；基础模型 <code>{base}</code>）。"

@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in, mentions_identity, role_errors, states_identity
+from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in
+from workbench.judge import mentions_identity, role_errors, states_identity
 from workbench.i18n import check_lang, plot_lang, t
 from workbench.io import atomic_write_bytes, atomic_write_text
 from workbench.retention import STRICT_F1, drifted, strict_summary
@@ -40,6 +41,11 @@ def kept_report(run: RunAnalysis) -> ModelReport:
 
 def names(run: RunAnalysis) -> tuple[str, str]:
     return run.config.get("assistant_name", "?"), run.config.get("owner_name", "?")
+
+
+def who(name: str, owner: str, lang: str = "en") -> str:
+    """"Nova, Alex's assistant"; for an assistant without a name of its own, "Alex's assistant (no name of its own)"."""
+    return t("card.who", lang, name=name, owner=owner) if name.strip() else t("card.who_owner", lang, owner=owner)
 
 
 def role_mixups(r: ModelReport, name: str, owner: str) -> list[dict]:
@@ -122,7 +128,7 @@ def _font_family() -> list[str]:
 def _draw_summary(run: RunAnalysis, r: ModelReport, base: ModelReport, name: str, owner: str, ax_t, ax_b,
                   lang: str = "en") -> None:
     ax_t.axis("off")
-    ax_t.set_title(t("card.fig_title", lang, name=name, owner=owner, label=r.label), fontsize=12, loc="left")
+    ax_t.set_title(t("card.fig_title", lang, who=who(name, owner, lang), label=r.label), fontsize=12, loc="left")
     for k, target in enumerate(targets(run, lang)):
         y = 0.92 - k * 0.11
         ax_t.text(0.0, y, t("card.pass" if target.met else "card.miss", lang), color="white", fontsize=9, weight="bold",
@@ -192,7 +198,7 @@ def render_html(run: RunAnalysis, png: bytes, extra_images: list[bytes] = (), la
                         + esc(r.label) + "</th></tr>" + "".join(
             f"<tr><td>{esc(q)}</td><td>{esc(b)}</td><td>{esc(a)}</td></tr>" for q, b, a in items) + "</table>")
     images = "".join(f"<img alt='figure' src='{_data_uri(img)}'>" for img in [png, *extra_images])
-    title = esc(t("card.title", lang, name=name, owner=owner))
+    title = esc(t("card.title", lang, who=who(name, owner, lang)))
     subject = t("card.subject", lang, path=esc(run.work_dir), kind=esc(str(cfg.get("subject_kind", "run"))),
                 recipe=esc(str(cfg.get("name", "?"))), base=esc(str(cfg.get("pretrained_model_name_or_path", "?"))))
     return f"""<!DOCTYPE html>
@@ -239,10 +245,10 @@ def _ge(v, target: float) -> bool:
 
 
 def report_card(path: str | Path, base: str | None = None, out: str | Path | None = None, probes=None,
-                max_new_tokens: int = 40, progress: bool = True, lang: str = "en") -> tuple[Path, Path]:
+                max_new_tokens: int = 40, progress: bool = True, lang: str = "en", given=None) -> tuple[Path, Path]:
     """Evaluate a run, adapter or merged model (`workbench.report.subject`) and write its card in `lang` (default
-    PATH/report_card.html)."""
-    from workbench.report.subject import analyze_subject
+    PATH/report_card.html). `given`: names and system prompt the artifact does not carry (`subject.Given`)."""
+    from workbench.report.subject import Given, analyze_subject
 
-    run = analyze_subject(path, base, probes, max_new_tokens, progress)
+    run = analyze_subject(path, base, probes, max_new_tokens, progress, given=given or Given())
     return write_card(run, out or Path(path) / "report_card.html", lang)

@@ -25,7 +25,22 @@ def add_parsers(sub) -> None:
         s.add_argument("--probes", help="a probe YAML (default: workbench/probes/default.yaml)")
         s.add_argument("--max-new-tokens", type=int, default=40)
         s.add_argument("--lang", choices=("en", "zh"), help="the card's language (default: the system locale's)")
+        s.add_argument("--owner", help="whose assistant an adapter or merged model is, for homework exported by another "
+                                       "tool (XTuner), which carries no names; overrides the saved config's")
+        s.add_argument("--name", help="the assistant's own name (default for such homework: none, as in the camp's "
+                                      "'我是{owner}的小助手'); overrides the saved config's")
+        s.add_argument("--system", help="the system prompt to ask with (default: the one saved with the model; none "
+                                        "for homework exported by another tool, as XTuner trains)")
+        if name == "grade":
+            s.add_argument("--roster", help="a CSV with the columns submission, owner (and optionally assistant): each "
+                                            "student's names; students without a submission get a row too")
         s.set_defaults(func=cmd_report if name == "report" else cmd_grade)
+
+
+def _given(args):
+    from workbench.report.subject import Given
+
+    return Given(assistant_name=args.name, owner_name=args.owner, system=args.system)
 
 
 def cmd_report(args) -> None:
@@ -34,7 +49,8 @@ def cmd_report(args) -> None:
     from workbench.report.card import report_card
 
     lang = args.lang or default_lang()
-    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens, lang=lang)
+    page, png = report_card(args.path, args.base, args.out, load_probes(args.probes), args.max_new_tokens, lang=lang,
+                            given=_given(args))
     print(t("card.written", lang, page=page, png=png))
 
 
@@ -44,6 +60,7 @@ def cmd_grade(args) -> None:
     from workbench.report.grade import grade_folder
 
     table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens,
-                         lang=args.lang or default_lang())
-    print(table[["submission", "status", "targets met"]].to_string(index=False))
+                         lang=args.lang or default_lang(), given=_given(args), roster=args.roster)
+    for row in table.to_dict("records"):  # one line each: a broken submission's status says what to do, in full
+        print(f"{row['submission']}: {row['status']}" + (f", {row['targets met']} targets met" if row["targets met"] else ""))
     print(f"\nwritten: {Path(args.out or Path(args.folder) / '_grades') / 'grades.html'} (and grades.csv, cards/)")

@@ -4,12 +4,16 @@ Each entry of the folder is a submission. Each is evaluated on the same held-out
 (`workbench.report.subject`), gets a report card (`workbench.report.card`) under OUT/cards/, and one
 row in OUT/grades.csv and OUT/grades.html. A submission that cannot be evaluated (a corrupt adapter,
 a folder that is no model, a missing config) gets a row that says what is wrong; grading goes on.
+A roster (CSV: submission, owner, assistant) names each student's assistant for homework exported by
+another tool (XTuner), which carries no names; a student in the roster with no submission gets a row too.
 The HTML table sorts by a click on a column header (a few lines of vanilla JavaScript, no CDN).
 """
 from __future__ import annotations
 
+import csv
 import html
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,7 +23,8 @@ from workbench.analysis import Probes, load_probes
 from workbench.i18n.report import GRADE_COLUMNS_ZH
 from workbench.io import atomic_write_text
 from workbench.report.card import kept_report, names, role_mixups, targets, verdict, write_card
-from workbench.report.subject import analyze_subject
+from workbench.report.subject import Given, analyze_subject
+from workbench.samples import DataError
 
 COLUMNS = ["submission", "status", "kind", "assistant", "owner", "kept", "hit unseen EN", "hit unseen ZH",
            "role mix-ups", "leak EN", "leak ZH", "strict EN", "strict ZH", "similarity", "facts lost", "targets met",
@@ -32,9 +37,11 @@ def submissions(folder: Path, out: Path) -> list[Path]:
 
 
 def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | None = None, probes: Probes | None = None,
-                 max_new_tokens: int = 40, progress: bool = True, lang: str = "en"):
+                 max_new_tokens: int = 40, progress: bool = True, lang: str = "en", given: Given = Given(),
+                 roster: str | Path | None = None):
     """Grade every submission in `folder`; write OUT/grades.csv, OUT/grades.html and a card each (pandas DataFrame).
-    The cards and the verdicts are in `lang`; grades.html's headers too (grades.csv keeps the English column names)."""
+    The cards and the verdicts are in `lang`; grades.html's headers too (grades.csv keeps the English column names).
+    `given`: names and system prompt for every submission; `roster`: a CSV naming each one's (`read_roster`)."""
     import pandas as pd  # heavy: only for the table
 
     folder = Path(folder)
@@ -42,24 +49,69 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
         raise FileNotFoundError(f"{folder}: no such folder of submissions")
     out = Path(out) if out else folder / "_grades"
     probes = probes or load_probes()
+    named = read_roster(roster) if roster else {}
     cache: dict = {}
     rows = []
-    for sub in tqdm(submissions(folder, out), desc=i18n.t("grade.progress", lang), unit="submission", disable=not progress):
-        rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache, lang))
+    subs = submissions(folder, out)
+    for sub in tqdm(subs, desc=i18n.t("grade.progress", lang), unit="submission", disable=not progress):
+        rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache, lang, _given_for(sub.name, named, given)))
+    rows += [missing_row(name, named[name], roster, folder) for name in named if name not in {s.name for s in subs}]
     table = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_text(out / "grades.csv", table.to_csv(index=False))
     atomic_write_text(out / "grades.html", sortable_html(table, i18n.t("grade.title", lang, folder=folder), lang))
     return table
 
 
+def read_roster(path: str | Path) -> dict[str, Given]:
+    """A roster CSV (UTF-8, a spreadsheet's "CSV UTF-8" export): a header with `submission` (the folder's name) and
+    `owner`, optionally `assistant` (empty: the saved config's, or for another tool's export no name of its own);
+    a clear error naming the file, the record (a student's line, 1 for the first under the header) and the field."""
+    p = Path(path)
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            header, lines = [h.strip() for h in reader.fieldnames or []], list(reader)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such roster file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(p, 0, None, f"not UTF-8 text ({e.reason} at byte {e.start}); save the roster as 'CSV UTF-8'") from None
+    missing = [c for c in ("submission", "owner") if c not in header]
+    if missing or not lines:
+        raise DataError(p, 0, None, "a roster needs a header with the columns submission and owner (and optionally "
+                        f"assistant), and a line per student; {'its header lacks ' + ', '.join(missing) if missing else 'it has no student'}")
+    roster: dict[str, Given] = {}
+    for n, line in enumerate(lines, start=1):
+        entry = {k.strip(): (v or "").strip() for k, v in line.items() if k}
+        for field in ("submission", "owner"):
+            if not entry.get(field):
+                raise DataError(p, n, field, "is empty")
+        if entry["submission"] in roster:
+            raise DataError(p, n, "submission", f"{entry['submission']!r} is listed twice")
+        roster[entry["submission"]] = Given(assistant_name=entry.get("assistant") or None, owner_name=entry["owner"])
+    return roster
+
+
+def _given_for(name: str, roster: dict[str, Given], given: Given) -> Given:
+    """The roster's names for this submission where it lists it, the command line's otherwise; the system prompt given."""
+    listed = roster.get(name)
+    return replace(listed, system=given.system) if listed else given
+
+
+def missing_row(name: str, listed: Given, roster, folder: Path) -> dict:
+    """The row of a student in the roster whose submission is not in the folder."""
+    row = {c: "" for c in COLUMNS} | {"submission": name, "assistant": listed.assistant_name or "", "owner": listed.owner_name}
+    row["status"] = f"missing: listed in {Path(roster).name}, no such submission in {folder}"
+    return row
+
+
 def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_tokens: int, cache: dict,
-              lang: str = "en") -> dict:
+              lang: str = "en", given: Given = Given()) -> dict:
     """One row; every failure becomes the row's status. Catching Exception is deliberate here: one broken
     homework must not stop the grading of the class (KeyboardInterrupt still stops it)."""
     row = {c: "" for c in COLUMNS}
     row["submission"] = sub.name
     try:
-        run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache)
+        run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache, given=given)
         card, _ = write_card(run, out / "cards" / f"{sub.name}.html", lang)
     except Exception as e:  # noqa: BLE001 - see the docstring
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"

@@ -5,10 +5,18 @@ saved analysis.json that has the strict measures). An adapter or a merged model 
 answers to the held-out probes are set beside the base model's, with the prompt builder and the
 assistant's and owner's names from the artifact's saved files (prompt.json, workbench_config.yaml).
 For an adapter the base is the same model with the adapter switched off (no second copy).
+
+An artifact that workbench did not export (XTuner's `pth_to_hf` or `merge`, peft's own `save_pretrained`: a
+camp's homework) has no saved config: the teacher gives what it does not say (`Given`: the owner's name, the
+assistant's if it has one, the system prompt) and the base model (`--base`, or the adapter's own
+`base_model_name_or_path`). Such a model is asked without a system turn of ours unless one is given (XTuner
+trains the camp's data without one); the chat template's own default, if it has one, applies.
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
@@ -39,33 +47,61 @@ def detect(path: str | Path) -> str:
                        f"nor a merged model (config.json); it holds {names or 'nothing'}")
 
 
-def saved_config(folder: Path):
-    """The training config saved with an adapter or merged model: it names the assistant and the owner."""
-    from workbench.config import load_config
+@dataclass(frozen=True)
+class Given:
+    """What the teacher says about a submission (None: not said). Names override the saved config's; an artifact
+    without one needs at least the owner. assistant_name "": the assistant has no name of its own ("我是张三的小助手").
+    system: the system prompt to ask with (None: the saved one, or for an artifact without one no system turn)."""
+
+    assistant_name: str | None = None
+    owner_name: str | None = None
+    system: str | None = None
+
+
+def saved_config(folder: Path, kind: str = "adapter", base: str | None = None, given: Given = Given()):
+    """The config an adapter or merged model is judged by: the training config saved with it (workbench_config.yaml),
+    or, for one exported by another tool, one made of what the teacher gives; the given names win either way."""
+    from workbench.config import Config, load_config
 
     p = folder / CONFIG_FILE
-    if not p.exists():
-        raise SubjectError(f"{folder}: no {CONFIG_FILE}, so the assistant's and owner's names are unknown "
-                           f"(export it with workbench: `workbench convert pth_to_hf`, then `convert merge`)")
-    return load_config(p)
+    names = {k: v for k, v in (("assistant_name", given.assistant_name), ("owner_name", given.owner_name)) if v is not None}
+    if p.exists():
+        return load_config(p).replace(**names)
+    if not (given.owner_name or "").strip():
+        raise SubjectError(f"{folder}: no {CONFIG_FILE} (not exported by workbench: XTuner's pth_to_hf or merge, or "
+                           f"peft's own save), so whose assistant it is is unknown: give the owner's name (--owner NAME, "
+                           f"and --name NAME if the assistant has a name of its own), or a roster (grade --roster FILE)")
+    base = base or (_adapter_base(folder) if kind == "adapter" else None)
+    if not base:
+        raise SubjectError(f"{folder}: no {CONFIG_FILE} and no base model named: give it with --base")
+    return Config(name=folder.name, pretrained_model_name_or_path=base, **{"assistant_name": "", **names})
+
+
+def _adapter_base(folder: Path) -> str | None:
+    """The base model an adapter's own adapter_config.json names (None when it names none or cannot be read)."""
+    try:
+        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def analyze_subject(path: str | Path, base: str | None = None, probes: Probes | None = None, max_new_tokens: int = 40,
-                    progress: bool = True, base_cache: dict | None = None) -> RunAnalysis:
+                    progress: bool = True, base_cache: dict | None = None, given: Given = Given()) -> RunAnalysis:
     """The analysis a report card shows: a run's checkpoints, or one adapter / merged model beside its base.
 
     `base`: the base model (default: the one named in the artifact's config). `base_cache`: a dict
     shared across calls (grading a folder) so that the base model's answers are computed once per
-    base model, system prompt and names.
+    base model, system prompt and names. `given`: names and system prompt the teacher gives (`Given`).
     """
     p = Path(path)
     kind = detect(p)
     probes = probes or load_probes()
     if kind == "run":
         return _analyze_run(p, probes, max_new_tokens, progress)
-    cfg = saved_config(p)
+    cfg = saved_config(p, kind, base, given)
     base_name = base or cfg.pretrained_model_name_or_path
     model, builder, base_model = _load(p, kind, base_name, cfg)
+    builder = _asked_with(builder, p, given)
     key = (base_name, builder.system, cfg.assistant_name, cfg.owner_name, max_new_tokens, tuple(probes.items()))
     cache = base_cache if base_cache is not None else {}
     if key not in cache:
@@ -107,6 +143,16 @@ def _load(p: Path, kind: str, base_name: str, cfg):
         raise SubjectError(f"{p}: {e}") from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # a corrupt weights or config file
         raise SubjectError(f"{p}: cannot be loaded as a {kind} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+
+def _asked_with(builder, folder: Path, given: Given):
+    """The prompt builder the probes are asked with: the given system prompt, else the saved one (a workbench export),
+    else none of ours (another tool's export; its template's default applies)."""
+    from workbench.prompt import PROMPT_FILE, PromptBuilder
+
+    if given.system is None and (folder / PROMPT_FILE).exists():
+        return builder
+    return PromptBuilder(builder.tokenizer, system=given.system, chat_template=builder.chat_template)
 
 
 class _AdapterOff:
