@@ -76,3 +76,35 @@ def test_card_and_grades_in_chromium(graded):
         assert not _severe(driver), _severe(driver)
     finally:
         driver.quit()
+
+
+def test_a_camp_grade_page_in_chinese_in_chromium(graded, tmp_path):
+    """XTuner-style homework (no saved config) named by a roster, graded in Chinese: the missing student's row, the
+    card of an assistant with no name of its own, every image loaded, no console error."""
+    from workbench.report.grade import grade_folder
+
+    room = tmp_path / "camp"
+    adapter = graded.parent.parent / "run" / "adapter"
+    (room / "zhangsan").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # what `xtuner convert pth_to_hf` leaves
+        shutil.copy(adapter / name, room / "zhangsan" / name)
+    roster = tmp_path / "roster.csv"
+    roster.write_text("submission,owner\nzhangsan,张三\nlisi,李四\n", encoding="utf-8")
+    p = A.load_probes()
+    probes = A.Probes({l: q[:1] for l, q in p.identity_seen.items()}, {l: q[:1] for l, q in p.identity_unseen.items()},
+                      {l: q[:1] for l, q in p.general.items()}, {l: f[:1] for l, f in p.facts.items()})
+    grade_folder(room, "embedded:tiny-random", probes=probes, max_new_tokens=3, progress=False, lang="zh", roster=roster)
+    driver = chromium(1300, 1000, console_log=True)
+    try:
+        driver.get((room / "_grades" / "grades.html").as_uri())
+        cells = {r.find_elements("tag name", "td")[0].text: r.find_elements("tag name", "td")[1].text
+                 for r in driver.find_elements("css selector", "tbody tr")}
+        assert cells["zhangsan"] == "ok" and cells["lisi"].startswith("missing: listed in roster.csv"), cells
+        driver.find_element("link text", "成绩单").click()
+        assert driver.title == "成绩单：张三 的助手（没有自己的名字）"
+        images = driver.find_elements("tag name", "img")
+        assert images and all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                              for i in images), "every image loads"
+        assert not _severe(driver), _severe(driver)
+    finally:
+        driver.quit()

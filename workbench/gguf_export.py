@@ -388,7 +388,8 @@ def verify_gguf(path: str | os.PathLike, model: str, adapter: str | None = None,
     """A written GGUF against the merged model: max |logit difference|, greedy answers, prompt ids."""
     reference, builder, _ = load_for_export(model, adapter)
     loaded = load_gguf_model(path)
-    outtype = "q8_0" if "Q8_0" in {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} else "f16"
+    header = gguf.GGUFReader(str(path))  # read once here: parsing the vocabulary's arrays takes seconds
+    outtype = "q8_0" if "Q8_0" in {t.tensor_type.name for t in header.tensors} else "f16"
     rounded = rounded_like_gguf(reference, outtype)
     diff = rounding = 0.0
     for q in questions:
@@ -398,19 +399,19 @@ def verify_gguf(path: str | os.PathLike, model: str, adapter: str | None = None,
         rounding = max(rounding, (got - rounded(input_ids=ids).logits).abs().max().item())
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     answers = [(q, answer(reference, builder, q, settings=settings), answer(loaded, builder, q, settings=settings)) for q in questions]
-    template_ok = _template_matches(path, builder, questions[0])
+    template_ok = _template_matches(path, builder, questions[0], header)
     return {"outtype": outtype, "max |logit difference| vs merged": diff,
             "max |logit difference| vs merged with the GGUF's rounding": rounding,
             "same greedy answers": all(a == b for _, a, b in answers), "answers (merged, gguf)": answers,
             "template gives the training prompt ids": template_ok}
 
 
-def _template_matches(path, builder: PromptBuilder, question: str) -> bool:
+def _template_matches(path, builder: PromptBuilder, question: str, header) -> bool:
     from transformers import AutoTokenizer  # heavy: imported when used
 
     p = Path(path)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    if bytes(gguf.GGUFReader(str(p)).fields["tokenizer.ggml.model"].contents(), "utf-8") == b"llama":
+    if bytes(header.fields["tokenizer.ggml.model"].contents(), "utf-8") == b"llama":
         # llama.cpp puts the space prefix in front of every text fragment after a special token (llama-vocab.cpp,
         # `is_prev_special`); transformers' GGUF reader only in front of the first: read the file as llama.cpp does.
         from tokenizers import pre_tokenizers
