@@ -63,3 +63,30 @@ def test_served_merged_model_answers_the_openai_client_like_chat(run):
     assert server.returncode == 0, server.stderr
     assert reply == streamed == expected
     assert cfg.assistant_name in reply, reply
+
+
+def test_an_export_without_its_config_graded_with_the_names_given_equals_the_original(run, tmp_path):
+    """What XTuner (or peft's own save) leaves, only the adapter's config and weights: graded with the names and system
+    prompt the teacher gives, the same answers and measures as the workbench export that carries them."""
+    import shutil
+
+    from workbench import analysis as A
+    from workbench.report.subject import Given, analyze_subject
+
+    cfg, hf, _ = run
+    bare = tmp_path / "student"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(hf / name, bare / name)
+    p = A.load_probes()
+    probes = A.Probes({l: q[:1] for l, q in p.identity_seen.items()}, {l: q[:3] for l, q in p.identity_unseen.items()},
+                      {l: q[:2] for l, q in p.general.items()}, {l: f[:1] for l, f in p.facts.items()})
+    original = analyze_subject(hf, probes=probes, max_new_tokens=24, progress=False)
+    given = Given(assistant_name=cfg.assistant_name, owner_name=cfg.owner_name, system=cfg.system)
+    graded = analyze_subject(bare, "embedded", probes=probes, max_new_tokens=24, progress=False, given=given)
+    assert [a["answer"] for a in graded.reports[1].answers] == [a["answer"] for a in original.reports[1].answers]
+    assert graded.reports[1].hit_unseen == original.reports[1].hit_unseen and original.reports[1].hit_unseen["en"] > 0
+    owner_only = analyze_subject(bare, "embedded", probes=probes, max_new_tokens=24, progress=False,
+                                 given=Given(owner_name=cfg.owner_name, system=cfg.system))
+    assert owner_only.config["assistant_name"] == "" and owner_only.reports[1].hit_unseen["en"] > 0, \
+        "the owner in the owner's role is the identity of an assistant with no name of its own"
