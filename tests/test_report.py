@@ -212,8 +212,6 @@ def test_grade_homework_exported_by_another_tool(camp, probes):
 
 
 def test_the_teacher_gives_what_the_export_does_not_say(camp, runs, probes, tmp_path):
-    from workbench.prompt import PromptBuilder
-
     room, _ = camp
     with pytest.raises(S.SubjectError, match=r"no workbench_config.yaml .*--owner NAME"):
         S.analyze_subject(room / "zhangsan", "embedded:tiny-random", probes, TOKENS, progress=False)
@@ -225,25 +223,27 @@ def test_the_teacher_gives_what_the_export_does_not_say(camp, runs, probes, tmp_
     assert named and cfg.pretrained_model_name_or_path == named, "the base the adapter's own config names"
     saved = S.saved_config(runs["good"] / "adapter", "adapter", None, S.Given(owner_name="Bea"))
     assert (saved.assistant_name, saved.owner_name) == ("小新", "Bea"), "given names override the saved config's"
-    tok = PromptBuilder.__new__(PromptBuilder)  # only the fields _asked_with reads
-    tok.tokenizer, tok.chat_template, tok.system = None, None, "saved"
-    assert S._asked_with(tok, runs["good"] / "adapter", S.Given()) is tok, "a workbench export: its saved prompt"
     run = S.analyze_subject(room / "zhangsan", "embedded:tiny-random", probes, TOKENS, progress=False,
                             given=S.Given(owner_name="张三"))
     assert K.names(run) == ("", "张三") and run.config["subject_kind"] == "adapter"
 
 
-def test_asked_without_a_system_turn_unless_one_is_given(camp):
+def test_asked_without_a_system_prompt_unless_one_is_given(camp, runs):
+    """An XTuner export is asked as XTuner trains the camp's data: no system prompt, not even the default the
+    workbench's conversion of InternLM2 writes into the template (its meta_instruction)."""
     from workbench.models import load_tokenizer
-    from workbench.prompt import PromptBuilder
+    from workbench.prompt import FALLBACK_CHATML, PromptBuilder, with_default_system
 
     room, _ = camp
-    builder = PromptBuilder(load_tokenizer("embedded:tiny-random"), system="You are a helpful AI assistant.")
+    tok = load_tokenizer("embedded:tiny-random")
+    builder = PromptBuilder(tok, system="You are InternLM.", chat_template=with_default_system(FALLBACK_CHATML, "You are InternLM."))
     plain = S._asked_with(builder, room / "zhangsan", S.Given(owner_name="张三"))
-    assert plain.system is None and plain.with_system([{"role": "user", "content": "你是谁？"}]) == [
-        {"role": "user", "content": "你是谁？"}], "no system turn of ours (the template's default, if any, applies)"
+    text = tok.decode(plain.generation_prompt("你是谁？"))
+    assert plain.system is None and "system" not in text and "InternLM" not in text and "你是谁？" in text, text
     given = S._asked_with(builder, room / "zhangsan", S.Given(system="你是一个乐于助人的助手。"))
-    assert given.with_system([{"role": "user", "content": "Q"}])[0] == {"role": "system", "content": "你是一个乐于助人的助手。"}
+    assert tok.decode(given.generation_prompt("Q")).count("你是一个乐于助人的助手。") == 1
+    saved = S._asked_with(builder, runs["good"] / "adapter", S.Given())
+    assert saved is builder, "a workbench export keeps the prompt it was trained with"
 
 
 @pytest.mark.parametrize("text, message", [

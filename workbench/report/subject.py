@@ -9,8 +9,8 @@ For an adapter the base is the same model with the adapter switched off (no seco
 An artifact that workbench did not export (XTuner's `pth_to_hf` or `merge`, peft's own `save_pretrained`: a
 camp's homework) has no saved config: the teacher gives what it does not say (`Given`: the owner's name, the
 assistant's if it has one, the system prompt) and the base model (`--base`, or the adapter's own
-`base_model_name_or_path`). Such a model is asked without a system turn of ours unless one is given (XTuner
-trains the camp's data without one); the chat template's own default, if it has one, applies.
+`base_model_name_or_path`). Such a model is asked without a system prompt unless one is given, as XTuner trains
+the camp's data (a default the chat template itself adds, as SmolLM2's and Qwen's do, stays).
 """
 from __future__ import annotations
 
@@ -146,13 +146,15 @@ def _load(p: Path, kind: str, base_name: str, cfg):
 
 
 def _asked_with(builder, folder: Path, given: Given):
-    """The prompt builder the probes are asked with: the given system prompt, else the saved one (a workbench export),
-    else none of ours (another tool's export; its template's default applies)."""
-    from workbench.prompt import PROMPT_FILE, PromptBuilder
+    """The prompt builder the probes are asked with: the saved one of a workbench export (with the given system prompt
+    if one is given); for another tool's export the given system prompt or none, and without the default system prompt
+    the workbench's conversion of the base put into the template (InternLM2's): XTuner trains the camp's data with none."""
+    from workbench.prompt import PROMPT_FILE, PromptBuilder, strip_default_system
 
-    if given.system is None and (folder / PROMPT_FILE).exists():
-        return builder
-    return PromptBuilder(builder.tokenizer, system=given.system, chat_template=builder.chat_template)
+    if (folder / PROMPT_FILE).exists():
+        return builder if given.system is None else PromptBuilder(builder.tokenizer, system=given.system,
+                                                                  chat_template=builder.chat_template)
+    return PromptBuilder(builder.tokenizer, system=given.system, chat_template=strip_default_system(builder.chat_template))
 
 
 class _AdapterOff:
