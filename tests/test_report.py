@@ -273,6 +273,14 @@ def test_a_roster_not_in_utf8_says_how_to_save_it(tmp_path):
         "zhangsan": S.Given(assistant_name=None, owner_name="张三")}
 
 
+def test_the_roster_names_each_student_and_the_command_line_the_rest():
+    roster = {"zhangsan": S.Given(owner_name="张三"), "lisi": S.Given(owner_name="李四", assistant_name="小李")}
+    flags = S.Given(assistant_name="小助手", owner_name="Alex", system="Be brief.")
+    assert G._given_for("zhangsan", roster, flags) == S.Given("小助手", "张三", "Be brief.")
+    assert G._given_for("lisi", roster, flags) == S.Given("小李", "李四", "Be brief.")
+    assert G._given_for("wangwu", roster, flags) == flags
+
+
 def _write(p, text):
     p.write_text(text, encoding="utf-8")
     return p

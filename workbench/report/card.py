@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in
-from workbench.judge import mentions_identity, role_errors, states_identity
 from workbench.i18n import check_lang, plot_lang, t
 from workbench.io import atomic_write_bytes, atomic_write_text
+from workbench.judge import mentions_identity, role_errors, states_identity
 from workbench.retention import STRICT_F1, drifted, strict_summary
 
 # The targets of issue 23, on the held-out probes.

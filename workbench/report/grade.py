@@ -92,9 +92,12 @@ def read_roster(path: str | Path) -> dict[str, Given]:
 
 
 def _given_for(name: str, roster: dict[str, Given], given: Given) -> Given:
-    """The roster's names for this submission where it lists it, the command line's otherwise; the system prompt given."""
+    """The roster's names for this submission where it lists them, the command line's otherwise; the system prompt given."""
     listed = roster.get(name)
-    return replace(listed, system=given.system) if listed else given
+    if listed is None:
+        return given
+    return replace(listed, system=given.system,
+                   assistant_name=given.assistant_name if listed.assistant_name is None else listed.assistant_name)
 
 
 def missing_row(name: str, listed: Given, roster, folder: Path) -> dict:
