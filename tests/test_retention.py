@@ -2,6 +2,8 @@
 out of every training template and data file."""
 import math
 
+import re
+
 import pytest
 
 from workbench import analysis as A
@@ -108,8 +110,20 @@ def test_no_probe_text_occurs_in_any_training_data():
         assert f" {' '.join(R.units(probe))} " not in corpus, f"probe {probe!r} occurs in the training data"
 
 
-def test_probe_file_errors_name_the_record(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("identity_unseen: {en: [a], zh: [b]}\ngeneral: {en: [c], zh: [d]}\nfacts:\n  en:\n    - {question: q}\n",
+     "p.yaml: record 1: field 'facts.en': needs a 'question' and an 'answer'"),
+    ("identity_unseen:\n  en: [Who are you?]\n", "p.yaml: not valid YAML: "),
+    ("identity_unseen: {en: [a]}\n", "p.yaml: field 'general': needs a mapping of each language"),
+    ("identity_unseen: {en: a}\ngeneral: {en: [c]}\n", "p.yaml: field 'identity_unseen': needs a mapping"),
+])
+def test_probe_file_errors_name_the_file_record_and_field(tmp_path, text, message):
+    from workbench.cli import main
+    from workbench.samples import DataError
+
     bad = tmp_path / "p.yaml"
-    bad.write_text("identity_unseen: {en: [a], zh: [b]}\ngeneral: {en: [c], zh: [d]}\nfacts:\n  en:\n    - {question: q}\n")
-    with pytest.raises(ValueError, match=r"p.yaml: facts/en\[0\]"):
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(message)):
         A.load_probes(bad)
+    assert main(["grade", str(tmp_path), "--base", "embedded:tiny-random", "--probes", str(bad)]) == 2, \
+        "the command says so in a line (exit 2), no traceback"

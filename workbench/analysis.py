@@ -49,7 +49,7 @@ from workbench.models import build_unquantized, load_builder, load_model
 from workbench.packing import collate
 from workbench.readers import read_records
 from workbench.retention import drift_advice, fact_check, strict_retention, strict_summary
-from workbench.samples import Sample
+from workbench.samples import DataError, Sample
 
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
 HELDOUT_FILE = PROJECT_ROOT / "data" / "general_conversations_heldout.jsonl"
@@ -84,13 +84,28 @@ class Probes:
 
 def load_probes(path: str | Path | None = None, seen_per_lang: int = 6) -> Probes:
     """The probe file's unseen identity and general questions, plus a spread of the training questions."""
-    data = yaml.safe_load(Path(path or PROBES_FILE).read_text(encoding="utf-8"))
+    path = Path(path or PROBES_FILE)
+    data = _probe_file(path)
     seen = {}
     for lang in LANGS:
         qs = identity_questions(lang)
         step = max(1, len(qs) // seen_per_lang)
         seen[lang] = qs[::step][:seen_per_lang]
-    return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path or PROBES_FILE))
+    return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path))
+
+
+def _probe_file(path: Path) -> dict:
+    """The probe YAML, checked: `identity_unseen` and `general` map each language to a list of questions."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DataError(path, 0, None, f"not valid YAML: {' '.join(str(e).split())}") from None
+    for key in ("identity_unseen", "general"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, dict) or not all(isinstance(qs, list) and all(isinstance(q, str) and q.strip() for q in qs)
+                                                  for qs in value.values()):
+            raise DataError(path, 0, key, "needs a mapping of each language (en, zh) to a list of questions")
+    return data
 
 
 def _facts(data: dict, path) -> dict[str, list[dict]]:
@@ -101,7 +116,7 @@ def _facts(data: dict, path) -> dict[str, list[dict]]:
         for k, f in enumerate(facts):
             answers = f.get("answer") if isinstance(f, dict) else None
             if not isinstance(f, dict) or not f.get("question") or not answers:
-                raise ValueError(f"{path}: facts/{lang}[{k}]: needs a 'question' and an 'answer' (a string or a list)")
+                raise DataError(path, k + 1, f"facts.{lang}", "needs a 'question' and an 'answer' (a string or a list)")
             out[lang].append({"question": str(f["question"]), "answer": [str(a) for a in (answers if isinstance(answers, list) else [answers])]})
     return out
 
