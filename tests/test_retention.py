@@ -1,7 +1,6 @@
 """Strict retention (workbench.retention) on hand-written answer pairs, English and Chinese, and the probes held
 out of every training template and data file."""
 import math
-
 import re
 
 import pytest
