@@ -52,6 +52,9 @@ def test_detect_says_what_a_folder_is(tmp_path, runs):
         S.detect(tmp_path)
     with pytest.raises(S.SubjectError, match="not a folder"):
         S.detect(tmp_path / "notes.txt")
+    (tmp_path / "iter_500.pth").mkdir()  # XTuner's DeepSpeed checkpoint of the camp's QLoRA run
+    with pytest.raises(S.SubjectError, match=r"an XTuner work dir .*xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization"):
+        S.detect(tmp_path)
 
 
 def test_report_card_of_an_adapter(runs, probes, tmp_path):

@@ -43,6 +43,9 @@ def detect(path: str | Path) -> str:
     if (p / "config.yaml").exists() and ((p / "analysis.json").exists() or any(p.glob("iter_*"))):
         return "run"
     names = sorted(x.name for x in p.iterdir())[:6]
+    if any(p.glob("*.pth")):  # an XTuner work dir: its checkpoints are pickles (DeepSpeed folders or files)
+        raise SubjectError(f"{p}: an XTuner work dir (its .pth checkpoints are pickles, which the workbench never reads): "
+                           "hand in the adapter instead: `xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization`")
     raise SubjectError(f"{p}: neither a run (config.yaml and iter_* checkpoints), an adapter (adapter_config.json) "
                        f"nor a merged model (config.json); it holds {names or 'nothing'}")
 
