@@ -214,6 +214,21 @@ def test_grade_homework_exported_by_another_tool(camp, probes):
     assert "张三 的助手（没有自己的名字）" in card, "the card names whose assistant it is"
 
 
+def test_a_class_with_its_own_names_evaluates_the_base_model_once(camp, probes, monkeypatch):
+    """Each student names their own assistant: the base model answers once, its identity is scored for each one."""
+    room, roster = camp
+    calls = []
+    real = S._evaluate_base
+    monkeypatch.setattr(S, "_evaluate_base", lambda *a: calls.append(a[-2].owner_name) or real(*a))
+    cache = {}
+    for sub, owner in (("zhangsan", "张三"), ("zhaoliu_unlisted", "赵六")):
+        run = S.analyze_subject(room / sub, "embedded:tiny-random", probes, TOKENS, progress=False, base_cache=cache,
+                                given=S.Given(owner_name=owner))
+        base = run.base
+        assert base.leak == A.score_identity(A.ModelReport("b", 0, answers=base.answers), "", owner).leak
+    assert calls == ["张三"] and len(cache) == 1
+
+
 def test_the_teacher_gives_what_the_export_does_not_say(camp, runs, probes, tmp_path):
     room, _ = camp
     with pytest.raises(S.SubjectError, match=r"no workbench_config.yaml .*--owner NAME"):

@@ -237,11 +237,7 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
                            batch_size=PROBE_BATCH)
     rep = ModelReport(label, step, n_probes=len(items), distinct=distinct_answers(replies))
     rep.answers = [{"kind": k, "lang": l, "question": q, "answer": a} for (k, l, q), a in zip(items, replies)]
-    for lang in LANGS:
-        pick = lambda kind: [r["answer"] for r in rep.answers if r["kind"] == kind and r["lang"] == lang]  # noqa: E731
-        rep.hit_seen[lang] = hit_rate(pick("identity_seen"), name, owner)
-        rep.hit_unseen[lang] = hit_rate(pick("identity_unseen"), name, owner)
-        rep.leak[lang] = leak_rate(pick("general"), name, owner)
+    score_identity(rep, name, owner)
     general = [r for r in rep.answers if r["kind"] == "general"]
     if base is not None:
         base_general = [r for r in base.answers if r["kind"] == "general"]
@@ -251,6 +247,17 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
         add_strict_measures(rep, base, probes)
     if heldout:
         rep.heldout_loss = heldout_loss(model, builder, heldout)
+    return rep
+
+
+def score_identity(rep: ModelReport, name: str, owner: str) -> ModelReport:
+    """The report's identity hit (seen, unseen) and leak per language, from its answers, for these names: the only
+    measures that depend on them (grading scores one base model's answers for each student's names)."""
+    for lang in LANGS:
+        pick = lambda kind: [r["answer"] for r in rep.answers if r["kind"] == kind and r["lang"] == lang]  # noqa: E731
+        rep.hit_seen[lang] = hit_rate(pick("identity_seen"), name, owner)
+        rep.hit_unseen[lang] = hit_rate(pick("identity_unseen"), name, owner)
+        rep.leak[lang] = leak_rate(pick("general"), name, owner)
     return rep
 
 

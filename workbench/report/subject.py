@@ -14,13 +14,14 @@ the camp's data (a default the chat template itself adds, as SmolLM2's and Qwen'
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
-                                load_probes)
+                                load_probes, score_identity)
 from workbench.convert import CONFIG_FILE
 from workbench.models import ModelError
 
@@ -105,11 +106,15 @@ def analyze_subject(path: str | Path, base: str | None = None, probes: Probes | 
     base_name = base or cfg.pretrained_model_name_or_path
     model, builder, base_model = _load(p, kind, base_name, cfg)
     builder = _asked_with(builder, p, given)
-    key = (base_name, builder.system, cfg.assistant_name, cfg.owner_name, max_new_tokens, tuple(probes.items()))
+    # The base's answers depend on the model and the prompt, not on the names: one evaluation for a class whose
+    # students each named their own assistant; its identity measures are scored again for each one's names.
+    key = (base_name, builder.system, builder.chat_template, max_new_tokens, tuple(probes.items()))
     cache = base_cache if base_cache is not None else {}
     if key not in cache:
         cache[key] = _evaluate_base(base_model, builder, probes, cfg, max_new_tokens)
-    base_report, base_nll = cache[key]
+    cached, base_nll = cache[key]
+    base_report = score_identity(dataclasses.replace(cached, hit_seen={}, hit_unseen={}, leak={}), cfg.assistant_name,
+                                 cfg.owner_name)
     tuned = evaluate_model(model, builder, probes, cfg.assistant_name, cfg.owner_name, p.name, 1, base_report, base_nll,
                            max_new_tokens=max_new_tokens)
     config = {**cfg.to_dict(), "pretrained_model_name_or_path": base_name, "subject_kind": kind}
