@@ -43,7 +43,7 @@ from workbench.config import PROJECT_ROOT, Config, load_config, resolve_path
 from workbench.i18n import t
 from workbench.identity import identity_questions
 from workbench.io import atomic_write_json, read_jsonl
-from workbench.judge import hit_rate, leak_rate, mentions_identity
+from workbench.judge import hit_rate, leak_rate, mentions_identity, role_errors, states_identity  # noqa: F401 (the last two: still importable from here, where they were)
 from workbench.loss import token_loss_sum
 from workbench.models import build_unquantized, load_builder, load_model
 from workbench.packing import collate
