@@ -20,8 +20,8 @@ import torch
 from export_helpers import SYSTEM, make_adapter
 from workbench.cli import main
 from workbench.convert import merge
-from workbench.gguf_export import (GGUFError, export_gguf, gguf_chat_template, load_gguf_model, render_with_pieces,
-                                   role_pieces, rounded_like_gguf, verify_gguf)
+from workbench.gguf_export import (GGUFError, export_gguf, gguf_chat_template, load_gguf_model, parsed_once,
+                                   render_with_pieces, role_pieces, rounded_like_gguf, verify_gguf)
 from workbench.models import TINY_MODEL, load_tokenizer
 from workbench.portable import template_with_default_system
 from workbench.prompt import PromptBuilder
@@ -181,6 +181,31 @@ def test_verify_gguf_reports_the_checks(tiny):
     assert report["outtype"] == "f16" and report["template gives the training prompt ids"] is True
     assert report["max |logit difference| vs merged with the GGUF's rounding"] <= 1e-5
     assert report["same greedy answers"] is True
+
+
+def test_the_file_is_parsed_once_while_transformers_loads_it(tiny, monkeypatch):
+    parses = []
+    real = gguf.GGUFReader
+
+    class Counted(real):
+        def __init__(self, path, mode="r"):
+            parses.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    load_gguf_model(tiny["f16"].path)
+    assert len(parses) >= 2, "transformers parses the file more than once on its own"
+    parses.clear()
+    with parsed_once(tiny["f16"].path) as header:
+        loaded = load_gguf_model(tiny["f16"].path)
+        assert gguf.GGUFReader(str(tiny["f16"].path)) is header
+        assert gguf.GGUFReader(str(tiny["q8_0"].path)) is not header  # another file: parsed as usual
+    assert parses == [str(tiny["f16"].path), str(tiny["q8_0"].path)]
+    assert gguf.GGUFReader is Counted and gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not \
+        gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2), "both restored on the way out"
+    ids = prompt_ids(tiny["builder"], "Who are you?")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, load_gguf_model(tiny["f16"].path)(input_ids=ids).logits)
 
 
 # ---------------------------------------------------------------------------

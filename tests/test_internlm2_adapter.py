@@ -117,3 +117,29 @@ def test_workbench_merges_and_chats_with_an_xtuner_adapter_of_internlm2(source, 
     torch.testing.assert_close(merged(input_ids=ids).logits, on_base(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     assert main(["chat", str(source), "--adapter", str(adapter), "--prompt", "Who are you?", "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
+
+
+def test_grading_a_class_of_internlm2_homework_leaves_no_copy_per_merged_submission(source, cache, tmp_path):
+    """The camp's homework on InternLM2 itself: an XTuner adapter and two merged models in InternLM2's own layout (as
+    `xtuner convert merge` leaves them). Each merged one is evaluated through a converted copy; the copy made for
+    grading is gone after its row, one converted before (by chat, say) stays, and the base's conversion stays."""
+    import shutil
+
+    from workbench.analysis import Probes, load_probes
+    from workbench.convert_models.internlm2 import converted_dir
+    from workbench.models import prepare_remote_code_folder
+    from workbench.report.grade import grade_folder
+    from workbench.report.subject import Given
+
+    room = tmp_path / "homework"
+    xtuner_adapter(room / "zhangsan", source, seed=2)
+    for name in ("lisi_merged", "wangwu_merged"):
+        shutil.copytree(source, room / name)
+    kept = prepare_remote_code_folder(room / "wangwu_merged")  # wangwu chatted with it before handing it in
+    p = load_probes()
+    probes = Probes(*({l: q[:1] for l, q in part.items()} for part in (p.identity_seen, p.identity_unseen, p.general, p.facts)))
+    table = grade_folder(room, str(source), probes=probes, max_new_tokens=2, progress=False, given=Given(owner_name="张三"))
+    assert list(table["status"]) == ["ok", "ok", "ok"], list(table["status"])
+    assert list(table["kind"]) == ["merged", "merged", "adapter"]
+    assert not converted_dir(room / "lisi_merged", cache)[0].exists(), "the copy made for grading is removed"
+    assert kept.exists() and converted_dir(source, cache)[0].exists(), "a copy made before, and the base's, stay"

@@ -204,12 +204,13 @@ def test_grade_homework_exported_by_another_tool(camp, probes):
                            roster=roster, lang="zh")
     rows = {r["submission"]: r for r in table.to_dict("records")}
     assert list(rows) == ["lisi_merged", "wangwu_pickle", "zhangsan", "zhaoliu_unlisted", "sunqi"]
-    assert rows["zhangsan"]["status"] == rows["lisi_merged"]["status"] == "ok"
+    assert rows["zhangsan"]["status"] == rows["lisi_merged"]["status"] == "完成", "statuses in the grading language"
     assert (rows["zhangsan"]["owner"], rows["zhangsan"]["assistant"]) == ("张三", ""), "no name of its own"
-    assert (rows["lisi_merged"]["owner"], rows["lisi_merged"]["assistant"], rows["lisi_merged"]["kind"]) == ("李四", "小李", "merged")
+    assert (rows["lisi_merged"]["owner"], rows["lisi_merged"]["assistant"], rows["lisi_merged"]["kind"]) == ("李四", "小李", "合并后的模型")
     assert "pickle" in rows["wangwu_pickle"]["status"] and "--safe-serialization" in rows["wangwu_pickle"]["status"]
     assert "--owner" in rows["zhaoliu_unlisted"]["status"] and "roster" in rows["zhaoliu_unlisted"]["status"]
-    assert rows["sunqi"]["status"].startswith("missing: listed in roster.csv") and rows["sunqi"]["owner"] == "孙七"
+    assert rows["sunqi"]["status"].startswith("缺交：roster.csv 里有这名学生") and rows["sunqi"]["owner"] == "孙七"
+    assert rows["wangwu_pickle"]["status"].startswith("出错：")
     card = (room / "_grades" / rows["zhangsan"]["card"]).read_text(encoding="utf-8")
     assert "张三 的助手（没有自己的名字）" in card, "the card names whose assistant it is"
 

@@ -99,7 +99,7 @@ def test_a_camp_grade_page_in_chinese_in_chromium(graded, tmp_path):
         driver.get((room / "_grades" / "grades.html").as_uri())
         cells = {r.find_elements("tag name", "td")[0].text: r.find_elements("tag name", "td")[1].text
                  for r in driver.find_elements("css selector", "tbody tr")}
-        assert cells["zhangsan"] == "ok" and cells["lisi"].startswith("missing: listed in roster.csv"), cells
+        assert cells["zhangsan"] == "完成" and cells["lisi"].startswith("缺交：roster.csv"), cells
         driver.find_element("link text", "成绩单").click()
         assert driver.title == "成绩单：张三 的助手（没有自己的名字）"
         images = driver.find_elements("tag name", "img")

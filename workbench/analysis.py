@@ -54,7 +54,8 @@ from workbench.samples import DataError, Sample
 PROBES_FILE = Path(__file__).resolve().parent / "probes" / "default.yaml"
 HELDOUT_FILE = PROJECT_ROOT / "data" / "general_conversations_heldout.jsonl"
 LANGS = ("en", "zh")
-PROBE_BATCH = 128  # probes answered per generation batch (the default set has 124)
+PROBE_BATCH = 256  # probes answered per generation batch: the default set (130) in one; in batches of 128 the 2 left
+# over took 40 steps of their own (a tuned model's probes on 2 cores: 20-27 s against 18 s); finished rows leave the batch
 # The recipe the diagnosis of an overfit identity-only run points to: it mixes general conversations in.
 MIXED_RECIPE = "smollm2_135m_lora_identity_mixed_cpu"
 
@@ -232,7 +233,7 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
                    max_new_tokens: int = 40) -> ModelReport:
     """Answer every probe and compute the metrics (retention needs the base model's report)."""
     items = probes.items()
-    # One batch for all probes: on a CPU a step of 88 rows costs little more than one of 16.
+    # One batch for all probes: on a CPU a step of 128 rows costs little more than one of 16.
     replies = answer_batch(model, builder, [q for _, _, q in items], GenerationSettings(max_new_tokens=max_new_tokens),
                            batch_size=PROBE_BATCH)
     rep = ModelReport(label, step, n_probes=len(items), distinct=distinct_answers(replies))

@@ -22,6 +22,7 @@ from typing import Callable, TextIO
 import torch
 
 from workbench.config import load_config
+from workbench.decoding import greedy_batch, greedy_supported
 from workbench.i18n import t
 from workbench.i18n.chat import EXIT_WORDS, RESET_WORDS
 from workbench.models import attach_adapter, load_model, load_tokenizer, resolve_model_path
@@ -89,7 +90,9 @@ def answer_batch(model, builder: PromptBuilder, questions: list[str], settings: 
     """Greedy (or sampled) replies to many single-turn questions, generated in left-padded batches.
 
     The same prompts as `answer`, several at a time: about batch_size times faster
-    on a CPU, which is what makes checkpoint-by-checkpoint analysis affordable.
+    on a CPU, which is what makes checkpoint-by-checkpoint analysis affordable. Greedy
+    answers drop out of the batch as they end (`workbench.decoding`); sampled ones, or
+    models whose cache it cannot handle, go through `generate`.
     """
     settings = settings or GenerationSettings()
     tok = builder.tokenizer
@@ -97,10 +100,15 @@ def answer_batch(model, builder: PromptBuilder, questions: list[str], settings: 
     device = _device_of(model)
     was_training = model.training
     model.eval()
+    pruned = greedy_supported(model, settings.temperature, settings.repetition_penalty)
     replies: list[str] = []
     try:
         for i in range(0, len(questions), batch_size):
             prompts = [builder.generation_prompt(q) for q in questions[i:i + batch_size]]
+            if pruned:  # finished rows leave the batch (workbench.decoding): what generate gives, sooner
+                out = greedy_batch(model, prompts, builder.stop_token_ids, pad, settings.max_new_tokens)
+                replies += [_cut_at_stop(row, builder) for row in out]
+                continue
             width = max(len(p) for p in prompts)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)

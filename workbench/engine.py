@@ -21,7 +21,6 @@ template, the same stop tokens, argmax on the same logits.
 """
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from workbench.decoding import last_logits_only
 
 Emit = Callable[[tuple], None]
 
@@ -177,9 +178,8 @@ class Engine:
         self.joinable = True       # False for caches that cannot be concatenated: then requests are queued, one at a time
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
         # the logits of the last position only, as `generate` asks for them (and the same numbers as `answer`)
-        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+        self._last_only = last_logits_only(model)
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Engine":

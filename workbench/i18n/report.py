@@ -58,6 +58,13 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "grade.sort": ("click to sort", "点击排序"),
     "grade.card_link": ("report card", "成绩单"),
     "grade.progress": ("grading", "评分中"),
+    "grade.ok": ("ok", "完成"),
+    "grade.missing": ("missing: listed in {roster}, no such submission in {folder}",
+                      "缺交：{roster} 里有这名学生，{folder} 里没有这份作业"),
+    "grade.error": ("error: {error}", "出错：{error}"),  # the error itself as raised (English, naming file and field)
+    "grade.kind_run": ("run", "训练目录"),
+    "grade.kind_adapter": ("adapter", "适配器"),
+    "grade.kind_merged": ("merged", "合并后的模型"),
 }
 
 # The grade table's column headers in Chinese (grades.html; grades.csv keeps the English column names).

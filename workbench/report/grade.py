@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import html
 import math
+import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
                  max_new_tokens: int = 40, progress: bool = True, lang: str = "en", given: Given = Given(),
                  roster: str | Path | None = None):
     """Grade every submission in `folder`; write OUT/grades.csv, OUT/grades.html and a card each (pandas DataFrame).
-    The cards and the verdicts are in `lang`; grades.html's headers too (grades.csv keeps the English column names).
+    The cards, statuses, kinds and verdicts are in `lang`; grades.html's headers too (grades.csv keeps the English
+    column names; an error's own text, naming the file and field, is as raised).
     `given`: names and system prompt for every submission; `roster`: a CSV naming each one's (`read_roster`)."""
     import pandas as pd  # heavy: only for the table
 
@@ -55,7 +58,7 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
     subs = submissions(folder, out)
     for sub in tqdm(subs, desc=i18n.t("grade.progress", lang), unit="submission", disable=not progress):
         rows.append(grade_one(sub, base, out, probes, max_new_tokens, cache, lang, _given_for(sub.name, named, given)))
-    rows += [missing_row(name, named[name], roster, folder) for name in named if name not in {s.name for s in subs}]
+    rows += [missing_row(name, named[name], roster, folder, lang) for name in named if name not in {s.name for s in subs}]
     table = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_text(out / "grades.csv", table.to_csv(index=False))
     atomic_write_text(out / "grades.html", sortable_html(table, i18n.t("grade.title", lang, folder=folder), lang))
@@ -100,10 +103,10 @@ def _given_for(name: str, roster: dict[str, Given], given: Given) -> Given:
                    assistant_name=given.assistant_name if listed.assistant_name is None else listed.assistant_name)
 
 
-def missing_row(name: str, listed: Given, roster, folder: Path) -> dict:
+def missing_row(name: str, listed: Given, roster, folder: Path, lang: str = "en") -> dict:
     """The row of a student in the roster whose submission is not in the folder."""
     row = {c: "" for c in COLUMNS} | {"submission": name, "assistant": listed.assistant_name or "", "owner": listed.owner_name}
-    row["status"] = f"missing: listed in {Path(roster).name}, no such submission in {folder}"
+    row["status"] = i18n.t("grade.missing", lang, roster=Path(roster).name, folder=folder)
     return row
 
 
@@ -114,19 +117,39 @@ def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_to
     row = {c: "" for c in COLUMNS}
     row["submission"] = sub.name
     try:
-        run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache, given=given)
+        with converted_for_its_row(sub):
+            run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache, given=given)
         card, _ = write_card(run, out / "cards" / f"{sub.name}.html", lang)
     except Exception as e:  # noqa: BLE001 - see the docstring
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row["status"] = i18n.t("grade.error", lang, error=error)
         return row
     r, (name, owner), t = kept_report(run), names(run), targets(run)
-    row.update({"status": "ok", "kind": run.config.get("subject_kind", "run"), "assistant": name, "owner": owner,
-                "kept": r.label, "hit unseen EN": r.hit_unseen.get("en"), "hit unseen ZH": r.hit_unseen.get("zh"),
+    kind = run.config.get("subject_kind", "run")
+    row.update({"status": i18n.t("grade.ok", lang), "kind": i18n.t(f"grade.kind_{kind}", lang), "assistant": name,
+                "owner": owner, "kept": r.label, "hit unseen EN": r.hit_unseen.get("en"), "hit unseen ZH": r.hit_unseen.get("zh"),
                 "role mix-ups": len(role_mixups(r, name, owner)), "leak EN": r.leak.get("en"), "leak ZH": r.leak.get("zh"),
                 "strict EN": r.strict.get("en"), "strict ZH": r.strict.get("zh"), "similarity": r.similarity,
                 "facts lost": r.n_facts_lost, "targets met": f"{sum(x.met for x in t)}/{len(t)}", "verdict": verdict(run, lang),
                 "card": str(card.relative_to(out))})
     return row
+
+
+@contextmanager
+def converted_for_its_row(sub: Path):
+    """A merged InternLM2 submission is evaluated through its conversion, a second copy of its weights (3.6 GB for
+    the camp's 1.8B model) in the conversion cache. The copy made for grading is removed once the submission's row
+    is done, so that a class of merged homework leaves no copy per student; one that was there before stays."""
+    from workbench.convert_models.internlm2 import converted_dir, is_internlm2
+    from workbench.models import converted_root
+
+    target = converted_dir(sub, converted_root())[0] if sub.is_dir() and is_internlm2(sub) else None
+    made_here = target is not None and not target.exists()
+    try:
+        yield
+    finally:
+        if made_here:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 _SORT_JS = """
