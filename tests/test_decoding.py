@@ -67,6 +67,10 @@ def test_answer_batch_takes_the_pruned_path_only_where_it_applies(tiny, monkeypa
     model, builder = tiny
     assert greedy_supported(model, 0.0, 1.0)
     assert not greedy_supported(model, 0.7, 1.0) and not greedy_supported(model, 0.0, 1.2)
+    with monkeypatch.context() as mp:  # several processes: generate keeps sharded weights stepping together
+        mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        mp.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+        assert not greedy_supported(model, 0.0, 1.0)
     settings = GenerationSettings(max_new_tokens=8)
     pruned = answer_batch(model, builder, QUESTIONS, settings, batch_size=3)
     import workbench.chat as chat

@@ -16,8 +16,8 @@ This is written here because no maintained library does it for transformers mode
 a CPU; it is the decoding loop of `generate` without the finished rows: the same
 left-padded prompts, the same position ids (counted over real tokens), the logits of
 the last position only, argmax. `greedy_supported` says where it applies (plain
-full-attention `DynamicCache` layers, greedy, no repetition penalty); elsewhere
-`answer_batch` calls `generate`.
+full-attention `DynamicCache` layers, greedy, no repetition penalty, one process);
+elsewhere `answer_batch` calls `generate`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def greedy_supported(model, temperature: float, repetition_penalty: float) -> bo
     """Greedy without a penalty, on a model whose cache is transformers' `DynamicCache` of plain layers."""
     if temperature > 0 or repetition_penalty != 1.0:
         return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return False  # weights sharded over processes (ZeRO-3, FSDP): generate keeps them stepping together (synced_gpus)
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
