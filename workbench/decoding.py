@@ -62,7 +62,7 @@ def greedy_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: i
     last_only = last_logits_only(model)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
                    cache_position=torch.arange(width, device=device), **last_only).logits
-    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     rows = torch.arange(len(prompts), device=device)   # which prompt each batch row answers
     position = position[:, -1:]
     out: list[list[int]] = [[] for _ in prompts]
