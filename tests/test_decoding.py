@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from workbench.chat import GenerationSettings, answer_batch
-from workbench.decoding import greedy_batch, greedy_supported
+from workbench.decoding import greedy_batch, greedy_supported, left_padded
 from workbench.models import load_model
 from workbench.prompt import PromptBuilder
 
@@ -24,9 +24,8 @@ def tiny(tiny_model, tokenizer):
 
 def _generate(model, prompts, stops, pad, max_new):
     """transformers' generate on the same left-padded batch: each row cut after its first stop token."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, pad, "cpu")
+    width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stops, pad_token_id=pad, do_sample=False,
                          max_new_tokens=max_new)
     rows = []

@@ -233,7 +233,7 @@ def evaluate_model(model, builder, probes: Probes, name: str, owner: str, label:
                    max_new_tokens: int = 40) -> ModelReport:
     """Answer every probe and compute the metrics (retention needs the base model's report)."""
     items = probes.items()
-    # One batch for all probes: on a CPU a step of 128 rows costs little more than one of 16.
+    # One batch for all probes: on a CPU a step of 88 rows costs little more than one of 16.
     replies = answer_batch(model, builder, [q for _, _, q in items], GenerationSettings(max_new_tokens=max_new_tokens),
                            batch_size=PROBE_BATCH)
     rep = ModelReport(label, step, n_probes=len(items), distinct=distinct_answers(replies))

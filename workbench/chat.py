@@ -22,7 +22,7 @@ from typing import Callable, TextIO
 import torch
 
 from workbench.config import load_config
-from workbench.decoding import greedy_batch, greedy_supported
+from workbench.decoding import greedy_batch, greedy_supported, left_padded
 from workbench.i18n import t
 from workbench.i18n.chat import EXIT_WORDS, RESET_WORDS
 from workbench.models import attach_adapter, load_model, load_tokenizer, resolve_model_path
@@ -106,15 +106,13 @@ def answer_batch(model, builder: PromptBuilder, questions: list[str], settings: 
         for i in range(0, len(questions), batch_size):
             prompts = [builder.generation_prompt(q) for q in questions[i:i + batch_size]]
             if pruned:  # finished rows leave the batch (workbench.decoding): what generate gives, sooner
-                out = greedy_batch(model, prompts, builder.stop_token_ids, pad, settings.max_new_tokens)
-                replies += [_cut_at_stop(row, builder) for row in out]
-                continue
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=builder.stop_token_ids,
-                                 pad_token_id=pad, use_cache=True, **settings.kwargs())
-            replies += [_cut_at_stop(row[width:].tolist(), builder) for row in out]
+                rows = greedy_batch(model, prompts, builder.stop_token_ids, pad, settings.max_new_tokens)
+            else:
+                ids, mask = left_padded(prompts, pad, device)
+                out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=builder.stop_token_ids,
+                                     pad_token_id=pad, use_cache=True, **settings.kwargs())
+                rows = out[:, ids.shape[1]:].tolist()
+            replies += [_cut_at_stop(row, builder) for row in rows]
     finally:
         model.train(was_training)
     return replies

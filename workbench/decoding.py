@@ -43,9 +43,17 @@ def greedy_supported(model, temperature: float, repetition_penalty: float) -> bo
 
 
 def _accepts_cache(model) -> bool:
-    """Remote code written for tuple caches has no `past_key_values` typed as a Cache; standard models do."""
+    """transformers' own models take a `Cache`; remote code may expect the old tuples (left to generate)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "_supports_cache_class", True)) and type(base).__module__.startswith("transformers.")
+    return type(base).__module__.startswith("transformers.")
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of prompts padded on the left to the longest, as generation batches them."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 @torch.inference_mode()
@@ -54,9 +62,8 @@ def greedy_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: i
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = left_padded(prompts, pad_id, device)
+    width = ids.shape[1]
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     last_only = last_logits_only(model)
