@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from workbench.chat import GenerationSettings, answer_batch
-from workbench.decoding import greedy_batch, greedy_supported, left_padded
+from workbench.decoding import greedy_batch, greedy_supported, left_padded, length_groups, shared_opening
 from workbench.models import load_model
 from workbench.prompt import PromptBuilder
 
@@ -35,12 +35,12 @@ def _generate(model, prompts, stops, pad, max_new):
     return rows
 
 
-def _batch_sizes(model):
-    """The batch size of every forward call, recorded by a hook (the caller removes it)."""
-    sizes: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+def _input_shapes(model):
+    """The (rows, tokens) of every forward call, recorded by a hook (the caller removes it)."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                              with_kwargs=True)
-    return sizes, handle
+    return shapes, handle
 
 
 def test_rows_leave_the_batch_and_the_answers_are_generates(tiny):
@@ -51,15 +51,41 @@ def test_rows_leave_the_batch_and_the_answers_are_generates(tiny):
     assert [len(r) for r in free] == [10] * 4
     assert free == _generate(model, prompts, [-1], pad, 10)
     stops = [free[0][2], free[1][5]]  # rows end at different steps
-    sizes, handle = _batch_sizes(model)
+    shapes, handle = _input_shapes(model)
     try:
         got = greedy_batch(model, prompts, stops, pad, 10)
     finally:
         handle.remove()
     assert got == _generate(model, prompts, stops, pad, 10)
     assert len(got[0]) <= 3 and got[0][-1] in stops
-    assert sizes[0] == 4 and sizes[-1] < 4 and sizes == sorted(sizes, reverse=True), sizes
-    assert len(sizes) == max(len(r) for r in got), "one prefill and one step per further token, no more"
+    opening, reading, steps = shapes[0], shapes[1], [rows for rows, _ in shapes[2:]]
+    assert opening == (1, shared_opening(prompts)) and opening[1] >= 5, "the system prompt's opening, read once"
+    assert reading == (4, max(len(p) for p in prompts) - opening[1]), "the rest of the prompts, in one group"
+    assert steps[0] == 4 and steps[-1] < 4 and steps == sorted(steps, reverse=True), steps
+    assert len(steps) + 1 == max(len(r) for r in got), "one prefill and one step per further token, no more"
+
+
+def test_prompts_of_unlike_length_are_read_in_groups_and_answer_as_in_one_batch(tiny):
+    """A small prefill budget cuts the prompts (sorted by length) into groups: each group pads only to its own
+    longest, the caches are laid side by side, and every answer is still generate's on the whole batch."""
+    model, builder = tiny
+    questions = QUESTIONS + ["Tell me a very long story about a dragon who lived in a castle by the sea.", "Hi"]
+    prompts = [builder.generation_prompt(q) for q in questions]
+    pad = builder.tokenizer.pad_token_id
+    shared = shared_opening(prompts)
+    rests = [len(p) - shared for p in prompts]
+    groups = length_groups(rests, 2 * max(rests))
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(len(prompts)))
+    assert all(len(g) * max(rests[i] for i in g) <= 2 * max(rests) for g in groups)
+    shapes, handle = _input_shapes(model)
+    try:
+        got = greedy_batch(model, prompts, [], pad, 6, prefill_tokens=2 * max(rests))
+    finally:
+        handle.remove()
+    assert got == _generate(model, prompts, [-1], pad, 6)
+    read = shapes[1:1 + len(groups)]
+    assert [rows for rows, _ in read] == [len(g) for g in groups]
+    assert sum(r * n for r, n in read) + shared < len(prompts) * max(len(p) for p in prompts), "fewer positions computed"
 
 
 def test_answer_batch_takes_the_pruned_path_only_where_it_applies(tiny, monkeypatch):

@@ -56,22 +56,18 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids, mask
 
 
-@torch.inference_mode()
-def greedy_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int) -> list[list[int]]:
-    """Each prompt's greedy continuation (token ids, the stop token included when one ends it)."""
-    from transformers import DynamicCache
+PREFILL_TOKENS = 2048  # most (padded) prompt tokens one prefill forward carries
 
+
+@torch.inference_mode()
+def greedy_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                 prefill_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
+    """Each prompt's greedy continuation (token ids, the stop token included when one ends it)."""
     device = next(model.parameters()).device
-    ids, mask = left_padded(prompts, pad_id, device)
-    width = ids.shape[1]
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
     last_only = last_logits_only(model)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-                   cache_position=torch.arange(width, device=device), **last_only).logits
+    logits, cache, mask, rows = prefill(model, prompts, pad_id, device, last_only, prefill_tokens)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    rows = torch.arange(len(prompts), device=device)   # which prompt each batch row answers
-    position = position[:, -1:]
+    position = torch.tensor([[len(prompts[r]) - 1] for r in rows.tolist()], device=device)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
@@ -88,6 +84,92 @@ def greedy_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: i
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
                        use_cache=True, cache_position=torch.tensor([mask.shape[1] - 1], device=device), **last_only).logits
     return out
+
+
+# ---------------------------------------------------------------------------
+# Prefill: the prompts' shared opening once, the rest in groups of like length
+# ---------------------------------------------------------------------------
+# The prompts of a probe set share their opening (the system prompt and the user turn's
+# header: 15 of 33 tokens on average for the 130 default probes) and differ in length
+# (25 to 46 tokens), so one left-padded prefill computed 5,980 token positions for 4,313
+# real ones, 1,950 of them the same opening 130 times: on 2 CPU cores that prefill took
+# about 10 of the 22 s of a tuned model's answers. Here the opening runs once, its keys
+# and values are shared by every row, and the rest runs sorted by length in groups of at
+# most `prefill_tokens` padded tokens; the groups' caches are laid side by side as
+# [opening | padding | rest of the prompt], the padding masked out and the positions
+# counted over real tokens, which is what each row attends to in one left-padded batch.
+def prefill(model, prompts: list[list[int]], pad_id: int, device, last_only: dict,
+            prefill_tokens: int = PREFILL_TOKENS):
+    """(last-position logits, KV cache, attention mask, prompt index of each row) after reading every prompt."""
+    from transformers import DynamicCache
+
+    shared = shared_opening(prompts)
+    opening = _forward_opening(model, prompts[0][:shared], device) if shared else None
+    groups = length_groups([len(p) - shared for p in prompts], prefill_tokens)
+    width = max(len(p) for p in prompts)
+    logits, layers, masks = [], [], []
+    for group in groups:
+        rests = [prompts[i][shared:] for i in group]
+        ids, rest_mask = left_padded(rests, pad_id, device)
+        cache = DynamicCache(config=model.config)
+        if opening is not None:
+            for i, layer in enumerate(opening.layers):
+                cache.update(layer.keys.expand(len(group), -1, -1, -1), layer.values.expand(len(group), -1, -1, -1), i)
+        mask = torch.cat([rest_mask.new_ones(len(group), shared), rest_mask], dim=1)
+        position = shared + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        logits.append(model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                            use_cache=True, cache_position=torch.arange(shared, mask.shape[1], device=device),
+                            **last_only).logits[:, -1:])
+        gap = width - mask.shape[1]  # padding between the opening and the rest, up to the longest prompt
+        layers.append([(_widen(layer.keys, shared, gap), _widen(layer.values, shared, gap)) for layer in cache.layers])
+        masks.append(_widen(mask, shared, gap))
+    cache = DynamicCache(config=model.config)
+    for i in range(len(layers[0])):
+        cache.update(torch.cat([g[i][0] for g in layers]), torch.cat([g[i][1] for g in layers]), i)
+    rows = torch.tensor([i for group in groups for i in group], device=device)
+    return torch.cat(logits), cache, torch.cat(masks), rows
+
+
+def shared_opening(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for k in range(max(n, 0)):
+        if any(p[k] != first[k] for p in prompts):
+            return k
+    return max(n, 0)
+
+
+def length_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length, cut into groups whose padded size (rows x longest) stays within `budget`
+    (a group holds at least one row)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _forward_opening(model, opening: list[int], device):
+    """The KV cache of the prompts' shared opening, read once (one row)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([opening], device=device), past_key_values=cache, use_cache=True,
+          **last_logits_only(model))
+    return cache
+
+
+def _widen(t: torch.Tensor, shared: int, gap: int) -> torch.Tensor:
+    """Insert `gap` zero positions after the first `shared` ones (dim -2 of keys and values, -1 of a mask)."""
+    if gap == 0:
+        return t
+    dim = -1 if t.dim() == 2 else -2
+    shape = list(t.shape)
+    shape[dim] = gap
+    return torch.cat([t.narrow(dim, 0, shared), t.new_zeros(shape), t.narrow(dim, shared, t.shape[dim] - shared)], dim=dim)
 
 
 def last_logits_only(model) -> dict:
