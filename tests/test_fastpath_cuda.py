@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import fastpath_cuda
+from workbench import fastpath_cuda, varlen_kernel
 from workbench.config import Config
 from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
@@ -40,9 +40,9 @@ def reference_varlen(q, k, v, cu, longest, scale):
 
 @pytest.fixture
 def emulated_kernel(monkeypatch):
-    monkeypatch.setattr(fastpath_cuda, "varlen_available", lambda: True)
+    monkeypatch.setattr(varlen_kernel, "available", lambda: True)
     monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
-    monkeypatch.setattr(fastpath_cuda, "_varlen_call", lambda: reference_varlen)
+    monkeypatch.setattr(varlen_kernel, "attention_call", lambda: reference_varlen)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,8 @@ def test_qlora_base_qualifies_for_varlen_and_attends_in_half_precision():
         config = Cfg()
 
     assert fastpath_cuda._is_4bit(Base())
-    assert fastpath_cuda._half_dtype(torch.float32) == torch.bfloat16
-    assert fastpath_cuda._half_dtype(torch.float16) == torch.float16
+    assert varlen_kernel.half_dtype(torch.float32) == torch.bfloat16
+    assert varlen_kernel.half_dtype(torch.float16) == torch.float16
 
 
 def test_flat_batch_carries_the_distillation_mask(rows):

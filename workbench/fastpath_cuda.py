@@ -11,7 +11,7 @@ it carries tens of thousands of tokens in few kernels, so:
   (`packing.collate_flat`), with the conversation boundaries (`cu_seq_lens`) and the
   longest conversation computed on the host while the batch is built. One call of
   PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, torch >=
-  2.10) per layer attends within each conversation, causally; no mask is built (the
+  2.10; `workbench/varlen_kernel.py`) per layer attends within each conversation, causally; no mask is built (the
   implementation has no mask function, so transformers skips mask creation), no
   Python loop over conversations, no `.item()` or `.tolist()` inside the forward or
   backward. Without boundaries (generation) it is transformers' SDPA, and evaluation
@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import sys
 from contextlib import contextmanager
 
 import torch
 
+from workbench import varlen_kernel
 from workbench.fastpath import VARLEN_ATTENTION, _transformers_model
 
 LIGER_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")  # standard RMSNorm + SwiGLU (silu) MLPs
@@ -72,39 +72,8 @@ MAX_BUDGET_TOKENS = 65536
 # ---------------------------------------------------------------------------
 # Availability
 # ---------------------------------------------------------------------------
-def varlen_available() -> bool:
-    """torch ships the varlen flash kernel (torch >= 2.10) and a CUDA GPU is visible."""
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
-
-
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
-
-
-@functools.lru_cache(maxsize=1)
-def _varlen_call():
-    """varlen_attn with causal masking and GQA, whatever the torch version spells them.
-
-    torch 2.10 takes `is_causal=True`; from 2.11 it is `window_size=(-1, 0)`. Where
-    `enable_gqa` is missing, the key/value heads are repeated (correct, more memory).
-    """
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    gqa = "enable_gqa" in params
-
-    def call(q, k, v, cu, longest, scale):
-        half = _half_dtype(q.dtype)  # QLoRA's float32 norms give float32 q/k/v: attend in bf16, as SDPA under autocast
-        q, k, v = q.to(half), k.to(half), v.to(half)
-        if q.shape[1] != k.shape[1]:
-            if gqa:
-                return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True, **causal)
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
-
-    return call
 
 
 # ---------------------------------------------------------------------------
@@ -127,16 +96,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     batch, length = query.shape[0], query.shape[2]
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = _varlen_call()(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # (tokens, heads, head_dim)
+    out = varlen_kernel.attention_call()(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # (tokens, heads, head_dim)
     return out.view(batch, length, out.shape[1], out.shape[2]).to(query.dtype), None
-
-
-def _half_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.bfloat16, torch.float16):
-        return dtype
-    if torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return torch.bfloat16
 
 
 def enable_varlen_attention(model) -> bool:
@@ -148,12 +109,19 @@ def enable_varlen_attention(model) -> bool:
 
     base = _transformers_model(model)
     if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" \
-            or not getattr(base, "_supports_attention_backend", False) or not varlen_available() \
+            or not getattr(base, "_supports_attention_backend", False) or not varlen_kernel.available() \
             or not (_compute_dtype(base) in (torch.bfloat16, torch.float16) or _is_4bit(base)):  # the kernel's dtypes
         return False
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
     base.set_attn_implementation(VARLEN_ATTENTION)
+    if _grouped_heads(base.config):
+        varlen_kernel.kernel_takes_gqa(next(base.parameters()).device)  # found here once, never inside a forward
     return True
+
+
+def _grouped_heads(config) -> bool:
+    heads = getattr(config, "num_attention_heads", None)
+    return heads is not None and getattr(config, "num_key_value_heads", heads) != heads
 
 
 def _is_4bit(base) -> bool:
