@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench import fastpath
+from workbench import fastpath, lora_dropout
 from workbench.config import Config
 from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.packing import collate, pack
@@ -154,7 +154,7 @@ def test_fast_dropout_rate_scale_and_mean():
 def test_fast_dropout_gaps_are_geometric(monkeypatch):
     """P(gap = k) = (1-p)^(k-1) p, also when the first batch of gaps falls short of n and more are drawn."""
     p, n = 0.2, 400_000
-    monkeypatch.setattr(fastpath, "_GAP_HEADROOM", -0.9)  # draw about a tenth of the gaps at a time
+    monkeypatch.setattr(lora_dropout, "_GAP_HEADROOM", -0.9)  # draw about a tenth of the gaps at a time
     torch.manual_seed(0)
     idx = fastpath.FastDropout(p).dropped(n)
     assert int(idx[-1]) < n and bool((idx[1:] > idx[:-1]).all())

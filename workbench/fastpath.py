@@ -15,15 +15,14 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   built. Same values as the masked path (to float rounding), same gradients.
   Without `cu_seq_lens_q` (generation, evaluation) it is exactly transformers' SDPA.
 
-* **Fast LoRA dropout** (`use_fast_lora_dropout`). peft draws one Bernoulli
-  number per input element for each LoRA layer's dropout; on a CPU that RNG
-  took 13% of a step. `FastDropout` draws only the positions it drops (the gaps
-  between them are geometric: about n * p random numbers, not n) and zeroes
-  them in a copy scaled by 1/(1-p): the same inverted dropout, each element
-  dropped independently with probability p. Inside the lean forward it keeps x
-  and the dropped positions for the backward, not the dropped copy (one x is
-  shared by the q, k and v adapters), and scales the rank-r side of the
-  products. On GPUs torch's fused dropout is already fast and is kept.
+* **Fast LoRA dropout** (`use_fast_lora_dropout`, `workbench/lora_dropout.py`).
+  peft draws one Bernoulli number per input element for each LoRA layer's
+  dropout; on a CPU that RNG took 13% of a step. `FastDropout` draws only the
+  positions it drops (the gaps between them are geometric: about n * p random
+  numbers, not n). Inside the lean forward it keeps x and the dropped positions
+  for the backward, not the dropped copy (one x is shared by the q, k and v
+  adapters); on a GPU it keeps x and a seed, and draws the mask again in the
+  backward.
 
 * **Lean LoRA forward** (`use_lean_lora_forward`). peft computes a LoRA layer
   as `base(x) + B(A(dropout(x))) * scaling`: the rank-r product is written
@@ -31,8 +30,10 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   the scaling). The lean forward adds the scaled product into the base output
   in place, inside one `addmm_`. Same sum, fewer passes over the (tokens x out_features)
   activations. Only for the plain case (one active adapter, no DoRA or other
-  variant, not merged, float base layer, one dtype); anything else keeps
-  peft's forward.
+  variant, not merged, float base layer, one dtype, or float32 adapters under
+  autocast to the base's half precision: a GPU's LoRA, computed in that half
+  precision as autocast would, without peft's float32 copy of the input); anything
+  else keeps peft's forward.
 
 * **Fused loss** (`cross_entropy_sum`, used by `loss.token_loss_sum` when
   `use_fused_loss` marked the model). torch's cross-entropy writes the
@@ -49,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.lora_dropout import FastDropout, use_fast_lora_dropout  # noqa: F401 (part of the fast path)
+
 PACKED_ATTENTION = "workbench_packed_sdpa"
 VARLEN_ATTENTION = "workbench_varlen"  # the CUDA path's (workbench/fastpath_cuda.py)
-_GAP_HEADROOM = 8.0  # FastDropout draws the expected number of gaps plus this many standard deviations
 
 
 # ---------------------------------------------------------------------------
@@ -163,128 +165,6 @@ def _transformers_model(model):
 
 
 # ---------------------------------------------------------------------------
-# Fast LoRA dropout
-# ---------------------------------------------------------------------------
-class FastDropout(nn.Module):
-    """Inverted dropout that draws only the positions it drops (see the module docstring)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
-        self.p = p
-        self.scale = 1.0 / (1.0 - p)
-
-    @property
-    def _active(self) -> bool:
-        return self.training and self.p > 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._active:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
-        return _DropAt.apply(x, self.dropped(x.numel()), self.scale)
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.linear(self(x), weight)`, keeping x, not a dropped copy of it, for the backward (on a CPU)."""
-        if not self._active or x.device.type != "cpu":
-            return F.linear(self(x), weight)
-        return _DroppedLinear.apply(x, weight, self.dropped(x.numel()), self.scale)
-
-    def dropped(self, n: int) -> torch.Tensor:
-        """Sorted flat indices of the dropped elements among n, each dropped independently with probability p.
-
-        The gaps between consecutive dropped positions of a Bernoulli(p) sequence are
-        independent Geometric(p) draws, floor(log(1 - U) / log(1 - p)) + 1 with U
-        uniform on [0, 1): about n * p random numbers instead of n, from torch's
-        seeded generator.
-        """
-        log_keep = math.log1p(-self.p)
-        parts, last = [], -1
-        while True:
-            expected = (n - 1 - last) * self.p
-            draws = max(16, int(expected + _GAP_HEADROOM * math.sqrt(expected) + 16))  # rarely too few: then loop
-            gaps = torch.rand(draws, dtype=torch.float64).neg_().log1p_().div_(log_keep).floor_().add_(1)
-            positions = gaps.cumsum_(0).add_(last).to(torch.int64)
-            if int(positions[-1]) >= n:
-                parts.append(positions[:int(torch.searchsorted(positions, n))])
-                return torch.cat(parts) if len(parts) > 1 else parts[0]
-            parts.append(positions)
-            last = int(positions[-1])
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class _DropAt(torch.autograd.Function):
-    """x times scale, zero at the given flat indices; the backward does the same to the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, dropped, scale):
-        ctx.save_for_backward(dropped)
-        ctx.scale = scale
-        return _scaled_and_zeroed(x, dropped, scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (dropped,) = ctx.saved_tensors
-        return _scaled_and_zeroed(grad, dropped, ctx.scale), None, None
-
-
-def _scaled_and_zeroed(x: torch.Tensor, flat_zero: torch.Tensor, scale: float) -> torch.Tensor:
-    """A contiguous copy of x times scale, zero at the flat (row-major) indices."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if scale == 1.0:
-        out.copy_(x)
-    else:
-        torch.mul(x, scale, out=out)
-    out.view(-1)[flat_zero] = 0
-    return out
-
-
-class _DroppedLinear(torch.autograd.Function):
-    """dropout(x) @ weight.T, keeping x and the dropped indices for the backward instead of a dropped copy of x.
-
-    The scale 1/(1-p) is applied to the small (rank-r) side of each product. The
-    dropped copy is made again in the backward, for the weight gradient only.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, dropped, scale):
-        ctx.save_for_backward(x, weight, dropped)
-        ctx.scale = scale
-        return _scaled_and_zeroed(x, dropped, 1.0) @ (weight.t() * scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, dropped = ctx.saved_tensors
-        grad = grad * ctx.scale
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
-            grad_x.view(-1)[dropped] = 0
-        if ctx.needs_input_grad[1]:
-            kept = _scaled_and_zeroed(x, dropped, 1.0).reshape(-1, x.shape[-1])
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ kept
-        return grad_x, grad_w, None, None
-
-
-def use_fast_lora_dropout(model) -> int:
-    """Replace the nn.Dropout of every LoRA layer by FastDropout with the same p; the number replaced."""
-    replaced = 0
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if not isinstance(drops, nn.ModuleDict):
-            continue
-        for name, drop in list(drops.items()):
-            if type(drop) is nn.Dropout and drop.p > 0:
-                drops[name] = FastDropout(drop.p)
-                replaced += 1
-    return replaced
-
-
-# ---------------------------------------------------------------------------
 # Lean LoRA forward
 # ---------------------------------------------------------------------------
 def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -295,13 +175,25 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-    if not (x.dtype == a.dtype == b.dtype == base.weight.dtype) or base.weight.numel() == 0:  # 0: a ZeRO-3 shard
+    if x.dtype != base.weight.dtype or base.weight.numel() == 0:  # 0: a ZeRO-3 shard
         return type(self).forward(self, x, *args, **kwargs)
+    if not a.dtype == b.dtype == x.dtype:
+        if not _autocast_to(x):
+            return type(self).forward(self, x, *args, **kwargs)
+        # float32 adapters under autocast (a GPU's LoRA): computed in x's half precision, as autocast would, without
+        # peft's float32 copy of x and the half copy autocast makes of it again for every adapter
+        a, b = a.to(x.dtype), b.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     out = F.linear(flat, base.weight, base.bias)  # 2-D: adding in place to a view would cost autograd two copies
     drop = self.lora_dropout[name]
     xa = drop.linear(flat, a) if isinstance(drop, FastDropout) else F.linear(drop(flat), a)
     return out.addmm_(xa, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], out.shape[-1])
+
+
+def _autocast_to(x: torch.Tensor) -> bool:
+    """Autocast is on for x's device and casts to x's dtype."""
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == x.dtype
 
 
 def use_lean_lora_forward(model) -> int:

@@ -352,8 +352,8 @@ def with_fast_path(model, cfg: Config, strategy=None):
             fastpath_cuda.compile_decoder_layers(model)
     else:
         fastpath.enable_packed_attention(model)
-        fastpath.use_fast_lora_dropout(model)
         fastpath.use_fused_loss(model)  # on a GPU its chunked backward would cost thousands of launches
+    fastpath.use_fast_lora_dropout(model)  # keeps x, not a dropped copy and a mask (workbench/lora_dropout.py)
     if strategy is None or not strategy.shards_weights:
         fastpath.use_lean_lora_forward(model)
     return model
