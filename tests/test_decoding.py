@@ -121,3 +121,13 @@ def test_a_peft_model_with_its_adapter_unmerged(tiny, tokenizer):
     assert got == _generate(model, prompts, [-1], pad, 6)
     with model.disable_adapter():
         assert got != greedy_batch(model, prompts, [], pad, 6), "the adapter changes the answers"
+
+
+@pytest.mark.parametrize("questions", [["Who are you?", "Who are we?", "Who is she?"], ["Who are you?"]],
+                         ids=["equal lengths: no padding at all", "one prompt: all but its last token shared"])
+def test_prompts_without_padding_answer_as_generate_does(tiny, questions):
+    model, builder = tiny
+    prompts = [builder.generation_prompt(q) for q in questions]
+    assert len({len(p) for p in prompts}) == 1
+    pad = builder.tokenizer.pad_token_id
+    assert greedy_batch(model, prompts, [], pad, 8) == _generate(model, prompts, [-1], pad, 8)
