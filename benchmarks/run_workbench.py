@@ -108,6 +108,10 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
             from workbench.fastpath_cuda import liger_available, set_liger_loss
 
             set_liger_loss(model, liger_available())
+        if getattr(args, "peft_lora", False):  # what a GPU ran before the lean LoRA under autocast: the A/B of it
+            from workbench.fastpath import use_peft_lora_forward
+
+            use_peft_lora_forward(model)
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.setup(rows=in_plan_order(rows, cfg.seed), model=model, builder=builder)
         with profiled(getattr(args, "profile", None)):
@@ -165,6 +169,9 @@ def parser():
                    help="GPU: torch.compile the decoder layers (config torch_compile)")
     p.add_argument("--fused-loss", action="store_true",
                    help="GPU: the loss through Liger's fused linear cross-entropy (by default only with checkpointing)")
+    p.add_argument("--peft-lora", action="store_true",
+                   help="peft's own LoRA forward and torch's dropout (a GPU's float32 copies of each adapter's input) "
+                        "instead of the lean forward and the seeded dropout")
     p.add_argument("--profile", default=None, metavar="TXT",
                    help="write torch.profiler's operator table of the training steps here (slows the run)")
     return p
