@@ -44,7 +44,6 @@ Found by profiling one training step of the embedded model on a 2-core CPU
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
