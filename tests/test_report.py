@@ -55,6 +55,26 @@ def test_detect_says_what_a_folder_is(tmp_path, runs):
     (tmp_path / "iter_500.pth").mkdir()  # XTuner's DeepSpeed checkpoint of the camp's QLoRA run
     with pytest.raises(S.SubjectError, match=r"an XTuner work dir .*xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization"):
         S.detect(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.SubjectError, match="an empty folder"):
+        S.detect(tmp_path / "empty")
+
+
+def test_why_a_folder_is_refused_reads_in_the_grade_pages_language(tmp_path):
+    """Each reason in Chinese too, the path and the command as they are; the exception's own text stays English."""
+    (tmp_path / "notes.txt").write_text("hi")
+    cases = {tmp_path / "notes.txt": "：不是文件夹", tmp_path: "：既不是训练目录", tmp_path / "empty": "：空文件夹"}
+    (tmp_path / "empty").mkdir()
+    for folder, zh in cases.items():
+        with pytest.raises(S.SubjectError) as caught:
+            S.detect(folder)
+        assert caught.value.in_lang("zh").startswith(f"{folder}{zh}"), caught.value.in_lang("zh")
+        assert caught.value.in_lang("en") == str(caught.value) and str(folder) in str(caught.value)
+    (tmp_path / "iter_500.pth").mkdir()
+    with pytest.raises(S.SubjectError) as caught:
+        S.detect(tmp_path)
+    assert "请改交适配器：`xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization`" in caught.value.in_lang("zh")
+    assert S.SubjectError("as raised").in_lang("zh") == "as raised", "an error without a reason keeps its text"
 
 
 def test_report_card_of_an_adapter(runs, probes, tmp_path):
@@ -209,6 +229,8 @@ def test_grade_homework_exported_by_another_tool(camp, probes):
     assert (rows["lisi_merged"]["owner"], rows["lisi_merged"]["assistant"], rows["lisi_merged"]["kind"]) == ("李四", "小李", "合并后的模型")
     assert "pickle" in rows["wangwu_pickle"]["status"] and "--safe-serialization" in rows["wangwu_pickle"]["status"]
     assert "--owner" in rows["zhaoliu_unlisted"]["status"] and "roster" in rows["zhaoliu_unlisted"]["status"]
+    assert rows["zhaoliu_unlisted"]["status"].startswith("出错：SubjectError: ") and \
+        "不知道它是谁的助手" in rows["zhaoliu_unlisted"]["status"], "the reason in the grading language"
     assert rows["sunqi"]["status"].startswith("缺交：roster.csv 里有这名学生") and rows["sunqi"]["owner"] == "孙七"
     assert rows["wangwu_pickle"]["status"].startswith("出错：")
     card = (room / "_grades" / rows["zhangsan"]["card"]).read_text(encoding="utf-8")

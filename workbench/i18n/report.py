@@ -61,10 +61,36 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "grade.ok": ("ok", "完成"),
     "grade.missing": ("missing: listed in {roster}, no such submission in {folder}",
                       "缺交：{roster} 里有这名学生，{folder} 里没有这份作业"),
-    "grade.error": ("error: {error}", "出错：{error}"),  # the error itself as raised (English, naming file and field)
+    "grade.error": ("error: {error}", "出错：{error}"),  # a folder's SubjectError in the page's language, others as raised
     "grade.kind_run": ("run", "训练目录"),
     "grade.kind_adapter": ("adapter", "适配器"),
     "grade.kind_merged": ("merged", "合并后的模型"),
+    # Why a folder cannot be graded (report/subject.py's SubjectError): the grade page's status in its language
+    "subject.not_folder": ("{path}: not a folder (a run's work dir, an adapter or a merged model folder is expected)",
+                           "{path}：不是文件夹（应当是训练目录、适配器或合并后的模型的文件夹）"),
+    "subject.xtuner_work_dir": ("{path}: an XTuner work dir (its .pth checkpoints are pickles, which the workbench never "
+                                "reads): hand in the adapter instead: `xtuner convert pth_to_hf CONFIG PTH OUT "
+                                "--safe-serialization`",
+                                "{path}：这是 XTuner 的训练目录（其中的 .pth 检查点是 pickle，workbench 从不读取）：请改交"
+                                "适配器：`xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization`"),
+    "subject.unknown_folder": ("{path}: neither a run (config.yaml and iter_* checkpoints), an adapter "
+                               "(adapter_config.json) nor a merged model (config.json); it holds {names}",
+                               "{path}：既不是训练目录（config.yaml 和 iter_* 检查点），也不是适配器（adapter_config.json）"
+                               "或合并后的模型（config.json）；里面有 {names}"),
+    "subject.empty_folder": ("{path}: an empty folder (a run's work dir, an adapter or a merged model folder is expected)",
+                             "{path}：空文件夹（应当是训练目录、适配器或合并后的模型的文件夹）"),
+    "subject.no_owner": ("{path}: no {config} (not exported by workbench: XTuner's pth_to_hf or merge, or peft's own "
+                         "save), so whose assistant it is is unknown: give the owner's name (--owner NAME, and --name "
+                         "NAME if the assistant has a name of its own), or a roster (grade --roster FILE)",
+                         "{path}：没有 {config}（不是 workbench 导出的：XTuner 的 pth_to_hf 或 merge，或 peft 自己保存的），"
+                         "所以不知道它是谁的助手：请给出主人的名字（--owner NAME；助手有自己的名字时再加 --name NAME），"
+                         "或者给一份名单（grade --roster FILE）"),
+    "subject.no_base": ("{path}: no {config} and no base model named: give it with --base",
+                        "{path}：没有 {config}，也没有指定基础模型：请用 --base 给出"),
+    "subject.cannot_load_adapter": ("{path}: cannot be loaded as an adapter ({detail})",
+                                    "{path}：无法作为适配器加载（{detail}）"),
+    "subject.cannot_load_merged": ("{path}: cannot be loaded as a merged model ({detail})",
+                                   "{path}：无法作为合并后的模型加载（{detail}）"),
 }
 
 # The grade table's column headers in Chinese (grades.html; grades.csv keeps the English column names).

@@ -25,7 +25,7 @@ from workbench.analysis import Probes, load_probes
 from workbench.i18n.report import GRADE_COLUMNS_ZH
 from workbench.io import atomic_write_text
 from workbench.report.card import kept_report, names, role_mixups, targets, verdict, write_card
-from workbench.report.subject import Given, analyze_subject
+from workbench.report.subject import Given, SubjectError, analyze_subject
 from workbench.samples import DataError
 
 COLUMNS = ["submission", "status", "kind", "assistant", "owner", "kept", "hit unseen EN", "hit unseen ZH",
@@ -121,7 +121,8 @@ def grade_one(sub: Path, base: str | None, out: Path, probes: Probes, max_new_to
             run = analyze_subject(sub, base, probes, max_new_tokens, progress=False, base_cache=cache, given=given)
         card, _ = write_card(run, out / "cards" / f"{sub.name}.html", lang)
     except Exception as e:  # noqa: BLE001 - see the docstring
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        text = e.in_lang(lang) if isinstance(e, SubjectError) else str(e)
+        error = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
         row["status"] = i18n.t("grade.error", lang, error=error)
         return row
     r, (name, owner), t = kept_report(run), names(run), targets(run)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
                                 load_probes, score_identity)
+from workbench import i18n
 from workbench.convert import CONFIG_FILE
 from workbench.models import ModelError
 
@@ -29,14 +30,30 @@ KINDS = ("run", "adapter", "merged")
 
 
 class SubjectError(ModelError):
-    """A folder that is not a run, an adapter or a merged model, or one that cannot be evaluated; says why."""
+    """A folder that is not a run, an adapter or a merged model, or one that cannot be evaluated; says why.
+
+    Made by `refused(reason, ...)`: the message is the English text of i18n's `subject.<reason>`, and
+    `in_lang(lang)` gives the same in the grade page's language (the path, names and library details as they are).
+    """
+
+    def __init__(self, message: str, reason: str | None = None, fields: dict | None = None):
+        super().__init__(message)
+        self.reason, self.fields = reason, fields or {}
+
+    def in_lang(self, lang: str | None) -> str:
+        return i18n.t(f"subject.{self.reason}", lang, **self.fields) if self.reason else str(self)
+
+
+def refused(reason: str, **fields) -> SubjectError:
+    """The SubjectError of `reason` (i18n key `subject.<reason>`), its message in English."""
+    return SubjectError(i18n.t(f"subject.{reason}", "en", **fields), reason, fields)
 
 
 def detect(path: str | Path) -> str:
     """"run", "adapter" or "merged"; a clear error for anything else."""
     p = Path(path)
     if not p.is_dir():
-        raise SubjectError(f"{p}: not a folder (a run's work dir, an adapter or a merged model folder is expected)")
+        raise refused("not_folder", path=p)
     if (p / "adapter_config.json").exists():
         return "adapter"
     if (p / "config.json").exists():
@@ -45,10 +62,8 @@ def detect(path: str | Path) -> str:
         return "run"
     names = sorted(x.name for x in p.iterdir())[:6]
     if any(p.glob("*.pth")):  # an XTuner work dir: its checkpoints are pickles (DeepSpeed folders or files)
-        raise SubjectError(f"{p}: an XTuner work dir (its .pth checkpoints are pickles, which the workbench never reads): "
-                           "hand in the adapter instead: `xtuner convert pth_to_hf CONFIG PTH OUT --safe-serialization`")
-    raise SubjectError(f"{p}: neither a run (config.yaml and iter_* checkpoints), an adapter (adapter_config.json) "
-                       f"nor a merged model (config.json); it holds {names or 'nothing'}")
+        raise refused("xtuner_work_dir", path=p)
+    raise refused("unknown_folder", path=p, names=", ".join(names)) if names else refused("empty_folder", path=p)
 
 
 @dataclass(frozen=True)
@@ -72,12 +87,10 @@ def saved_config(folder: Path, kind: str = "adapter", base: str | None = None, g
     if p.exists():
         return load_config(p).replace(**names)
     if not (given.owner_name or "").strip():
-        raise SubjectError(f"{folder}: no {CONFIG_FILE} (not exported by workbench: XTuner's pth_to_hf or merge, or "
-                           f"peft's own save), so whose assistant it is is unknown: give the owner's name (--owner NAME, "
-                           f"and --name NAME if the assistant has a name of its own), or a roster (grade --roster FILE)")
+        raise refused("no_owner", path=folder, config=CONFIG_FILE)
     base = base or (_adapter_base(folder) if kind == "adapter" else None)
     if not base:
-        raise SubjectError(f"{folder}: no {CONFIG_FILE} and no base model named: give it with --base")
+        raise refused("no_base", path=folder, config=CONFIG_FILE)
     return Config(name=folder.name, pretrained_model_name_or_path=base, **{"assistant_name": "", **names})
 
 
@@ -150,7 +163,7 @@ def _load(p: Path, kind: str, base_name: str, cfg):
     except ModelError as e:
         raise SubjectError(f"{p}: {e}") from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # a corrupt weights or config file
-        raise SubjectError(f"{p}: cannot be loaded as a {kind} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise refused(f"cannot_load_{kind}", path=p, detail=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
 
 
 def _asked_with(builder, folder: Path, given: Given):
