@@ -16,8 +16,9 @@ the rest scaled by 1/(1-p)) and, inside the fast path's lean LoRA forward
   integer taken from torch's CPU generator (no synchronisation), and drawn again from
   that seed in the backward. For Qwen2.5-1.5B with LoRA on every linear layer torch's
   dropout keeps 3 bytes (a bf16 copy and a bool mask) for each of 18,176 inputs per
-  token and layer: 24.5 GB at 16k tokens, by their sizes; the seed keeps none of it,
-  for two more mask draws per adapter.
+  token and layer: 24.5 GB at 16k tokens, by their sizes; the seed keeps only the 4
+  distinct inputs (13,568 bf16 values a token and layer, about 12 GB less), for two
+  more mask draws per adapter.
 
 Written here because neither peft nor a fused-kernel library (Liger, Unsloth's LoRA
 kernels are written for dropout 0) offers a LoRA dropout that keeps no mask.

@@ -20,9 +20,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench import i18n
 from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
                                 load_probes, score_identity)
-from workbench import i18n
 from workbench.convert import CONFIG_FILE
 from workbench.models import ModelError
 
