@@ -172,6 +172,17 @@ def test_grade_and_report_commands(classroom, probes, tmp_path, capsys):
     assert main(["grade", str(tmp_path / "missing"), "--base", "embedded:tiny-random"]) == 2
 
 
+def test_a_run_that_cannot_be_read_gets_its_reason_in_the_page_language(runs, probes, tmp_path):
+    """A run folder whose config no longer loads: its row says why, in the grading language, and the rest goes on."""
+    erin = tmp_path / "erin_run"
+    shutil.copytree(runs["good"], erin, ignore=shutil.ignore_patterns("analysis.json", "report_card*"))
+    text = (erin / "config.yaml").read_text(encoding="utf-8")
+    (erin / "config.yaml").write_text(re.sub(r"(?m)^lr: .*$", "lr: -1", text), encoding="utf-8")
+    row = G.grade_one(erin, "embedded:tiny-random", tmp_path / "_grades", probes, TOKENS, {}, lang="zh")
+    assert row["status"].startswith("出错：SubjectError: ") and "无法作为训练运行读取" in row["status"]
+    assert "erin_run" in row["status"] and "lr" in row["status"], "the path and the library's own detail as they are"
+
+
 def test_grade_page_in_chinese_keeps_the_csv_columns():
     """grades.html in Chinese: every header, the link text and the page language; the values and links unchanged."""
     import pandas as pd
@@ -232,7 +243,8 @@ def test_grade_homework_exported_by_another_tool(camp, probes):
     assert rows["zhaoliu_unlisted"]["status"].startswith("出错：SubjectError: ") and \
         "不知道它是谁的助手" in rows["zhaoliu_unlisted"]["status"], "the reason in the grading language"
     assert rows["sunqi"]["status"].startswith("缺交：roster.csv 里有这名学生") and rows["sunqi"]["owner"] == "孙七"
-    assert rows["wangwu_pickle"]["status"].startswith("出错：")
+    assert rows["wangwu_pickle"]["status"].startswith("出错：SubjectError: ") and \
+        "这是 pickle 文件" in rows["wangwu_pickle"]["status"], "why it is refused, in the grading language"
     card = (room / "_grades" / rows["zhangsan"]["card"]).read_text(encoding="utf-8")
     assert "张三 的助手（没有自己的名字）" in card, "the card names whose assistant it is"
 

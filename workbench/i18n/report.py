@@ -87,6 +87,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
                          "或者给一份名单（grade --roster FILE）"),
     "subject.no_base": ("{path}: no {config} and no base model named: give it with --base",
                         "{path}：没有 {config}，也没有指定基础模型：请用 --base 给出"),
+    "subject.pickled_adapter": ("{path}: a pickle file, which can run code when loaded, so the workbench does not read "
+                                "it; save the adapter as safetensors (XTuner: `xtuner convert pth_to_hf ... "
+                                "--safe-serialization`; peft: `save_pretrained(..., safe_serialization=True)`)",
+                                "{path}：这是 pickle 文件，加载时可能执行其中的代码，所以工作台不读取它；请把适配器保存为 "
+                                "safetensors（XTuner：`xtuner convert pth_to_hf ... --safe-serialization`；peft："
+                                "`save_pretrained(..., safe_serialization=True)`）"),
+    "subject.cannot_load_run": ("{path}: cannot be read as a training run ({detail})",
+                                "{path}：无法作为训练运行读取（{detail}）"),
     "subject.cannot_load_adapter": ("{path}: cannot be loaded as an adapter ({detail})",
                                     "{path}：无法作为适配器加载（{detail}）"),
     "subject.cannot_load_merged": ("{path}: cannot be loaded as a merged model ({detail})",

@@ -24,7 +24,7 @@ from workbench import i18n
 from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
                                 load_probes, score_identity)
 from workbench.convert import CONFIG_FILE
-from workbench.models import ModelError
+from workbench.models import ModelError, pickled_weights
 
 KINDS = ("run", "adapter", "merged")
 
@@ -136,15 +136,24 @@ def analyze_subject(path: str | Path, base: str | None = None, probes: Probes | 
 
 
 def _analyze_run(p: Path, probes: Probes, max_new_tokens: int, progress: bool) -> RunAnalysis:
+    """A run's saved analysis where it answers these probes, else its checkpoints analysed; a run whose config,
+    checkpoints or saved analysis cannot be read is refused with the reason (`cannot_load_run`)."""
+    from safetensors import SafetensorError
+
     from workbench.analysis import analyze_run
 
-    saved = p / "analysis.json"
-    if saved.exists():
-        run = RunAnalysis.load(saved)
-        same = [(a["kind"], a["lang"], a["question"]) for a in run.base.answers] == probes.items()
-        if same and run.base.strict:
-            return run
-    return analyze_run(p, probes, max_new_tokens=max_new_tokens, progress=progress)
+    try:
+        saved = p / "analysis.json"
+        if saved.exists():
+            run = RunAnalysis.load(saved)
+            same = [(a["kind"], a["lang"], a["question"]) for a in run.base.answers] == probes.items()
+            if same and run.base.strict:
+                return run
+        return analyze_run(p, probes, max_new_tokens=max_new_tokens, progress=progress)
+    except SubjectError:
+        raise
+    except (ModelError, SafetensorError, OSError, ValueError, KeyError, TypeError) as e:  # ConfigError, CheckpointError too
+        raise refused("cannot_load_run", path=p, detail=_detail(e)) from None
 
 
 def _load(p: Path, kind: str, base_name: str, cfg):
@@ -154,16 +163,25 @@ def _load(p: Path, kind: str, base_name: str, cfg):
     from workbench.chat import load_chat_model
     from workbench.models import load_model
 
+    if kind == "adapter" and pickled_weights(p):
+        raise refused("pickled_adapter", path=p / "adapter_model.bin")
     try:
         if kind == "adapter":
             model, builder = load_chat_model(base_name, adapter=str(p), device="cpu", torch_dtype="float32")
             return model, builder, _AdapterOff(model)
         model, builder = load_chat_model(str(p), device="cpu", torch_dtype="float32")
         return model, builder, load_model(base_name, torch_dtype="float32", device="cpu")
-    except ModelError as e:
-        raise SubjectError(f"{p}: {e}") from None
+    except ModelError as e:  # the loader's own refusal (the tokenizer, remote code, ...): its text as the detail
+        raise refused(f"cannot_load_{kind}", path=p, detail=_detail(e, with_type=False)) from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # a corrupt weights or config file
-        raise refused(f"cannot_load_{kind}", path=p, detail=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise refused(f"cannot_load_{kind}", path=p, detail=_detail(e)) from None
+
+
+def _detail(e: Exception, with_type: bool = True) -> str:
+    """A library's error in one line (its lines joined: a ConfigError lists each field on its own), at most 300
+    characters, its type first unless the message is the workbench's own."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+    return f"{type(e).__name__}: {text}" if with_type else text
 
 
 def _asked_with(builder, folder: Path, given: Given):
