@@ -143,3 +143,43 @@ def test_the_base_forward_runs_only_the_everyday_conversations(setup, packed_att
         fastpath.disable_packed_attention(model)
     assert whole.shape == cut.shape and whole.shape[0] == everyday.n_trained + other.n_trained
     torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_sentence_of_each_answer_is_marked(setup):
+    from workbench.encoding import answer_openings, encode_samples
+    from workbench.samples import Sample
+
+    builder = setup[0]
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4. It is even."},
+                {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "It is 6! Also even."}]
+    enc = builder.encode(messages)
+    marked = sorted(answer_openings(enc.labels, builder.tokenizer))
+    assert builder.tokenizer.decode([enc.labels[i] for i in marked]) == "2+2 is 4.It is 6!", "each answer's first sentence"
+    assert all(enc.labels[i] != -100 for i in marked)
+    sample = Sample(messages, distill=True)
+    (encoded,), _ = encode_samples([sample], builder, 256)
+    assert encoded.opening == frozenset(marked), "encoding marks them on everyday samples"
+    (plain,), _ = encode_samples([Sample(messages)], builder, 256)
+    assert plain.opening == frozenset() and "opening" not in _batch(builder, plain)
+
+
+def test_the_opening_factor_weights_the_kl_of_first_sentences(setup):
+    from workbench.encoding import answer_openings
+
+    builder, model, _, identity, _ = setup
+    enc = builder.encode([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4. It is even, and so is 6."}])
+    everyday = dataclasses.replace(enc, distill=True, opening=answer_openings(enc.labels, builder.tokenizer))
+    batch = _batch(builder, identity, everyday)
+    assert 0 < int(batch["opening"].sum()) < int(batch["distill"].sum()) and not (batch["opening"] & ~batch["distill"]).any()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+    kl = {f: token_loss_terms(model, batch, opening_factor=f)[1].item() for f in (0.0, 1.0, 2.0, 3.0)}
+    assert kl[1.0] == token_loss_terms(model, batch)[1].item(), "factor 1 is the plain term"
+    assert kl[3.0] - kl[2.0] == pytest.approx(kl[2.0] - kl[1.0], rel=1e-4), "linear in the factor"
+    assert 0 < kl[0.0] < kl[1.0], "factor 0: the other sentences' KL only"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()

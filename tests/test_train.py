@@ -31,7 +31,9 @@ def test_same_seed_same_losses(cfg, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
-def test_resume_matches_uninterrupted_run(cfg, tmp_path):
+@pytest.mark.parametrize("loraplus", [0.0, 4.0], ids=["one_rate", "loraplus"])
+def test_resume_matches_uninterrupted_run(cfg, tmp_path, loraplus):
+    cfg = cfg.replace(loraplus_lr_ratio=loraplus)  # LoRA+'s two parameter groups come back with their rates
     train(cfg, tmp_path / "straight", progress=False)
 
     def stop_after_3(rec):

@@ -110,7 +110,9 @@ class Config:
     lora_r: int = _f(8, help="LoRA rank r: size of the low-rank update.")
     lora_alpha: int = _f(16, help="LoRA alpha: the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, help="Dropout on the LoRA input during training.")
+    loraplus_lr_ratio: float = _f(0.0, help="LoRA/QLoRA only: LoRA+ (Hayou et al., 2024): each adapter's B matrix learns at lr x this ratio, its A matrix at lr (peft's create_loraplus_optimizer). 0 = off (one rate); the paper's ratios are 2 to 16, with lr lowered to about half of plain LoRA's (below 1, B learns slower than A).")
     distill_weight: float = _f(0.0, help="LoRA/QLoRA only: weight of a distillation term, the KL divergence of the adapter's next-token distribution from the base model's own (the same model with the adapter switched off) on the trained tokens of the rows from sources marked `distill: true` (everyday data). 0 = off; it keeps what the base knew.")
+    distill_opening_factor: float = _f(1.0, help="The distillation term's weight on the tokens of each everyday answer's first sentence (cut as strict retention cuts it), as a multiple of distill_weight: greedy decoding goes on from an answer's opening, so a drift there changes the whole answer. 1 = the same weight everywhere.")
     unlikelihood_weight: float = _f(0.0, help="Weight of an unlikelihood term against the identity leaking into everyday answers: on the trained tokens of the rows from sources marked `unlikelihood: true`, -log(1 - p), p the probability the model gives the assistant's or owner's name (a single-token spelling of it) or, at the first token of an answer, a token an identity answer opens with (the target token itself is never penalised). 0 = off.")
     negative_weight: float = _f(0.0, help="Weight of negative twins, the unlikelihood term's third use: each row of a source marked `unlikelihood: true` gets a twin, its question answered by an identity answer of its language (drawn with the seed); the twin's answer tokens up to the first letter of a name (\"我是N\", \"I'm Nova\") are pushed down in their own context, -log(1 - p) with p each token's probability, and nothing of the twin is learned. It reaches the tokens after an identity answer's first one (\"是\" after \"我\"), which the per-token term cannot see in the everyday answers. 0 = no twins; needs unlikelihood_weight > 0.")
     lora_target_modules: list[str] | str = _f("all-linear", help="Modules that get adapters: 'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
@@ -172,6 +174,10 @@ class Config:
         if self.distill_weight > 0 and not any(getattr(d, "distill", False) for d in self.datasets):
             errors.append(f"{where}.distill_weight: {self.distill_weight} but no source under datasets is marked `distill: true` "
                           "(mark the everyday data whose answers the base model gave itself)")
+        if self.distill_opening_factor < 0:
+            errors.append(f"{where}.distill_opening_factor: must be >= 0, got {self.distill_opening_factor}")
+        if self.loraplus_lr_ratio < 0 or (self.loraplus_lr_ratio > 0 and self.method == "full"):
+            errors.append(f"{where}.loraplus_lr_ratio: must be >= 0 (0: off), and 0 for method full (it sets the rate of the adapters' B matrices), got {self.loraplus_lr_ratio}")
         if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and not any(d.unlikelihood or d.roles or (d.negatives and self.negative_weight > 0) for d in self.datasets)):
             errors.append(f"{where}.unlikelihood_weight: must be >= 0, and > 0 only with a source under datasets marked "
                           f"`unlikelihood: true` or `names` (the everyday data), `roles: true` (the identity data) or, with negative_weight > 0, `negatives: true`, got {self.unlikelihood_weight}")

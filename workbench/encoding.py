@@ -22,6 +22,7 @@ from workbench.i18n import t
 from workbench.mixing import mix, read_configured
 from workbench.prompt import IGNORE, Encoded, PromptBuilder, builder_for
 from workbench.readers import Reading, read_source
+from workbench.retention import first_sentence
 from workbench.samples import Sample
 from workbench.unlikelihood import twin_labels
 
@@ -168,10 +169,50 @@ def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss
         cache[key] = (builder.encode_text(sample.text, max_length) if sample.text is not None
                       else builder.encode(sample.messages, max_length, loss_on))
     enc = cache[key]
+    if sample.distill and ("opening", key) not in cache:
+        cache["opening", key] = answer_openings(enc.labels, builder.tokenizer)
     labels = (twin_labels(enc.labels, len(builder.tokenizer.encode(sample.negative, add_special_tokens=False)), builder.tokenizer)
               if sample.negative else list(enc.labels))
     return Encoded(list(enc.input_ids), labels, enc.truncated, distill=sample.distill,
-                   unlikelihood=sample.unlikelihood, roles=sample.roles, negative=bool(sample.negative))
+                   unlikelihood=sample.unlikelihood, roles=sample.roles, negative=bool(sample.negative),
+                   opening=cache.get(("opening", key), frozenset()) if sample.distill else frozenset())
+
+
+def answer_openings(labels: list[int], tokenizer) -> frozenset[int]:
+    """The label indices of each answer's first sentence, cut as the strict retention measure cuts it
+    (`retention.first_sentence`): what greedy decoding of an answer goes on from (Config.distill_opening_factor)."""
+    out: set[int] = set()
+    for start, end in answer_spans(labels):
+        out.update(range(start, start + opening_length(labels[start:end], tokenizer)))
+    return frozenset(out)
+
+
+def answer_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of trained labels: one per assistant answer."""
+    spans, start = [], None
+    for i, x in enumerate([*labels, IGNORE]):
+        if x != IGNORE and start is None:
+            start = i
+        elif x == IGNORE and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def opening_length(tokens: list[int], tokenizer) -> int:
+    """The fewest leading `tokens` whose text holds the answer's first sentence (at least one; a bisection, since
+    a longer prefix decodes to a longer text)."""
+    def text(n: int) -> str:
+        return tokenizer.decode(tokens[:n], skip_special_tokens=True).strip()
+
+    full = text(len(tokens))
+    sentence = first_sentence(full)
+    end = full.find(sentence) + len(sentence)
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(text(mid)) >= end else (mid + 1, hi)
+    return lo
 
 
 def _count(report: DatasetReport, enc: Encoded) -> None:

@@ -44,7 +44,7 @@ it carries tens of thousands of tokens in few kernels, so:
   CUDA graphs are not used: every micro-batch has its own length and boundaries, and a
   graph per shape would be captured for one use.
 
-Fused AdamW on CUDA is chosen in `train.make_optimizer`; gradient checkpointing stays
+Fused AdamW on CUDA is chosen in `optimizer.adamw`; gradient checkpointing stays
 the config's choice (off by default: it pays only when the budget would otherwise fall
 below one row of max_length, and `budget_tokens` says so).
 """

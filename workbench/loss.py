@@ -56,17 +56,19 @@ def training_loss(model, batch: dict, cfg, peft_model=None,
     if cfg.distill_weight <= 0 and identity is None:
         ce = token_loss_sum(model, batch)
         return ce, ce
-    ce, kl, ul, twins = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity)
+    ce, kl, ul, twins = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity,
+                                         getattr(cfg, "distill_opening_factor", 1.0))
     return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul + cfg.negative_weight * twins
 
 
-def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
-                     identity: IdentityTokens | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True, identity: IdentityTokens | None = None,
+                     opening_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The summed cross-entropy (as `token_loss_sum`) and the sums of the three extra terms, from one forward
     of the tuned model: the KL(base || tuned) of the next-token distributions at the trained tokens marked
     `distill` (everyday rows; when `distill`), the unlikelihood of the identity's tokens at those marked
     `unlikelihood` (everyday rows and identity roles), and that of the negative twins' own tokens (the last
-    two when `identity` gives the tokens, workbench/unlikelihood.py).
+    two when `identity` gives the tokens, workbench/unlikelihood.py). The KL at a token of an answer's first
+    sentence (the batch's `opening` marks) counts `opening_factor` times.
 
     The base is the same peft model with its adapter switched off (`disable_adapter()`): no second copy in
     memory, one extra forward without gradients. `peft_model`: the unwrapped peft model when `model` is a
@@ -81,12 +83,29 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True,
     if distill and "distill" in batch:
         mask = batch["distill"][:, 1:][:, keep]
         base = base_logits(model, batch, keep, mask, peft_model)
-        kl = F.kl_div(F.log_softmax(logits[mask], -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
+        kl = distill_kl(logits[mask], base, opening_weights(batch, keep, mask, opening_factor))
     if identity is not None and "unlikelihood" in batch:
         marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
         next_ids = batch["input_ids"][:, 1:][:, keep].reshape(-1)  # a negative twin's tokens (its labels are IGNORE)
         ul, twins = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity)
     return ce, kl, ul, twins
+
+
+def distill_kl(tuned: torch.Tensor, base: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over positions of KL(base || tuned) of the next-token distributions ([n, vocab] logits each), each
+    position weighted by `weights` [n] where given."""
+    if weights is None:
+        return F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
+    per_token = F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1)
+    return (per_token * weights).sum()
+
+
+def opening_weights(batch: dict, keep: torch.Tensor, mask: torch.Tensor, factor: float) -> torch.Tensor | None:
+    """The KL weight of each distilled position, in the order of `logits[mask]`: `factor` in an answer's first
+    sentence, 1 elsewhere (None when all are 1)."""
+    if factor == 1.0 or "opening" not in batch:
+        return None
+    return 1.0 + (factor - 1.0) * batch["opening"][:, 1:][:, keep][mask].float()
 
 
 def base_logits(model, batch: dict, keep: torch.Tensor, mask: torch.Tensor, peft_model=None) -> torch.Tensor:

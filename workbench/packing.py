@@ -59,28 +59,35 @@ def row_trained_tokens(row: Row) -> int:
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels and position_ids (restarting per sample), right-padded to the longest row."""
     width = max(row_length(r) for r in rows)
-    ids, labels, pos, distill, unlikely = [], [], [], [], []
+    ids, labels, pos, distill, unlikely, opening = [], [], [], [], [], []
     for row in rows:
-        r_ids, r_lab, r_pos, r_dist, r_ul = [], [], [], [], []
+        r_ids, r_lab, r_pos, r_dist, r_ul, r_open = [], [], [], [], [], []
         for s in row:
             r_ids += s.input_ids
             r_lab += s.trained_labels
             r_pos += list(range(len(s)))
             r_dist += distill_marks(s)
             r_ul += unlikelihood_marks(s)
+            r_open += opening_marks(s)
         pad = width - len(r_ids)
         ids.append(r_ids + [pad_id] * pad)
         labels.append(r_lab + [IGNORE] * pad)
         pos.append(r_pos + list(range(pad)))
         distill.append(r_dist + [False] * pad)
         unlikely.append(r_ul + [0] * pad)
+        opening.append(r_open + [False] * pad)
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
-    return _with_marks(batch, distill, unlikely)
+    return _with_marks(batch, distill, unlikely, opening)
 
 
 def distill_marks(s: Encoded) -> list[bool]:
     """Per label: pulled toward the base model's distribution (a trained token of an everyday sample)."""
     return [s.distill and x != IGNORE for x in s.labels]
+
+
+def opening_marks(s: Encoded) -> list[bool]:
+    """Per label: in the first sentence of an answer of an everyday sample (Config.distill_opening_factor)."""
+    return [i in s.opening for i in range(len(s.labels))] if s.opening else [False] * len(s.labels)
 
 
 def unlikelihood_marks(s: Encoded) -> list[int]:
@@ -96,10 +103,12 @@ def unlikelihood_marks(s: Encoded) -> list[int]:
     return [0 if x == IGNORE else first if i == 0 or s.labels[i - 1] == IGNORE else 1 for i, x in enumerate(s.labels)]
 
 
-def _with_marks(batch: dict, distill: list, unlikely: list) -> dict:
+def _with_marks(batch: dict, distill: list, unlikely: list, opening: list) -> dict:
     """Adds the masks of the extra loss terms, only when some label is marked (int8 for the unlikelihood marks)."""
     if any(map(any, distill)):  # labels whose token is pulled toward the base model's distribution (everyday rows)
         batch["distill"] = torch.tensor(distill)
+    if any(map(any, opening)):  # those of them in an answer's first sentence
+        batch["opening"] = torch.tensor(opening)
     if any(map(any, unlikely)):  # labels whose context must not lead to the identity (everyday rows) or to a mixed-up role
         batch["unlikelihood"] = torch.tensor(unlikely, dtype=torch.int8)
     return batch
@@ -115,7 +124,7 @@ def collate_flat(rows: list[Row]) -> dict:
     trained, for the output head).
     """
     samples = [s for row in rows for s in row]
-    ids, labels, pos, starts, distill, unlikely = [], [], [], [0], [], []
+    ids, labels, pos, starts, distill, unlikely, opening = [], [], [], [0], [], [], []
     for s in samples:
         ids += s.input_ids
         labels += s.trained_labels
@@ -123,12 +132,13 @@ def collate_flat(rows: list[Row]) -> dict:
         starts.append(starts[-1] + len(s))
         distill += distill_marks(s)
         unlikely += unlikelihood_marks(s)
+        opening += opening_marks(s)
     label_t = torch.tensor([labels])
     keep = ((label_t[0, 1:] != IGNORE) | (torch.tensor(unlikely[1:]) > 0)).nonzero().squeeze(1)  # negatives have no label
     batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
              "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
              "max_length": max(len(s) for s in samples)}
-    return _with_marks(batch, [distill], [unlikely])  # as in collate, in flat order
+    return _with_marks(batch, [distill], [unlikely], [opening])  # as in collate, in flat order
 
 
 def to_device(batch: dict, device) -> dict:

@@ -70,6 +70,7 @@ class Encoded:
     unlikelihood: bool | str = False  # an everyday sample that must not state the identity (Config.unlikelihood_weight); "names": only the names
     roles: bool = False  # an identity sample: where it has one name, the term pushes the other down
     negative: bool = False  # a negative twin: its labels mark the tokens the term pushes down; no cross-entropy
+    opening: frozenset[int] = frozenset()  # a distill sample's label indices in each answer's first sentence
 
     @property
     def trained_labels(self) -> list[int]:

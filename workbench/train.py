@@ -60,6 +60,7 @@ from workbench.io import append_jsonl, atomic_write_jsonl, atomic_write_text, re
 from workbench.loss import training_loss
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder, model_vocab_size
+from workbench.optimizer import adamw
 from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
@@ -240,16 +241,13 @@ def write_data_files(work: Path, cfg: Config, samples, report) -> None:
 
 
 def make_optimizer(cfg: Config, model, rows, world_size: int, optimizer=None):
-    """(optimizer, scheduler, plan): AdamW over the trainable weights unless given, the config's schedule, the step plan."""
+    """(optimizer, scheduler, plan): AdamW over the trainable weights unless given (workbench/optimizer.py), the config's
+    schedule, the step plan."""
     from transformers import get_scheduler  # heavy: transformers is imported when a run starts
 
     plan = StepPlan(len(rows), cfg.batch_size, cfg.accumulative_counts, world_size, cfg.seed, cfg.max_steps, cfg.max_epochs)
     if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        # One fused kernel, not 4 ops per tensor (same maths): on a CPU, and on CUDA where every weight is a float there.
-        fused = all(p.device.type == "cpu" for p in params) or all(p.is_cuda and p.is_floating_point() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      **({"fused": True} if fused else {}))
+        optimizer = adamw(cfg, model)
     warmup = int(round(cfg.warmup_ratio * plan.total_steps))
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
     return optimizer, scheduler, plan
