@@ -175,7 +175,7 @@ def _encode_cached(sample: Sample, builder: PromptBuilder, max_length: int, loss
               if sample.negative else list(enc.labels))
     return Encoded(list(enc.input_ids), labels, enc.truncated, distill=sample.distill,
                    unlikelihood=sample.unlikelihood, roles=sample.roles, negative=bool(sample.negative),
-                   opening=cache.get(("opening", key), frozenset()) if sample.distill else frozenset())
+                   opening=cache["opening", key] if sample.distill else frozenset())
 
 
 def answer_openings(labels: list[int], tokenizer) -> frozenset[int]:

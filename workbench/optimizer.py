@@ -41,5 +41,5 @@ def peft_model_of(model):
 
 
 def group_rates(optimizer: torch.optim.Optimizer) -> list[tuple[int, float]]:
-    """(number of tensors, learning rate) of each non-empty parameter group: what a run prints and a test checks."""
+    """(number of tensors, learning rate) of each non-empty parameter group (peft's LoRA+ grouping leaves some empty)."""
     return [(len(g["params"]), g["lr"]) for g in optimizer.param_groups if g["params"]]
