@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -333,6 +334,26 @@ def test_repeat_float_whole_copies_plus_sample(two_files):
     counts = Counter(s.record for s in mixed)
     assert len(mixed) == 25
     assert sorted(Counter(counts.values()).items()) == [(2, 5), (3, 5)]
+
+
+def shares_per_window(mixed, size):
+    """For each window of `size` consecutive samples, how many come from b.jsonl."""
+    from_b = [os.path.basename(s.source) == "b.jsonl" for s in mixed]
+    return [sum(from_b[i:i + size]) for i in range(len(mixed) - size + 1)]
+
+
+def test_stratified_mixture_spreads_each_source_evenly(two_files):
+    a, b = two_files
+    datasets = [DataSource(path=a, repeat=2), DataSource(path=b, repeat=2)]  # 20 of a, 80 of b: b is 4 in 5
+    stratified = mix_sources(Config(datasets=datasets, mix_order="stratified"))
+    shuffled = mix_sources(Config(datasets=datasets))
+    assert sorted(keys(stratified)) == sorted(keys(shuffled)), "the same samples, in another order"
+    assert keys(stratified) == keys(mix_sources(Config(datasets=datasets, mix_order="stratified"))), "seeded"
+    assert keys(stratified) != keys(mix_sources(Config(datasets=datasets, mix_order="stratified", seed=1)))
+    # every stretch of 10 holds 8 of b, give or take the jitter of one slot at each end
+    assert all(6 <= n <= 10 for n in shares_per_window(stratified, 10))
+    spread = [statistics.pstdev(shares_per_window(m, 10)) for m in (stratified, shuffled)]
+    assert spread[0] < spread[1] / 2, f"stratified windows vary less than shuffled ones: {spread}"
 
 
 def test_repeat_below_one_samples_without_replacement(two_files):

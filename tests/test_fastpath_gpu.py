@@ -86,6 +86,26 @@ def test_fused_adamw_on_cuda():
     assert optimizer.defaults.get("fused") is True
 
 
+def test_loraplus_fused_on_cuda(rows):
+    """LoRA+ on CUDA: peft's groups take the fused kernel, and one step moves B by lr x ratio (Adam's first step moves
+    each weight by its rate) while A stays (its gradient is 0 while B is 0)."""
+    from workbench.optimizer import adamw, group_rates
+
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, device="cuda", loraplus_lr_ratio=4.0)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cuda"))
+    optimizer = adamw(cfg, model)
+    assert optimizer.defaults.get("fused") is True
+    assert sorted(lr for _, lr in group_rates(optimizer)) == [cfg.lr, 4.0 * cfg.lr]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    token_loss_sum(model, to_device(collate(rows[:2], 0), "cuda")).backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    assert max(v for n, v in moved.items() if "lora_B" in n) == pytest.approx(4.0 * cfg.lr, rel=1e-2)
+    assert max(v for n, v in moved.items() if "lora_A" in n) == 0
+
+
 def test_lora_under_autocast_keeps_x_and_a_seed_and_never_waits(rows):
     """As the training loop runs a GPU's LoRA (autocast to bf16 over float32 adapters, dropout on): the lean forward
     with the seeded dropout (workbench/lora_dropout.py) trains without host synchronisation, and the step's peak

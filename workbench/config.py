@@ -127,6 +127,7 @@ class Config:
     system: str = _f(DEFAULT_SYSTEM, help="System prompt (XTuner's SYSTEM) for records without one, and for evaluation and chat. Saved with every adapter and merged model.")
     chat_template: str | None = _f(None, help="Jinja chat template; null uses the tokenizer's own (recommended). Saved with every adapter and merged model.")
     max_length: int = _f(512, help="Longest training sequence in tokens; longer conversations are truncated (and reported by check-dataset).")
+    mix_order: str = _f("shuffle", help="How the sources' samples are ordered: shuffle (one seeded shuffle of the whole mixture) or stratified (each source's samples spread evenly through it, a seeded jitter within each slot, so every packed row and every step holds about the mixture's shares; with one row a step, shuffled steps held from 0 to 87% identity data).", choices=("shuffle", "stratified"))
     pack_to_max_length: bool = _f(True, help="Pack several short conversations into one row of max_length, with no attention across them. Faster: no padding is computed.")
     loss_on: str = _f("all_turns", help="Which assistant turns are trained: all_turns or last_turn. System and user tokens are never trained.", choices=("all_turns", "last_turn"))
     # --- optimisation -------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Mixing: a config's data sources, each read or generated, repeated or sized to a share, shuffled.
+"""Mixing: a config's data sources, each read or generated, repeated or sized to a share, shuffled or stratified.
 
 A source (`DataSource` under `datasets:`) is a file, folder or glob pattern
 (`workbench.readers`) or generated identity data (`workbench.identity`).
 `repeat` uses every record that many times (a fraction of a copy is sampled
 without replacement); `fraction` makes the source that share of the final
-mixture. The mixture is shuffled with the config's seed, so the same config
+mixture. The mixture is shuffled with the config's seed (`mix_order: shuffle`),
+or each source is spread evenly through it (`stratified`); the same config
 gives the same samples in the same order.
 """
 from __future__ import annotations
@@ -49,15 +50,29 @@ def mix_sources(cfg: Config) -> list[Sample]:
 
 
 def mix(loaded: list[list[Sample]], cfg: Config) -> list[Sample]:
-    """The samples of each of cfg.datasets (in order), repeated or sized to its fraction, and shuffled."""
+    """The samples of each of cfg.datasets (in order), repeated or sized to its fraction, shuffled or stratified."""
     counts = _target_counts(cfg.datasets, [len(samples) for samples in loaded])
-    mixed: list[Sample] = []
-    for i, (samples, count) in enumerate(zip(loaded, counts)):
-        mixed += _take(samples, count, random.Random(f"{cfg.seed}:{i}"))
-    random.Random(cfg.seed).shuffle(mixed)
+    taken = [_take(samples, count, random.Random(f"{cfg.seed}:{i}")) for i, (samples, count) in enumerate(zip(loaded, counts))]
+    if cfg.mix_order == "stratified":
+        mixed = stratified(taken, cfg.seed)
+    else:
+        mixed = [s for part in taken for s in part]
+        random.Random(cfg.seed).shuffle(mixed)
     if cfg.negative_weight > 0:  # after the shuffle: the other rows keep their order
         mixed = with_negatives(mixed, cfg.assistant_name, cfg.owner_name, cfg.seed)
     return mixed
+
+
+def stratified(parts: list[list[Sample]], seed: int) -> list[Sample]:
+    """The parts' samples merged so that each part is spread evenly: part p's k-th sample (after a seeded shuffle of
+    the part) sits at (k + u) / len(p) of the way through, u uniform in [0, 1) (jittered stratified sampling), so any
+    stretch of the result holds about each part's share. Written here: no library orders a mixture this way."""
+    keyed = []
+    for i, part in enumerate(parts):
+        rng = random.Random(f"{seed}:{i}:stratified")
+        order = rng.sample(part, len(part))
+        keyed += [((k + rng.random()) / len(order), i, k, s) for k, s in enumerate(order)]
+    return [s for *_, s in sorted(keyed, key=lambda x: x[:3])]
 
 
 def _target_counts(sources: list[DataSource], sizes: list[int]) -> list[int]:

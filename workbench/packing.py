@@ -26,14 +26,18 @@ ROLES = 3  # the unlikelihood mark of an identity sample's trained tokens (the r
 NEGATIVE = 4  # the unlikelihood mark of a negative twin's answer tokens (pushed down themselves; no cross-entropy)
 
 Row = list  # a row is a list of Encoded samples laid end to end
+STRATIFIED_WINDOW = 2  # a stratified mixture's sample joins one of the last 2 rows opened (tests/test_packing.py)
 
 
-def pack(samples: list[Encoded], max_length: int) -> list[Row]:
-    """First-fit packing in the given order (which is already shuffled by the seed)."""
+def pack(samples: list[Encoded], max_length: int, window: int | None = None) -> list[Row]:
+    """First-fit packing in the given order (which is already shuffled by the seed). With a window, a sample goes
+    only into one of the last `window` rows opened, so a row holds samples from one stretch of the order (as a
+    stratified mixture laid them out) and no late short sample fills an early row's gap."""
     rows: list[Row] = []
     room: list[int] = []
     for s in samples:
-        for i, free in enumerate(room):
+        first = max(0, len(rows) - window) if window else 0
+        for i, free in enumerate(room[first:], start=first):
             if len(s) <= free:
                 rows[i].append(s)
                 room[i] -= len(s)
@@ -42,6 +46,14 @@ def pack(samples: list[Encoded], max_length: int) -> list[Row]:
             rows.append([s])
             room.append(max_length - len(s))
     return rows
+
+
+def pack_rows(samples: list[Encoded], cfg) -> list[Row]:
+    """A config's rows: packed to max_length (within a window of STRATIFIED_WINDOW rows for a stratified mixture,
+    so each row keeps about the mixture's shares), or one sample per row."""
+    if not cfg.pack_to_max_length:
+        return unpacked(samples)
+    return pack(samples, cfg.max_length, STRATIFIED_WINDOW if cfg.mix_order == "stratified" else None)
 
 
 def unpacked(samples: list[Encoded]) -> list[Row]:

@@ -61,7 +61,7 @@ from workbench.loss import training_loss
 from workbench.mixing import mix_sources
 from workbench.models import build_model, build_unquantized, enable_checkpointing, load_builder, model_vocab_size
 from workbench.optimizer import adamw
-from workbench.packing import StepPlan, collate, collate_flat, pack, row_length, row_trained_tokens, to_device, unpacked
+from workbench.packing import StepPlan, collate, collate_flat, pack_rows, row_length, row_trained_tokens, to_device, unpacked
 from workbench.prompt import PromptBuilder
 from workbench.samples import DataError, write_dataset
 from workbench.unlikelihood import identity_tokens
@@ -230,7 +230,7 @@ def prepare_rows(cfg: Config, builder: PromptBuilder, is_main: bool):
                         f"e.g. {report.errors[0]}")
     if not encoded:
         raise DataError("training data", 0, None, "no trainable samples: every record was dropped (see the report above)")
-    rows = pack(encoded, cfg.max_length) if cfg.pack_to_max_length else unpacked(encoded)
+    rows = pack_rows(encoded, cfg)
     return samples, report, rows
 
 
