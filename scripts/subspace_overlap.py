@@ -18,7 +18,6 @@ Written here: no library measures this; the eigendecomposition is torch's.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from workbench.analysis import load_probes
 from workbench.models import load_model, load_tokenizer, prepare_embedded_model
 from workbench.prompt import PromptBuilder
+from workbench.readers import read_source
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERYDAY = [ROOT / "data" / "general_conversations.jsonl", ROOT / "data" / "general_conversations_zh.jsonl"]
@@ -35,13 +35,13 @@ INPUTS = {"attention input": lambda layer: layer.self_attn.q_proj, "attention ou
 
 
 def conversations(paths: list[Path]) -> list[list[dict]]:
-    """The everyday rows (XTuner's conversation format) as chat messages."""
+    """The everyday rows as chat messages, read as training reads them (`workbench.readers`)."""
     out = []
     for path in paths:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            turns = json.loads(line)["conversation"]
-            out.append([m for t in turns for m in ({"role": "user", "content": t["input"]},
-                                                   {"role": "assistant", "content": t["output"]})])
+        reading = read_source(path)
+        if reading.errors:
+            raise reading.errors[0]
+        out += [sample.messages for sample in reading.samples]
     return out
 
 
