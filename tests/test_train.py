@@ -31,9 +31,11 @@ def test_same_seed_same_losses(cfg, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
-@pytest.mark.parametrize("loraplus", [0.0, 4.0], ids=["one_rate", "loraplus"])
-def test_resume_matches_uninterrupted_run(cfg, tmp_path, loraplus):
-    cfg = cfg.replace(loraplus_lr_ratio=loraplus)  # LoRA+'s two parameter groups come back with their rates
+@pytest.mark.parametrize("changes", [{}, dict(loraplus_lr_ratio=4.0), dict(neftune_noise_alpha=5.0)],
+                         ids=["one_rate", "loraplus", "neftune"])
+def test_resume_matches_uninterrupted_run(cfg, tmp_path, changes):
+    # LoRA+'s two parameter groups come back with their rates; NEFTune's noise comes from the saved generators
+    cfg = cfg.replace(**changes)
     train(cfg, tmp_path / "straight", progress=False)
 
     def stop_after_3(rec):
@@ -46,6 +48,15 @@ def test_resume_matches_uninterrupted_run(cfg, tmp_path, loraplus):
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-6)
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_neftune_noise_changes_training_and_is_seeded(cfg, tmp_path):
+    noisy = cfg.replace(neftune_noise_alpha=5.0)
+    train(noisy, tmp_path / "a", progress=False)
+    train(noisy, tmp_path / "b", progress=False)
+    train(cfg, tmp_path / "clean", progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a")[0] != losses(tmp_path / "clean")[0]
 
 
 def test_killed_during_save_leaves_previous_checkpoint_usable(cfg, tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import (check_fresh_work_dir, check_same_plan, checkpoint_name, find_resume_checkpoint,
                                   load_checkpoint, load_trainable, prune_checkpoints, read_state, refuse_pickles,
                                   rng_state, save_checkpoint, save_rng, write_pointer)
-from workbench import fastpath_cuda
+from workbench import fastpath_cuda, neftune
 from workbench.config import Config, save_config
 from workbench.convert import export_trained
 from workbench.encoding import encode_samples
@@ -145,6 +145,7 @@ class Trainer:
             samples, report, rows = prepare_rows(self.cfg, self.builder, self.dist.is_main)
             data_files = (samples, report)
         self.model = model if model is not None else build_model(self.cfg, self.device, self.strategy)
+        neftune.attach(self.model, self.cfg.neftune_noise_alpha)
         self.rows = rows = self.rows_for_model(rows, data_files)
         self.optimizer, self.scheduler, self.plan = make_optimizer(self.cfg, self.model, rows,
                                                                    self.accelerator.num_processes, optimizer)

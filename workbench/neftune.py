@@ -1,0 +1,50 @@
+"""NEFTune: uniform noise on the input embeddings of the trained forward (Jain et al., 2023, "NEFTune: Noisy
+Embeddings Improve Instruction Finetuning").
+
+Each embedding of a row gets noise drawn uniformly from [-m, m], m = alpha / sqrt(L x d), with L the row's length
+in tokens and d the hidden size: as TRL's and LLaMA-Factory's `neftune_noise_alpha` (a packed row counts as one
+sequence there too). The paper's alphas are 5 to 15.
+
+Written here rather than taken from transformers (`integrations.neftune.neftune_post_forward_hook`): that hook
+adds noise to every forward of a module in training mode, and the distillation term's base forward
+(`workbench.loss.base_logits`) runs in training mode too; its target must be the base model's distribution on
+the clean input. Here the noise goes only into forwards that record gradients, the one the loss descends:
+evaluation, generation and the base forward run without gradients and see the clean embeddings. The noise is
+drawn from torch's seeded generator of the embedding's device, which checkpoints save: resume stays exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def attach(model: nn.Module, alpha: float):
+    """Add NEFTune noise of `alpha` to `model`'s input embeddings in its trained forwards; a handle whose
+    `remove()` takes it off (None when alpha is 0: nothing attached)."""
+    if alpha < 0:
+        raise ValueError(f"neftune_noise_alpha must be >= 0, got {alpha}")
+    if alpha == 0:
+        return None
+    return input_embeddings(model).register_forward_hook(noise_hook(alpha))
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The input embedding module of a (peft-wrapped, accelerate-wrapped) causal LM."""
+    inner = getattr(model, "module", model)  # DDP
+    return inner.get_input_embeddings()
+
+
+def noise_hook(alpha: float):
+    """A forward hook adding the noise to an embedding module's output [rows, L, d] in forwards that record gradients."""
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        return output + torch.empty_like(output).uniform_(-1.0, 1.0) * magnitude(alpha, output.shape[-2], output.shape[-1])
+    return hook
+
+
+def magnitude(alpha: float, length: int, hidden: int) -> float:
+    """The noise's bound m = alpha / sqrt(L x d)."""
+    return alpha / math.sqrt(length * hidden)
