@@ -3,7 +3,8 @@ Embeddings Improve Instruction Finetuning").
 
 Each embedding of a row gets noise drawn uniformly from [-m, m], m = alpha / sqrt(L x d), with L the row's length
 in tokens and d the hidden size: as TRL's and LLaMA-Factory's `neftune_noise_alpha` (a packed row counts as one
-sequence there too). The paper's alphas are 5 to 15.
+sequence there too, and the GPU fast path's flat micro-batch of up to 64k tokens is one row, as in TRL's
+padding-free batches: the noise per token is smaller there). The paper's alphas are 5 to 15.
 
 Written here rather than taken from transformers (`integrations.neftune.neftune_post_forward_hook`): that hook
 adds noise to every forward of a module in training mode, and the distillation term's base forward
