@@ -64,6 +64,18 @@ def test_the_distillation_target_is_the_base_on_clean_embeddings(model):
     assert torch.equal(base_logits(model, batch, keep, mask), clean)
 
 
+def test_attaching_again_replaces_the_noise(model):
+    """A model set up for training twice (Trainer.setup on a given model) gets one noise, not two."""
+    ids = ids_of(model)
+    clean = embeddings(model, ids, grad=True)
+    neftune.attach(model, ALPHA)
+    neftune.attach(model, ALPHA)
+    noise = embeddings(model, ids, grad=True) - clean
+    assert noise.abs().max() <= ALPHA / (ids.shape[1] * model.config.hidden_size) ** 0.5 * (1 + 1e-5)
+    assert neftune.attach(model, 0.0) is None
+    assert torch.equal(embeddings(model, ids, grad=True), clean), "alpha 0 takes earlier noise off"
+
+
 def test_alpha_zero_attaches_nothing_and_a_negative_alpha_is_refused(model, tiny_model):
     assert neftune.attach(model, 0.0) is None
     with pytest.raises(ConfigError, match="neftune_noise_alpha"):

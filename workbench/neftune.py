@@ -22,13 +22,18 @@ from torch import nn
 
 
 def attach(model: nn.Module, alpha: float):
-    """Add NEFTune noise of `alpha` to `model`'s input embeddings in its trained forwards; a handle whose
-    `remove()` takes it off (None when alpha is 0: nothing attached)."""
+    """Add NEFTune noise of `alpha` to `model`'s input embeddings in its trained forwards, in place of any noise
+    attached before (a model trained twice is not noised twice); a handle whose `remove()` takes it off (None
+    when alpha is 0: nothing attached, and any earlier noise taken off)."""
     if alpha < 0:
         raise ValueError(f"neftune_noise_alpha must be >= 0, got {alpha}")
-    if alpha == 0:
-        return None
-    return input_embeddings(model).register_forward_hook(noise_hook(alpha))
+    if alpha == 0 and not hasattr(getattr(model, "module", model), "get_input_embeddings"):
+        return None  # nothing to attach, and nothing attached before: such a model never had the noise
+    embeddings = input_embeddings(model)
+    if getattr(embeddings, "_wb_neftune", None) is not None:
+        embeddings._wb_neftune.remove()
+    embeddings._wb_neftune = embeddings.register_forward_hook(noise_hook(alpha)) if alpha > 0 else None
+    return embeddings._wb_neftune
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
