@@ -126,6 +126,10 @@ def test_failure_examples_and_verdict_on_hand_made_answers():
     assert all(len(v) == 1 for v in ex.values()), ex
     assert ex["fact lost (the base model was right)"] == [("2+2?", "It is 4.", "I'm Nova.")]
     assert [t.met for t in K.targets(run)] == [False, True, False, False, True, False, False]
+    values = [t.value for t in K.targets(run)]
+    assert values[:2] == ["0% (0 of 1)", "100%"], "a rate shows the probes it counts (none in Chinese here)"
+    assert values[3] == "100% (1 of 1)" and values[5] == "0% (0 of 1)", values
+    assert [t.value for t in K.targets(run, "zh")][3] == "100%（1 个中 1 个）"
     assert K.verdict(run).startswith("Misses 5 of 7 targets") and "Keep: iter_9" in K.verdict(run)
     html = K.render_html(run, b"png")
     assert "I&#x27;m Alex, Nova&#x27;s assistant." in html

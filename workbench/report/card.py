@@ -56,13 +56,14 @@ def role_mixups(r: ModelReport, name: str, owner: str) -> list[dict]:
 def targets(run: RunAnalysis, lang: str = "en") -> list[Target]:
     """Unseen identity >= 0.95 per language with the roles right, no leak, strict English retention >= 0.9, no fact lost."""
     r, (name, owner) = kept_report(run), names(run)
-    out = [Target(t("card.t_unseen", lang, probe=probe.upper(), target=f"{HIT_TARGET:.0%}"), _pct(r.hit_unseen.get(probe)),
+    out = [Target(t("card.t_unseen", lang, probe=probe.upper(), target=f"{HIT_TARGET:.0%}"),
+                  _pct_of(r, r.hit_unseen.get(probe), "identity_unseen", probe, lang),
                   _ge(r.hit_unseen.get(probe), HIT_TARGET)) for probe in ("en", "zh")]
     mix = len(role_mixups(r, name, owner))
     out.append(Target(t("card.t_roles", lang), t("card.mixups", lang, n=mix), mix == 0))
-    out += [Target(t("card.t_leak", lang, probe=probe.upper()), _pct(r.leak.get(probe)), r.leak.get(probe) == 0)
-            for probe in ("en", "zh")]
-    out.append(Target(t("card.t_strict", lang, target=f"{STRICT_TARGET:.0%}"), _pct(r.strict.get("en")),
+    out += [Target(t("card.t_leak", lang, probe=probe.upper()), _pct_of(r, r.leak.get(probe), "general", probe, lang),
+                   r.leak.get(probe) == 0) for probe in ("en", "zh")]
+    out.append(Target(t("card.t_strict", lang, target=f"{STRICT_TARGET:.0%}"), _pct_of(r, r.strict.get("en"), "general", "en", lang),
                       _ge(r.strict.get("en"), STRICT_TARGET)))
     known = sum(r.facts_known.values())
     out.append(Target(t("card.t_facts", lang), t("card.lost_of", lang, lost=r.n_facts_lost, known=known), r.n_facts_lost == 0))
@@ -238,6 +239,15 @@ def write_card(run: RunAnalysis, html_path: str | Path, lang: str = "en") -> tup
 
 def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
+
+
+def _pct_of(r: ModelReport, v, kind: str, lang_of_probes: str, lang: str = "en") -> str:
+    """A rate with the count it stands for, "92% (24 of 26)": on 26 probes one answer moves a rate by 4 points, and
+    the targets are missed or met by one or two (the count is the rate times the probes of that kind and language)."""
+    n = sum(1 for a in r.answers if a["kind"] == kind and a["lang"] == lang_of_probes)
+    if not n or v is None or (isinstance(v, float) and math.isnan(v)):
+        return _pct(v)
+    return _pct(v) + t("card.count", lang, k=round(v * n), n=n)
 
 
 def _ge(v, target: float) -> bool:
