@@ -244,10 +244,8 @@ def _pct(v) -> str:
 def _pct_of(r: ModelReport, v, kind: str, lang_of_probes: str, lang: str = "en") -> str:
     """A rate with the count it stands for, "92% (24 of 26)": on 26 probes one answer moves a rate by 4 points, and
     the targets are missed or met by one or two (the count is the rate times the probes of that kind and language)."""
-    n = sum(1 for a in r.answers if a["kind"] == kind and a["lang"] == lang_of_probes)
-    if not n or v is None or (isinstance(v, float) and math.isnan(v)):
-        return _pct(v)
-    return _pct(v) + t("card.count", lang, k=round(v * n), n=n)
+    n, text = sum(1 for a in r.answers if a["kind"] == kind and a["lang"] == lang_of_probes), _pct(v)
+    return text if not n or text == "-" else text + t("card.count", lang, k=round(v * n), n=n)
 
 
 def _ge(v, target: float) -> bool:
