@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.config import Config
-from workbench.models import build_model
+from test_fastpath import tiny_lora  # the tiny model with LoRA whose B matrices are drawn non-zero
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "strict_noise_floor.py"
 
@@ -25,17 +24,8 @@ def noise():
 
 @pytest.fixture
 def trained_lora(tiny_model):
-    """The tiny model with LoRA (plain peft forward), B drawn non-zero as if trained."""
-    cfg = Config(pretrained_model_name_or_path=tiny_model, fast_path=False, device="cpu", lora_dropout=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model(cfg, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+    """The tiny model with LoRA (plain peft forward), B drawn non-zero as if trained (test_fastpath's model)."""
+    return tiny_lora(fast=False).eval()
 
 
 def _trained(noise, mods):
