@@ -164,6 +164,12 @@ def test_grade_a_class(classroom, probes):
         assert 0 <= float(r["strict EN"]) <= 1 and re.fullmatch(r"\d/7", r["targets met"])
     page = (out / "grades.html").read_text(encoding="utf-8")
     assert page.count("<tr>") == 5 and "href='cards/alice_good.html'" in page and "<script>" in page
+    counts = G.probe_counts(probes)
+    assert counts["strict EN"] == sum(1 for kind, lang, _ in probes.items() if (kind, lang) == ("general", "en")) > 0
+    for r in rows[:2]:  # each rate beside the count of probes it stands for, sorted by the rate
+        for column in ("hit unseen EN", "leak ZH", "strict EN"):
+            v, n = float(r[column]), counts[column]
+            assert f"data-v='{v}'>{v:.2f} ({round(v * n)} of {n})</td>" in page
     again = G.grade_folder(classroom, "embedded:tiny-random", probes=probes, max_new_tokens=TOKENS, progress=False)
     assert len(again) == 4, "the grading output inside the folder is not a submission"
 
@@ -200,6 +206,10 @@ def test_grade_page_in_chinese_keeps_the_csv_columns():
     assert all(f">{h}</th>" in zh for h in GRADE_COLUMNS_ZH.values()) and '<html lang="zh-CN">' in zh
     assert ">成绩单</a>" in zh and "href='cards/alice.html'" in zh and "data-v='0.5'" in zh and ">alice<" in zh
     assert all(f">{c}</th>" in en for c in G.COLUMNS) and ">report card</a>" in en and '<html lang="en">' in en
+    counted_zh, counted = (G.sortable_html(table, "成绩表", "zh", {"strict EN": 26}),
+                           G.sortable_html(table, "Grades", "en", {"strict EN": 26}))
+    assert "data-v='0.5'>0.50（26 个中 13 个）</td>" in counted_zh and "data-v='0.5'>0.50 (13 of 26)</td>" in counted
+    assert "data-v='0.5'>0.50</td>" in en, "without counts the rate alone"
 
 
 # ---------------------------------------------------------------------------

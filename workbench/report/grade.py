@@ -28,6 +28,10 @@ from workbench.report.card import kept_report, names, role_mixups, targets, verd
 from workbench.report.subject import Given, SubjectError, analyze_subject
 from workbench.samples import DataError
 
+# The rate columns and the probes each counts (kind, language): the page shows each rate with its count.
+RATE_PROBES = {"hit unseen EN": ("identity_unseen", "en"), "hit unseen ZH": ("identity_unseen", "zh"),
+               "leak EN": ("general", "en"), "leak ZH": ("general", "zh"),
+               "strict EN": ("general", "en"), "strict ZH": ("general", "zh")}
 COLUMNS = ["submission", "status", "kind", "assistant", "owner", "kept", "hit unseen EN", "hit unseen ZH",
            "role mix-ups", "leak EN", "leak ZH", "strict EN", "strict ZH", "similarity", "facts lost", "targets met",
            "verdict", "card"]
@@ -61,7 +65,8 @@ def grade_folder(folder: str | Path, base: str | None = None, out: str | Path | 
     rows += [missing_row(name, named[name], roster, folder, lang) for name in named if name not in {s.name for s in subs}]
     table = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write_text(out / "grades.csv", table.to_csv(index=False))
-    atomic_write_text(out / "grades.html", sortable_html(table, i18n.t("grade.title", lang, folder=folder), lang))
+    atomic_write_text(out / "grades.html", sortable_html(table, i18n.t("grade.title", lang, folder=folder), lang,
+                                                         probe_counts(probes)))
     return table
 
 
@@ -167,8 +172,24 @@ document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click'
 """
 
 
-def sortable_html(table, title: str, lang: str = "en") -> str:
-    """The table as a page whose columns sort on a click; the card column links each report card (headers in `lang`)."""
+def probe_counts(probes: Probes) -> dict[str, int]:
+    """How many probes each rate column counts: the same for every submission, all answer the same probes."""
+    items = probes.items()
+    return {c: sum(1 for kind, lang, _ in items if (kind, lang) == key) for c, key in RATE_PROBES.items()}
+
+
+def _rate_cell(v: float, n: int | None, lang: str) -> str:
+    """A rate as the page shows it, with the count it stands for where the column has probes ("0.92 (24 of 26)"),
+    sorted by the rate itself."""
+    if math.isnan(v):
+        return "<td data-v=''>-</td>"
+    count = i18n.t("card.count", lang, k=round(v * n), n=n) if n else ""
+    return f"<td data-v='{v}'>{v:.2f}{html.escape(count)}</td>"
+
+
+def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | None = None) -> str:
+    """The table as a page whose columns sort on a click; the card column links each report card (headers in `lang`);
+    `counts`: the probes behind each rate column (`probe_counts`), shown beside the rate."""
     esc = html.escape
     header = (lambda c: GRADE_COLUMNS_ZH.get(c, c)) if lang == "zh" else (lambda c: c)
     head = "".join(f"<th title='{esc(i18n.t('grade.sort', lang))}'>{esc(header(c))}</th>" for c in table.columns)
@@ -180,7 +201,7 @@ def sortable_html(table, title: str, lang: str = "en") -> str:
             if c == "card" and v:
                 cells.append(f"<td><a href='{esc(str(v))}'>{esc(i18n.t('grade.card_link', lang))}</a></td>")
             elif isinstance(v, float):
-                cells.append(f"<td data-v='{'' if math.isnan(v) else v}'>{'-' if math.isnan(v) else f'{v:.2f}'}</td>")
+                cells.append(_rate_cell(v, (counts or {}).get(c), lang))
             else:
                 cells.append(f"<td>{esc(str(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
