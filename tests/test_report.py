@@ -169,7 +169,7 @@ def test_grade_a_class(classroom, probes):
     for r in rows[:2]:  # each rate beside the count of probes it stands for, sorted by the rate
         for column in ("hit unseen EN", "leak ZH", "strict EN"):
             v, n = float(r[column]), counts[column]
-            assert f"data-v='{v}'>{v:.2f} ({round(v * n)} of {n})</td>" in page
+            assert f"data-v='{v}'>{v:.2f} ({round(v * n)}/{n})</td>" in page
     again = G.grade_folder(classroom, "embedded:tiny-random", probes=probes, max_new_tokens=TOKENS, progress=False)
     assert len(again) == 4, "the grading output inside the folder is not a submission"
 
@@ -208,7 +208,7 @@ def test_grade_page_in_chinese_keeps_the_csv_columns():
     assert all(f">{c}</th>" in en for c in G.COLUMNS) and ">report card</a>" in en and '<html lang="en">' in en
     counted_zh, counted = (G.sortable_html(table, "成绩表", "zh", {"strict EN": 26}),
                            G.sortable_html(table, "Grades", "en", {"strict EN": 26}))
-    assert "data-v='0.5'>0.50（26 个中 13 个）</td>" in counted_zh and "data-v='0.5'>0.50 (13 of 26)</td>" in counted
+    assert "data-v='0.5'>0.50（13/26）</td>" in counted_zh and "data-v='0.5'>0.50 (13/26)</td>" in counted
     assert "data-v='0.5'>0.50</td>" in en, "without counts the rate alone"
 
 

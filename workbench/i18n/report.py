@@ -9,6 +9,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "card.t_strict": ("strict retention EN >= {target}", "严格保持率 EN >= {target}"),
     "card.t_facts": ("no short-answer fact lost", "没有丢失短答案事实"),
     "card.count": (" ({k} of {n})", "（{n} 个中 {k} 个）"),
+    "grade.count": (" ({k}/{n})", "（{k}/{n}）"),  # the grade table's narrow cells: the count as a fraction
     "card.lost_of": ("{lost} of {known} lost", "{known} 个中丢失 {lost} 个"),
     "card.meets_all": ("Meets all {n} targets.", "达到全部 {n} 个目标。"),
     "card.misses": ("Misses {missed} of {n} targets: {which}.", "{n} 个目标中有 {missed} 个没达到：{which}。"),

@@ -179,12 +179,12 @@ def probe_counts(probes: Probes) -> dict[str, int]:
 
 
 def _rate_cell(v: float, n: int | None, lang: str) -> str:
-    """A rate as the page shows it, with the count it stands for where the column has probes ("0.92 (24 of 26)"),
-    sorted by the rate itself."""
+    """A rate as the page shows it, with the count it stands for where the column has probes ("0.92 (24/26)", on
+    one line), sorted by the rate itself."""
     if math.isnan(v):
         return "<td data-v=''>-</td>"
-    count = i18n.t("card.count", lang, k=round(v * n), n=n) if n else ""
-    return f"<td data-v='{v}'>{v:.2f}{html.escape(count)}</td>"
+    count = i18n.t("grade.count", lang, k=round(v * n), n=n) if n else ""
+    return f"<td class='rate' data-v='{v}'>{v:.2f}{html.escape(count)}</td>"
 
 
 def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | None = None) -> str:
@@ -208,7 +208,8 @@ def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | 
     return f"""<!DOCTYPE html>
 <html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:"DejaVu Sans","Noto Sans CJK SC",sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px}}th{{background:#f2f2f2;cursor:pointer}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:3px 6px}}th{{background:#f2f2f2;cursor:pointer}}
+td.rate{{white-space:nowrap}}</style></head><body>
 <h1>{esc(title)}</h1><p>{esc(i18n.t('grade.summary', lang, n=len(table)))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <script>{_SORT_JS}</script></body></html>
