@@ -364,6 +364,11 @@ def test_grade_command_with_a_roster_and_report_command_with_names(camp, tmp_pat
                  "--max-new-tokens", "2", "--out", str(tmp_path / "grades"), "--lang", "en"]) == 0
     printed = capsys.readouterr().out
     assert "zhangsan" in printed and "missing" in printed and (tmp_path / "grades" / "grades.csv").exists()
+    assert re.search(r"zhangsan: ok, \d/7 targets met", printed) and "written: " in printed
+    assert main(["grade", str(room), "--base", "embedded:tiny-random", "--roster", str(roster), "--probes", str(short),
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "grades_zh"), "--lang", "zh"]) == 0
+    printed = capsys.readouterr().out  # the command's own lines in the grading language too
+    assert re.search(r"zhangsan: 完成，达到的目标 \d/7", printed) and "已写出：" in printed and "targets met" not in printed
     assert main(["report", str(room / "zhangsan"), "--base", "embedded:tiny-random", "--owner", "张三", "--probes",
                  str(short), "--max-new-tokens", "2", "--out", str(tmp_path / "card.html"), "--lang", "en"]) == 0
     assert "张三&#x27;s assistant (no name of its own)" in (tmp_path / "card.html").read_text(encoding="utf-8")

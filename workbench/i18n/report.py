@@ -61,6 +61,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "grade.card_link": ("report card", "成绩单"),
     "grade.progress": ("grading", "评分中"),
     "grade.ok": ("ok", "完成"),
+    "grade.line_met": (", {met} targets met", "，达到的目标 {met}"),
+    "grade.written": ("written: {page} (and grades.csv, cards/)", "已写出：{page}（以及 grades.csv、cards/）"),
     "grade.missing": ("missing: listed in {roster}, no such submission in {folder}",
                       "缺交：{roster} 里有这名学生，{folder} 里没有这份作业"),
     "grade.error": ("error: {error}", "出错：{error}"),  # a folder's SubjectError in the page's language, others as raised

@@ -56,11 +56,13 @@ def cmd_report(args) -> None:
 
 def cmd_grade(args) -> None:
     from workbench.analysis import load_probes
-    from workbench.i18n import default_lang
+    from workbench.i18n import default_lang, t
     from workbench.report.grade import grade_folder
 
+    lang = args.lang or default_lang()
     table = grade_folder(args.folder, args.base, args.out, load_probes(args.probes), args.max_new_tokens,
-                         lang=args.lang or default_lang(), given=_given(args), roster=args.roster)
+                         lang=lang, given=_given(args), roster=args.roster)
     for row in table.to_dict("records"):  # one line each: a broken submission's status says what to do, in full
-        print(f"{row['submission']}: {row['status']}" + (f", {row['targets met']} targets met" if row["targets met"] else ""))
-    print(f"\nwritten: {Path(args.out or Path(args.folder) / '_grades') / 'grades.html'} (and grades.csv, cards/)")
+        met = t("grade.line_met", lang, met=row["targets met"]) if row["targets met"] else ""
+        print(f"{row['submission']}: {row['status']}{met}")
+    print("\n" + t("grade.written", lang, page=Path(args.out or Path(args.folder) / "_grades") / "grades.html"))
