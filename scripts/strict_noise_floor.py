@@ -41,6 +41,11 @@ def update(m) -> torch.Tensor:
     return m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
 
 
+def snapshot(mods: list) -> list[tuple]:
+    """Each module's trained (A, B, norm of its update): what the variants are sized by and made from."""
+    return [(m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone(), update(m).norm()) for m in mods]
+
+
 @torch.no_grad()
 def set_random(mods: list, trained: list[tuple], factor: float, seed: int) -> None:
     """Each module's update replaced by a random rank-r one of the trained update's norm x factor."""
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     mods = lora_modules(model)
     if not mods:
         raise SystemExit(f"{ckpt}: no LoRA modules (a full fine-tune has no low-rank update to size the noise by)")
-    trained = [(m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone(), update(m).norm()) for m in mods]
+    trained = snapshot(mods)
 
     def measure(label: str) -> None:
         rep = evaluate_model(model, builder, probes, cfg.assistant_name, cfg.owner_name, label, 0,

@@ -28,15 +28,11 @@ def trained_lora(tiny_model):
     return tiny_lora(fast=False).eval()
 
 
-def _trained(noise, mods):
-    return [(m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone(), noise.update(m).norm()) for m in mods]
-
-
 @pytest.mark.parametrize("factor", [1.0, 2.0])
 def test_random_update_has_the_trained_norm(noise, trained_lora, factor):
     mods = noise.lora_modules(trained_lora)
     assert mods, "the tiny model has LoRA modules"
-    trained = _trained(noise, mods)
+    trained = noise.snapshot(mods)
     noise.set_random(mods, trained, factor, seed=0)
     for m, (a, b, norm) in zip(mods, trained):
         assert torch.allclose(noise.update(m).norm(), norm * factor, rtol=1e-4)
@@ -48,7 +44,7 @@ def test_random_update_has_the_trained_norm(noise, trained_lora, factor):
 
 def test_permuted_update_keeps_the_singular_values(noise, trained_lora):
     mods = noise.lora_modules(trained_lora)
-    trained = _trained(noise, mods)
+    trained = noise.snapshot(mods)
     noise.set_permuted(mods, trained, seed=3)
     for m, (a, b, _) in zip(mods, trained):
         want = torch.linalg.svdvals(b @ a * m.scaling["default"])
