@@ -179,8 +179,9 @@ def test_report_card_in_chinese_judges_the_same_and_quotes_answers_verbatim(tmp_
 
     run = hand_made_run()
     assert [x.met for x in K.targets(run, "zh")] == [x.met for x in K.targets(run)]
-    assert [x.value for x in K.targets(run, "zh")][:2] == ["0%（1 个中 0 个）", "100%"], "the same rates, counted in Chinese"
-    assert [x.value for x in K.targets(run)][:2] == ["0% (0 of 1)", "100%"]
+    assert [x.value for x in K.targets(run, "zh")][:2] == ["0%（1 个中 0 个；95% 区间 0%-79%）", "100%"], \
+        "the same rates, counted in Chinese"
+    assert [x.value for x in K.targets(run)][:2] == ["0% (0 of 1; 95% interval 0%-79%)", "100%"]
     assert K.verdict(run).startswith("Misses 5 of 7") and K.verdict(run, "zh").startswith("7 个目标中有 5 个没达到")
     assert list(K.failure_examples(run, lang="zh").values()) == list(K.failure_examples(run).values())
     page, png = K.write_card(run, tmp_path / "card.html", "zh")

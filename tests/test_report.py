@@ -127,12 +127,54 @@ def test_failure_examples_and_verdict_on_hand_made_answers():
     assert ex["fact lost (the base model was right)"] == [("2+2?", "It is 4.", "I'm Nova.")]
     assert [t.met for t in K.targets(run)] == [False, True, False, False, True, False, False]
     values = [t.value for t in K.targets(run)]
-    assert values[:2] == ["0% (0 of 1)", "100%"], "a rate shows the probes it counts (none in Chinese here)"
-    assert values[3] == "100% (1 of 1)" and values[5] == "0% (0 of 1)", values
-    assert [t.value for t in K.targets(run, "zh")][3] == "100%（1 个中 1 个）"
+    assert values[:2] == ["0% (0 of 1; 95% interval 0%-79%)", "100%"], "a rate shows the probes it counts (none in Chinese here)"
+    assert values[3] == "100% (1 of 1; 95% interval 21%-100%)" and values[5] == "0% (0 of 1; 95% interval 0%-79%)", values
+    assert [t.value for t in K.targets(run, "zh")][3] == "100%（1 个中 1 个；95% 区间 21%-100%）"
+    assert not any(t.near for t in K.targets(run)), "one probe a rate: 0 of 1 reaches 0.79, short of every target"
     assert K.verdict(run).startswith("Misses 5 of 7 targets") and "Keep: iter_9" in K.verdict(run)
     html = K.render_html(run, b"png")
     assert "I&#x27;m Alex, Nova&#x27;s assistant." in html
+
+
+def test_interval_is_wilsons_and_covers_the_true_rate():
+    import math
+
+    lo, hi = K.interval(23, 26)
+    assert abs(lo - 0.710) < 1e-3 and abs(hi - 0.960) < 1e-3, (lo, hi)  # Wilson's score interval, by hand
+    for n in (1, 7, 26, 100):
+        for k in range(n + 1):
+            lo, hi = K.interval(k, n)
+            assert 0 <= lo <= k / n <= hi <= 1
+            mirror = K.interval(n - k, n)
+            assert abs(lo - (1 - mirror[1])) < 1e-12 and abs(hi - (1 - mirror[0])) < 1e-12, "symmetric in k and n - k"
+    assert K.interval(92, 104)[1] - K.interval(92, 104)[0] < K.interval(23, 26)[1] - K.interval(23, 26)[0], "4x probes: narrower"
+    for p in (0.5, 0.9, 0.95):  # how often the interval of a measured rate holds the true one (exact binomial sum)
+        cover = sum(math.comb(26, k) * p ** k * (1 - p) ** (26 - k) for k in range(27) if K.interval(k, 26)[0] <= p <= K.interval(k, 26)[1])
+        assert cover > 0.9, (p, cover)
+    assert all(math.isnan(x) for x in K.interval(0, 0))
+
+
+def strict_run(kept: int, n: int = 26) -> A.RunAnalysis:
+    """Base and tuned answers to n English everyday questions, the tuned model keeping `kept` first sentences."""
+    qs = [f"Question {i}?" for i in range(n)]
+    base = A.ModelReport("base", 0, strict={"en": 1.0}, answers=[
+        {"kind": "general", "lang": "en", "question": q, "answer": f"Answer number {i} stays."} for i, q in enumerate(qs)])
+    tuned = A.ModelReport("iter_9", 9, hit_unseen={"en": 1.0, "zh": 1.0}, leak={"en": 0.0, "zh": 0.0}, strict={"en": kept / n},
+                          answers=[{"kind": "general", "lang": "en", "question": q,
+                                    "answer": f"Answer number {i} stays." if i < kept else "Something else entirely."}
+                                   for i, q in enumerate(qs)])
+    return A.RunAnalysis("w", {"assistant_name": "Nova", "owner_name": "Alex", "name": "r"}, [base, tuned], 9, "d", 1.0)
+
+
+def test_a_target_missed_inside_the_probes_noise_is_said_to_be():
+    near = strict_run(23)  # 0.88: its interval 0.71-0.96 holds the 0.9 target
+    strict = [x for x in K.targets(near) if x.label.startswith("strict")][0]
+    assert not strict.met and strict.near and strict.value == "88% (23 of 26; 95% interval 71%-96%)"
+    assert "Within the probes' noise: strict retention EN >= 90%" in K.verdict(near)
+    assert "在探测问题的噪声范围内：严格保持率 EN >= 90%" in K.verdict(near, "zh")
+    far = strict_run(20)  # 0.77: 0.58-0.89, short of 0.9
+    assert not any(x.near for x in K.targets(far)) and "noise" not in K.verdict(far)
+    assert not any(x.near for x in K.targets(strict_run(26))), "met is not near"
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +211,8 @@ def test_grade_a_class(classroom, probes):
     for r in rows[:2]:  # each rate beside the count of probes it stands for, sorted by the rate
         for column in ("hit unseen EN", "leak ZH", "strict EN"):
             v, n = float(r[column]), counts[column]
-            assert f"data-v='{v}'>{v:.2f} ({round(v * n)}/{n})</td>" in page
+            lo, hi = K.interval(round(v * n), n)
+            assert f"data-v='{v}' title='95% interval {lo:.2f}-{hi:.2f}'>{v:.2f} ({round(v * n)}/{n})</td>" in page
     again = G.grade_folder(classroom, "embedded:tiny-random", probes=probes, max_new_tokens=TOKENS, progress=False)
     assert len(again) == 4, "the grading output inside the folder is not a submission"
 
@@ -208,7 +251,8 @@ def test_grade_page_in_chinese_keeps_the_csv_columns():
     assert all(f">{c}</th>" in en for c in G.COLUMNS) and ">report card</a>" in en and '<html lang="en">' in en
     counted_zh, counted = (G.sortable_html(table, "成绩表", "zh", {"strict EN": 26}),
                            G.sortable_html(table, "Grades", "en", {"strict EN": 26}))
-    assert "data-v='0.5'>0.50（13/26）</td>" in counted_zh and "data-v='0.5'>0.50 (13/26)</td>" in counted
+    assert "data-v='0.5' title='95% 区间 0.32-0.68'>0.50（13/26）</td>" in counted_zh
+    assert "data-v='0.5' title='95% interval 0.32-0.68'>0.50 (13/26)</td>" in counted, "its interval on hover"
     assert "data-v='0.5'>0.50</td>" in en, "without counts the rate alone"
 
 

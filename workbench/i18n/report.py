@@ -8,7 +8,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "card.t_leak": ("leak {probe} = 0", "泄漏 {probe} = 0"),
     "card.t_strict": ("strict retention EN >= {target}", "严格保持率 EN >= {target}"),
     "card.t_facts": ("no short-answer fact lost", "没有丢失短答案事实"),
-    "card.count": (" ({k} of {n})", "（{n} 个中 {k} 个）"),
+    "card.count_interval": (" ({k} of {n}; 95% interval {lo}-{hi})", "（{n} 个中 {k} 个；95% 区间 {lo}-{hi}）"),
+    "card.near": (" Within the probes' noise: {which} (the 95% interval of the rate reaches the target; more probes "
+                  "or another seed would be needed to tell).",
+                  "在探测问题的噪声范围内：{which}（该比率的 95% 区间达到目标；需要更多探测问题或换一个随机种子才能判断）。"),
+    "grade.interval": ("95% interval {lo}-{hi}", "95% 区间 {lo}-{hi}"),
     "grade.count": (" ({k}/{n})", "（{k}/{n}）"),  # the grade table's narrow cells: the count as a fraction
     "card.lost_of": ("{lost} of {known} lost", "{known} 个中丢失 {lost} 个"),
     "card.meets_all": ("Meets all {n} targets.", "达到全部 {n} 个目标。"),

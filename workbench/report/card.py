@@ -33,6 +33,18 @@ class Target:
     label: str
     value: str
     met: bool
+    near: bool = False  # missed, but within the probes' noise: the rate's 95% interval reaches the target
+
+
+def interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% for z = 1.96) of a rate of k in n: how far the true rate may be from k/n when n
+    probes measure it (on 26 probes 23 gives 0.71-0.96, which contains the 0.9 target). Written here: five lines
+    of arithmetic, where scipy or statsmodels would be a new dependency of the whole stack for one formula."""
+    if n <= 0:
+        return math.nan, math.nan
+    p, zz = k / n, z * z
+    centre, half = (p + zz / (2 * n)) / (1 + zz / n), z * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)) / (1 + zz / n)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def kept_report(run: RunAnalysis) -> ModelReport:
@@ -56,27 +68,37 @@ def role_mixups(r: ModelReport, name: str, owner: str) -> list[dict]:
 def targets(run: RunAnalysis, lang: str = "en") -> list[Target]:
     """Unseen identity >= 0.95 per language with the roles right, no leak, strict English retention >= 0.9, no fact lost."""
     r, (name, owner) = kept_report(run), names(run)
-    out = [Target(t("card.t_unseen", lang, probe=probe.upper(), target=f"{HIT_TARGET:.0%}"),
-                  _pct_of(r, r.hit_unseen.get(probe), "identity_unseen", probe, lang),
-                  _ge(r.hit_unseen.get(probe), HIT_TARGET)) for probe in ("en", "zh")]
+    out = [_rate_target(t("card.t_unseen", lang, probe=probe.upper(), target=f"{HIT_TARGET:.0%}"), r,
+                        r.hit_unseen.get(probe), "identity_unseen", probe, HIT_TARGET, lang) for probe in ("en", "zh")]
     mix = len(role_mixups(r, name, owner))
     out.append(Target(t("card.t_roles", lang), t("card.mixups", lang, n=mix), mix == 0))
     out += [Target(t("card.t_leak", lang, probe=probe.upper()), _pct_of(r, r.leak.get(probe), "general", probe, lang),
                    r.leak.get(probe) == 0) for probe in ("en", "zh")]
-    out.append(Target(t("card.t_strict", lang, target=f"{STRICT_TARGET:.0%}"), _pct_of(r, r.strict.get("en"), "general", "en", lang),
-                      _ge(r.strict.get("en"), STRICT_TARGET)))
+    out.append(_rate_target(t("card.t_strict", lang, target=f"{STRICT_TARGET:.0%}"), r, r.strict.get("en"), "general", "en",
+                            STRICT_TARGET, lang))
     known = sum(r.facts_known.values())
     out.append(Target(t("card.t_facts", lang), t("card.lost_of", lang, lost=r.n_facts_lost, known=known), r.n_facts_lost == 0))
     return out
 
 
+def _rate_target(label: str, r: ModelReport, v, kind: str, probe: str, target: float, lang: str) -> Target:
+    """A target on a rate (at least `target`), with its count and interval; `near` where missed inside the noise."""
+    n = _n_probes(r, kind, probe)
+    met = _ge(v, target)
+    near = not met and bool(n) and _ge(v, 0.0) and interval(round(v * n), n)[1] >= target
+    return Target(label, _pct_of(r, v, kind, probe, lang), met, near)
+
+
 def verdict(run: RunAnalysis, lang: str = "en") -> str:
     found = targets(run, lang)
     missed = [x.label for x in found if not x.met]
+    near = [x.label for x in found if x.near]
     kept = kept_report(run)
     sep = "；" if lang == "zh" else "; "
     head = (t("card.meets_all", lang, n=len(found)) if not missed
             else t("card.misses", lang, missed=len(missed), n=len(found), which=sep.join(missed)))
+    if near:
+        head += t("card.near", lang, which=sep.join(near))
     return (head + t("card.keep", lang, label=kept.label) + ("" if kept.step > 0 else t("card.no_better", lang))
             + t("card.end", lang))
 
@@ -241,11 +263,19 @@ def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
 
 
+def _n_probes(r: ModelReport, kind: str, lang_of_probes: str) -> int:
+    return sum(1 for a in r.answers if a["kind"] == kind and a["lang"] == lang_of_probes)
+
+
 def _pct_of(r: ModelReport, v, kind: str, lang_of_probes: str, lang: str = "en") -> str:
-    """A rate with the count it stands for, "92% (24 of 26)": on 26 probes one answer moves a rate by 4 points, and
-    the targets are missed or met by one or two (the count is the rate times the probes of that kind and language)."""
-    n, text = sum(1 for a in r.answers if a["kind"] == kind and a["lang"] == lang_of_probes), _pct(v)
-    return text if not n or text == "-" else text + t("card.count", lang, k=round(v * n), n=n)
+    """A rate with the count it stands for and its 95% interval, "92% (24 of 26; 95% interval 76-98%)": on 26 probes
+    one answer moves a rate by 4 points, and the targets are missed or met by one or two (the count is the rate times
+    the probes of that kind and language)."""
+    n, text = _n_probes(r, kind, lang_of_probes), _pct(v)
+    if not n or text == "-":
+        return text
+    lo, hi = interval(round(v * n), n)
+    return text + t("card.count_interval", lang, k=round(v * n), n=n, lo=f"{lo:.0%}", hi=f"{hi:.0%}")
 
 
 def _ge(v, target: float) -> bool:

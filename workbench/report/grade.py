@@ -24,7 +24,7 @@ from workbench import i18n
 from workbench.analysis import Probes, load_probes
 from workbench.i18n.report import GRADE_COLUMNS_ZH
 from workbench.io import atomic_write_text
-from workbench.report.card import kept_report, names, role_mixups, targets, verdict, write_card
+from workbench.report.card import interval, kept_report, names, role_mixups, targets, verdict, write_card
 from workbench.report.subject import Given, SubjectError, analyze_subject
 from workbench.samples import DataError
 
@@ -180,11 +180,15 @@ def probe_counts(probes: Probes) -> dict[str, int]:
 
 def _rate_cell(v: float, n: int | None, lang: str) -> str:
     """A rate as the page shows it, with the count it stands for where the column has probes ("0.92 (24/26)", on
-    one line), sorted by the rate itself."""
+    one line; its 95% interval on hover), sorted by the rate itself."""
     if math.isnan(v):
         return "<td data-v=''>-</td>"
-    count = i18n.t("grade.count", lang, k=round(v * n), n=n) if n else ""
-    return f"<td class='rate' data-v='{v}'>{v:.2f}{html.escape(count)}</td>"
+    if not n:
+        return f"<td class='rate' data-v='{v}'>{v:.2f}</td>"
+    lo, hi = interval(round(v * n), n)
+    tip = i18n.t("grade.interval", lang, lo=f"{lo:.2f}", hi=f"{hi:.2f}")
+    count = i18n.t("grade.count", lang, k=round(v * n), n=n)
+    return f"<td class='rate' data-v='{v}' title='{html.escape(tip)}'>{v:.2f}{html.escape(count)}</td>"
 
 
 def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | None = None) -> str:
