@@ -12,7 +12,7 @@ answers, which every variant here is compared with):
 - `permuted`: the checkpoint's own update with the rows of each B permuted: the same sizes and
   spectrum, other output directions.
 
-    .venv/bin/python scripts/strict_noise_floor.py RUN [--checkpoint iter_60] [--seeds 0 1 2] [--factors 1 2]
+    .venv/bin/python scripts/strict_noise_floor.py RUN [--checkpoint iter_60] [--seeds 0 1 2] [--factors 1 2] [--probes P]
 
 About 20 s a variant on 2 cores (float32), 2 minutes for bf16. Written here: no library
 perturbs an adapter this way; the answers and the measures are the workbench's own.
@@ -96,11 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--factors", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--no-bf16", action="store_true", help="leave out the bfloat16 variant (2 minutes on a CPU)")
+    ap.add_argument("--probes", default=None, help="the probe YAML the run's analysis answered (default: the default set)")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.run / "config.yaml")
     analysis = RunAnalysis.load(args.run / "analysis.json")
-    builder, probes = load_builder(cfg), load_probes()
+    builder, probes = load_builder(cfg), load_probes(args.probes)
+    if [(a["kind"], a["lang"], a["question"]) for a in analysis.base.answers] != probes.items():
+        raise SystemExit(f"{args.run / 'analysis.json'} answers other probes than {args.probes or 'the default set'}: "
+                         f"run `workbench analyze {args.run} --probes ...` with them first")
     ckpt = args.run / args.checkpoint if args.checkpoint else list_checkpoints(args.run)[-1]
     model = build_unquantized(cfg, device="cpu")
     load_trainable(model, ckpt)

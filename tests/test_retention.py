@@ -88,15 +88,19 @@ def _probe_texts(probes) -> list[str]:
             + [f["question"] for fs in probes.facts.values() for f in fs])
 
 
-def test_no_probe_text_occurs_in_any_training_data():
+FRESH = A.PROBES_FILE.with_name("fresh.yaml")  # the second held-out set, written after the recipe was chosen
+
+
+@pytest.mark.parametrize("probe_file", [A.PROBES_FILE, FRESH], ids=["default", "fresh"])
+def test_no_probe_text_occurs_in_any_training_data(probe_file):
     """Unseen identity, general and fact probes occur in no identity template, generated set or general data file."""
     import yaml
 
     from workbench.identity import ANSWERS, QUESTIONS, generate_identity, generate_tutorial_identity
     from workbench.readers import read_records
 
-    probes = A.load_probes()
-    assert sum(len(v) for v in probes.facts.values()) >= 16 and all(len(probes.identity_unseen[l]) >= 24 for l in A.LANGS)
+    probes = A.load_probes(probe_file)
+    assert sum(len(v) for v in probes.facts.values()) >= 16 and all(len(probes.identity_unseen[l]) >= 20 for l in A.LANGS)
     training = [q for qs in QUESTIONS.values() for _, q in qs] + [a for kinds in ANSWERS.values() for ts in kinds.values() for a in ts]
     for samples in (generate_identity("Nova", "Alex"), generate_tutorial_identity("Alex", n_repeat=1)):
         training += [m["content"] for s in samples for m in s.messages]
@@ -107,6 +111,16 @@ def test_no_probe_text_occurs_in_any_training_data():
     corpus = "\n".join(f" {' '.join(R.units(t))} " for t in training)  # words (CJK characters) between spaces
     for probe in _probe_texts(probes):
         assert f" {' '.join(R.units(probe))} " not in corpus, f"probe {probe!r} occurs in the training data"
+
+
+def test_the_fresh_probes_share_nothing_with_the_default_ones():
+    """The second set measures afresh: no question of it is (or contains) one of default.yaml, and it is larger."""
+    default, fresh = A.load_probes(), A.load_probes(FRESH)
+    old = " ".join(f" {' '.join(R.units(t))} " for t in _probe_texts(default))
+    for probe in _probe_texts(fresh):
+        assert f" {' '.join(R.units(probe))} " not in old, probe
+    assert len(set(_probe_texts(fresh))) == len(_probe_texts(fresh)), "no question twice"
+    assert all(len(fresh.general[l]) > len(default.general[l]) for l in A.LANGS)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -268,7 +268,7 @@ def _n_probes(r: ModelReport, kind: str, lang_of_probes: str) -> int:
 
 
 def _pct_of(r: ModelReport, v, kind: str, lang_of_probes: str, lang: str = "en") -> str:
-    """A rate with the count it stands for and its 95% interval, "92% (24 of 26; 95% interval 76-98%)": on 26 probes
+    """A rate with the count it stands for and its 95% interval, "92% (24 of 26; 95% interval 76%-98%)": on 26 probes
     one answer moves a rate by 4 points, and the targets are missed or met by one or two (the count is the rate times
     the probes of that kind and language)."""
     n, text = _n_probes(r, kind, lang_of_probes), _pct(v)
