@@ -3,8 +3,8 @@
 Strict retention (workbench.retention) counts the held-out everyday probes whose first
 sentence stays the base model's (token-F1 >= 0.5). Issue 23's target, 0.9 in English,
 allows two changes in 26. This script asks how many changes come from no learning at all,
-on a run that `workbench analyze` has measured (its analysis.json holds the base model's
-answers, which every variant here is compared with):
+on a run that `workbench analyze` has measured (its analysis.json, or analysis.NAME.json for
+`--probes NAME.yaml`, holds the base model's answers, which every variant here is compared with):
 
 - `bf16`: the base model itself computed in bfloat16, as a GPU runs it (the analysis: float32);
 - `random`: in every module the run adapted, a random rank-r update (Gaussian A and B) scaled
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.analysis import ModelReport, RunAnalysis, evaluate_model, load_probes
+from workbench.analysis import ModelReport, RunAnalysis, analysis_file, evaluate_model, load_probes
 from workbench.checkpoint import list_checkpoints, load_trainable
 from workbench.config import load_config
 from workbench.models import build_unquantized, load_builder
@@ -100,11 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     cfg = load_config(args.run / "config.yaml")
-    analysis = RunAnalysis.load(args.run / "analysis.json")
     builder, probes = load_builder(cfg), load_probes(args.probes)
+    saved = analysis_file(args.run, probes)
+    if not saved.exists():
+        raise SystemExit(f"{saved}: no analysis of these probes; run `workbench analyze {args.run}"
+                         f"{' --probes ' + str(args.probes) if args.probes else ''}` first")
+    analysis = RunAnalysis.load(saved)
     if [(a["kind"], a["lang"], a["question"]) for a in analysis.base.answers] != probes.items():
-        raise SystemExit(f"{args.run / 'analysis.json'} answers other probes than {args.probes or 'the default set'}: "
-                         f"run `workbench analyze {args.run} --probes ...` with them first")
+        raise SystemExit(f"{saved} answers other probes than {args.probes or 'the default set'} holds now: analyze again")
     ckpt = args.run / args.checkpoint if args.checkpoint else list_checkpoints(args.run)[-1]
     model = build_unquantized(cfg, device="cpu")
     load_trainable(model, ckpt)

@@ -133,6 +133,28 @@ def test_analyze_run_on_a_tiny_run(tiny_run):
         run.report_at(3)
 
 
+def test_other_probes_are_saved_beside_the_runs_own_analysis(tiny_run, tmp_path):
+    """Measuring a run on another probe file (a teacher's, fresh.yaml) writes analysis.NAME.json and leaves the run's
+    analysis.json as it was; the report card finds that analysis again instead of evaluating the run twice."""
+    from workbench.report import subject as S
+
+    own = A.analyze_run(tiny_run, max_new_tokens=4, heldout_limit=3, progress=False)
+    before = (tiny_run / "analysis.json").read_bytes()
+    mine = tmp_path / "mine.yaml"
+    mine.write_text('identity_unseen: {en: ["Who runs you?"], zh: ["谁在用你？"]}\ngeneral: {en: ["Name a color."], zh: ["说一种颜色。"]}\n',
+                    encoding="utf-8")
+    probes = A.load_probes(mine)
+    assert probes.name == "mine" and A.load_probes().name == "" and A.analysis_file(tiny_run) == tiny_run / "analysis.json"
+    other = A.analyze_run(tiny_run, probes, max_new_tokens=4, heldout_limit=3, progress=False)
+    assert (tiny_run / "analysis.json").read_bytes() == before, "the run's own analysis is untouched"
+    saved = A.RunAnalysis.load(tiny_run / "analysis.mine.json")
+    assert [a["question"] for a in saved.base.answers] == [q for _, _, q in probes.items()] == \
+        [a["question"] for a in other.base.answers]
+    assert len(own.base.answers) == len(A.load_probes().items()) > len(saved.base.answers)
+    again = S.analyze_subject(tiny_run, probes=probes, max_new_tokens=4, progress=False)
+    assert again.reports[-1].answers == other.reports[-1].answers, "the saved analysis of these probes, reused"
+
+
 def test_plots_draw_real_lines(tiny_run, tmp_path):
     run = A.RunAnalysis.load(tiny_run / "analysis.json") if (tiny_run / "analysis.json").exists() else \
         A.analyze_run(tiny_run, max_new_tokens=4, heldout_limit=3, progress=False)

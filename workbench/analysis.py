@@ -71,6 +71,7 @@ class Probes:
     identity_unseen: dict[str, list[str]]
     general: dict[str, list[str]]
     facts: dict[str, list[dict]] = field(default_factory=dict)  # {"question": ..., "answer": [accepted short answers]}
+    name: str = ""  # "" for the default probe file, else its file's stem: where a run's analysis of them is saved
 
     def items(self) -> list[tuple[str, str, str]]:
         """(kind, lang, question) for every probe, in a fixed order."""
@@ -92,7 +93,15 @@ def load_probes(path: str | Path | None = None, seen_per_lang: int = 6) -> Probe
         qs = identity_questions(lang)
         step = max(1, len(qs) // seen_per_lang)
         seen[lang] = qs[::step][:seen_per_lang]
-    return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path))
+    name = "" if path.resolve() == PROBES_FILE.resolve() else path.stem
+    return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path), name)
+
+
+def analysis_file(work_dir: str | Path, probes: Probes | None = None) -> Path:
+    """Where a run's analysis on these probes is saved: analysis.json for the default probes, analysis.NAME.json for
+    another probe file (NAME its stem), so that measuring a run on other probes never replaces its analysis."""
+    name = probes.name if probes is not None else ""
+    return Path(work_dir) / (f"analysis.{name}.json" if name else "analysis.json")
 
 
 def _probe_file(path: Path) -> dict:
@@ -324,7 +333,8 @@ def load_heldout(path: str | Path | None = None, limit: int = 24) -> list[Sample
 def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[int] | None = None,
                 heldout_path: str | Path | None = None, max_new_tokens: int = 40, heldout_limit: int = 24,
                 progress: bool = True, reference: RunAnalysis | None = None) -> RunAnalysis:
-    """Evaluate the base model and each checkpoint of a run; recommend one; save analysis.json.
+    """Evaluate the base model and each checkpoint of a run; recommend one; save it (`analysis_file`: analysis.json
+    for the default probes).
 
     `reference`: an analysis of another run on the same base model, probes and settings, whose
     base-model report is reused instead of evaluated again (what comparing recipes does).
@@ -353,7 +363,7 @@ def analyze_run(work_dir: str | Path, probes: Probes | None = None, steps: list[
     best = recommend(reports)
     result = RunAnalysis(str(work), cfg.to_dict(), reports, best.step, diagnose(reports, cfg, best),
                          metrics[-1]["elapsed_s"] if metrics else float("nan"), base_nll)
-    result.save(work / "analysis.json")
+    result.save(analysis_file(work, probes))
     return result
 
 

@@ -161,17 +161,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from workbench.analysis import analyze_run, load_probes
+    from workbench.analysis import analysis_file, analyze_run, diagnosis_in, load_probes
     from workbench.display import metrics_table, plot_run
-
-    from workbench.analysis import diagnosis_in
     from workbench.i18n import default_lang
 
     lang = args.lang or default_lang()
-    run = analyze_run(args.work_dir, load_probes(args.probes), max_new_tokens=args.max_new_tokens)
+    probes = load_probes(args.probes)
+    run = analyze_run(args.work_dir, probes, max_new_tokens=args.max_new_tokens)
     print(metrics_table(run, lang).to_string(index=False))
-    plot_run(run, Path(args.work_dir) / "analysis.png", lang=lang)
-    print(f"\n{diagnosis_in(run, lang)}\n\nwritten: {Path(args.work_dir) / 'analysis.json'}, {Path(args.work_dir) / 'analysis.png'}")
+    saved = analysis_file(args.work_dir, probes)
+    plot_run(run, saved.with_suffix(".png"), lang=lang)
+    print(f"\n{diagnosis_in(run, lang)}\n\nwritten: {saved}, {saved.with_suffix('.png')}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """What a report card is about: a training run, an adapter folder or a merged model folder, evaluated.
 
 A run (work dir) is analysed checkpoint by checkpoint (`workbench.analysis.analyze_run`, reusing a
-saved analysis.json that has the strict measures). An adapter or a merged model is one model: its
+saved analysis of the same probes that has the strict measures: analysis.json, or analysis.NAME.json for another
+probe file, so that grading with other probes leaves the run's own analysis as it was). An adapter or a merged model is one model: its
 answers to the held-out probes are set beside the base model's, with the prompt builder and the
 assistant's and owner's names from the artifact's saved files (prompt.json, workbench_config.yaml).
 For an adapter the base is the same model with the adapter switched off (no second copy).
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench import i18n
-from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, answer_nll, diagnose, evaluate_model,
-                                load_probes, score_identity)
+from workbench.analysis import (Probes, RunAnalysis, add_strict_measures, analysis_file, answer_nll, diagnose,
+                                evaluate_model, load_probes, score_identity)
 from workbench.convert import CONFIG_FILE
 from workbench.models import ModelError, pickled_weights
 
@@ -143,7 +144,7 @@ def _analyze_run(p: Path, probes: Probes, max_new_tokens: int, progress: bool) -
     from workbench.analysis import analyze_run
 
     try:
-        saved = p / "analysis.json"
+        saved = analysis_file(p, probes)
         if saved.exists():
             run = RunAnalysis.load(saved)
             same = [(a["kind"], a["lang"], a["question"]) for a in run.base.answers] == probes.items()
