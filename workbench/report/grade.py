@@ -204,6 +204,8 @@ def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | 
             v = row[c]
             if c == "card" and v:
                 cells.append(f"<td><a href='{esc(str(v))}'>{esc(i18n.t('grade.card_link', lang))}</a></td>")
+            elif c == "verdict":  # the longest text: wide enough that a row stays a few lines high
+                cells.append(f"<td class='verdict'>{esc(str(v))}</td>")
             elif isinstance(v, float):
                 cells.append(_rate_cell(v, (counts or {}).get(c), lang))
             else:
@@ -213,7 +215,7 @@ def sortable_html(table, title: str, lang: str = "en", counts: dict[str, int] | 
 <html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:"DejaVu Sans","Noto Sans CJK SC",sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}th{{background:#f2f2f2;cursor:pointer}}
-td.rate{{white-space:nowrap}}</style></head><body>
+td.rate{{white-space:nowrap}}td.verdict{{min-width:32em}}</style></head><body>
 <h1>{esc(title)}</h1><p>{esc(i18n.t('grade.summary', lang, n=len(table)))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <script>{_SORT_JS}</script></body></html>
