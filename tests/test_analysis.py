@@ -153,6 +153,10 @@ def test_other_probes_are_saved_beside_the_runs_own_analysis(tiny_run, tmp_path)
     assert len(own.base.answers) == len(A.load_probes().items()) > len(saved.base.answers)
     again = S.analyze_subject(tiny_run, probes=probes, max_new_tokens=4, progress=False)
     assert again.reports[-1].answers == other.reports[-1].answers, "the saved analysis of these probes, reused"
+    from workbench.report.card import report_card
+
+    page, png = report_card(tiny_run, probes=probes, max_new_tokens=4, progress=False)
+    assert (page.name, png.name) == ("report_card.mine.html", "report_card.mine.png"), "the card of these probes, beside"
 
 
 def test_plots_draw_real_lines(tiny_run, tmp_path):

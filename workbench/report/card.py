@@ -285,8 +285,10 @@ def _ge(v, target: float) -> bool:
 def report_card(path: str | Path, base: str | None = None, out: str | Path | None = None, probes=None,
                 max_new_tokens: int = 40, progress: bool = True, lang: str = "en", given=None) -> tuple[Path, Path]:
     """Evaluate a run, adapter or merged model (`workbench.report.subject`) and write its card in `lang` (default
-    PATH/report_card.html). `given`: names and system prompt the artifact does not carry (`subject.Given`)."""
+    PATH/report_card.html; PATH/report_card.NAME.html for another probe file, as its analysis.NAME.json). `given`: names
+    and system prompt the artifact does not carry (`subject.Given`)."""
     from workbench.report.subject import Given, analyze_subject
 
     run = analyze_subject(path, base, probes, max_new_tokens, progress, given=given or Given())
-    return write_card(run, out or Path(path) / "report_card.html", lang)
+    name = probes.name if probes is not None else ""
+    return write_card(run, out or Path(path) / (f"report_card.{name}.html" if name else "report_card.html"), lang)

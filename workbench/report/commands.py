@@ -12,8 +12,9 @@ def add_parsers(sub) -> None:
     for name, what, helps in (
             ("report", "path", ("a report card of a run, adapter or merged model (HTML + PNG)",
                                 "Evaluate a run (work dir), an adapter or a merged model on the held-out probes; write one self-contained HTML "
-                                "page and its PNG (default PATH/report_card.html): identity, leak, retention (strict and similarity), facts, "
-                                "before/after examples, the verdict and the checkpoint to keep.")),
+                                "page and its PNG (default PATH/report_card.html, or report_card.NAME.html with --probes NAME.yaml): "
+                                "identity, leak, retention (strict and similarity), facts, before/after examples, the verdict and the "
+                                "checkpoint to keep.")),
             ("grade", "folder", ("grade a folder of submissions (adapters, merged models, runs)",
                                  "Run the same probes on every submission in a folder; write grades.csv, a sortable grades.html and a report "
                                  "card each (default FOLDER/_grades). A broken submission gets a row saying why.")),
