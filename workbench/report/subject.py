@@ -1,8 +1,9 @@
 """What a report card is about: a training run, an adapter folder or a merged model folder, evaluated.
 
 A run (work dir) is analysed checkpoint by checkpoint (`workbench.analysis.analyze_run`, reusing a
-saved analysis of the same probes that has the strict measures: analysis.json, or analysis.NAME.json for another
-probe file, so that grading with other probes leaves the run's own analysis as it was). An adapter or a merged model is one model: its
+saved analysis of the same probes that has the strict measures: analysis.json, or analysis.NAME.json
+for another probe file, so that grading with other probes leaves the run's own analysis as it was).
+An adapter or a merged model is one model: its
 answers to the held-out probes are set beside the base model's, with the prompt builder and the
 assistant's and owner's names from the artifact's saved files (prompt.json, workbench_config.yaml).
 For an adapter the base is the same model with the adapter switched off (no second copy).
