@@ -97,11 +97,16 @@ def load_probes(path: str | Path | None = None, seen_per_lang: int = 6) -> Probe
     return Probes(seen, data["identity_unseen"], data["general"], _facts(data.get("facts") or {}, path), name)
 
 
-def analysis_file(work_dir: str | Path, probes: Probes | None = None) -> Path:
-    """Where a run's analysis on these probes is saved: analysis.json for the default probes, analysis.NAME.json for
-    another probe file (NAME its stem), so that measuring a run on other probes never replaces its analysis."""
+def per_probes(stem: str, suffix: str, probes: Probes | None = None) -> str:
+    """A file name for what was measured on these probes: STEM.SUFFIX for the default probes, STEM.NAME.SUFFIX for
+    another probe file (NAME its stem), so that measuring a run on other probes never replaces what it had."""
     name = probes.name if probes is not None else ""
-    return Path(work_dir) / (f"analysis.{name}.json" if name else "analysis.json")
+    return f"{stem}.{name}{suffix}" if name else f"{stem}{suffix}"
+
+
+def analysis_file(work_dir: str | Path, probes: Probes | None = None) -> Path:
+    """Where a run's analysis on these probes is saved: analysis.json, or analysis.NAME.json (`per_probes`)."""
+    return Path(work_dir) / per_probes("analysis", ".json", probes)
 
 
 def _probe_file(path: Path) -> dict:

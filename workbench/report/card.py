@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in
+from workbench.analysis import ModelReport, RunAnalysis, diagnosis_in, per_probes
 from workbench.i18n import check_lang, plot_lang, t
 from workbench.io import atomic_write_bytes, atomic_write_text
 from workbench.judge import mentions_identity, role_errors, states_identity
@@ -85,7 +85,7 @@ def _rate_target(label: str, r: ModelReport, v, kind: str, probe: str, target: f
     """A target on a rate (at least `target`), with its count and interval; `near` where missed inside the noise."""
     n = _n_probes(r, kind, probe)
     met = _ge(v, target)
-    near = not met and bool(n) and _ge(v, 0.0) and interval(round(v * n), n)[1] >= target
+    near = not met and bool(n) and _ge(v, 0.0) and interval(round(v * n), n)[1] >= target  # _ge(v, 0): measured
     return Target(label, _pct_of(r, v, kind, probe, lang), met, near)
 
 
@@ -290,5 +290,4 @@ def report_card(path: str | Path, base: str | None = None, out: str | Path | Non
     from workbench.report.subject import Given, analyze_subject
 
     run = analyze_subject(path, base, probes, max_new_tokens, progress, given=given or Given())
-    name = probes.name if probes is not None else ""
-    return write_card(run, out or Path(path) / (f"report_card.{name}.html" if name else "report_card.html"), lang)
+    return write_card(run, out or Path(path) / per_probes("report_card", ".html", probes), lang)
