@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 21's GPU check, in one time-boxed run (<= 575 s) on a CUDA machine with no network:
-#   install the carried wheels the machine lacks -> versions, nvidia-smi -> `make bench-gpu` (<= 400 s)
+#   install the carried wheels the machine lacks (deepspeed among them) -> versions, nvidia-smi -> `make bench-gpu` (<= 400 s)
 #   -> `pytest -m gpu` (<= 150 s) -> logs and results in $OUT (at most 8 files).
 #
 # Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (59 MiB), git-ignored
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-PINNED = {"peft", "trl", "liger-kernel", "bitsandbytes", "datasets", "gguf"}
+PINNED = {"peft", "trl", "liger-kernel", "bitsandbytes", "datasets", "gguf", "deepspeed"}
 for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
     dist, want = whl.name.split("-")[:2]
     dist = dist.lower().replace("_", "-")

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_wheels.sh        # -> .gpu-wheels/  (carry it: run(carry=[".gpu-wheels"]))
 #
 # .gpu-wheels/wheels/     wheels for Python 3.12 / manylinux x86_64, installed with `pip install --no-deps --no-index`
+#                         (deepspeed's is built here from its source: a pure-Python wheel)
 #                         (gpu_check.sh installs only those whose module the machine lacks)
 # .gpu-wheels/tokenizer.tar.gz  tokenizer/: the embedded model's tokenizer and config files (no weights): the text of the benchmark and
 #                         the tokenizer of the tiny random model the GPU tests build
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=.gpu-wheels
-CUDA_LIBS=${BNB_CUDA_LIBS:-cuda130,cuda132}   # bitsandbytes' libbitsandbytes_<these>.so kept (torch 2.11 + CUDA 13.x)
+CUDA_LIBS=${BNB_CUDA_LIBS:-cuda130}   # bitsandbytes' libbitsandbytes_<these>.so kept (torch 2.11+cu130: torch.version.cuda 13.0)
 # Our pins (requirements.txt, benchmarks/requirements.txt, requirements-gpu.txt) and what `datasets` (which TRL imports)
 # needs beyond transformers' own dependencies. Pure-Python wheels unless noted.
 PACKAGES=(
@@ -24,16 +25,21 @@ PACKAGES=(
   python-dateutil==4.0.0 tzdata==2026.6 six==1.17.0
   huggingface-hub==1.33.0                               # datasets 5.2 needs >= 1.31; transformers 5.17 < 2.0
   requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3   # cp312
+  einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0   # deepspeed's (msgpack cp312, ninja manylinux)
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5   # deepspeed's config (core cp312)
 )
+DEEPSPEED=deepspeed==0.19.8   # source only on PyPI: built here into a pure wheel (no ops compiled; ZeRO-2/3 need none)
 rm -rf "$OUT.tmp" && mkdir -p "$OUT.tmp/wheels" "$OUT.tmp/tokenizer"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --dest "$OUT.tmp/wheels" "${PACKAGES[@]}"
+DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$OUT.tmp/wheels" "$DEEPSPEED"
 # Slim the two big wheels (pip installs what a wheel holds; RECORD still lists the dropped files, pip does not check):
 # bitsandbytes keeps only its CUDA 13 libraries (it carries one per CUDA/ROCm/XPU version);
-# pyarrow (52 MiB, for `datasets`, which TRL imports) drops Arrow Flight, S3, its C++ headers, tests and the
-# duplicate copies of libarrow_python* (zip has no symlinks; the extensions link the .so.2600 names).
+# pyarrow (52 MiB, for `datasets`, which TRL imports) drops Arrow Flight, S3, its C++ headers, tests and
+# the duplicate copies of libarrow_python* (zip has no symlinks; the extensions link the .so.2600 names); pandas
+# drops its own test suite (3 MiB).
 "$PY" - "$OUT.tmp/wheels" "$CUDA_LIBS" <<'PYEOF'
 import re
 import sys
@@ -53,6 +59,10 @@ def drop_pyarrow(name: str) -> bool:
             or base.startswith(("libarrow_s3", "_pyarrow_cpp_tests")) or re.fullmatch(r"libarrow_python.*\.so(\.\d+\.\d+\.\d+)?", base) is not None)
 
 
+def drop_pandas(name: str) -> bool:
+    return name.startswith("pandas/tests/")
+
+
 def slim(whl: Path, drop) -> None:
     out = whl.with_suffix(".slim")
     with ZipFile(whl) as src, ZipFile(out, "w", ZIP_DEFLATED) as dst:
@@ -70,6 +80,8 @@ for whl in folder.glob("bitsandbytes-*.whl"):
     slim(whl, drop_bitsandbytes)
 for whl in folder.glob("pyarrow-*.whl"):
     slim(whl, drop_pyarrow)
+for whl in folder.glob("pandas-*.whl"):
+    slim(whl, drop_pandas)
 PYEOF
 TOK=$("$PY" -c "from workbench.models import EMBEDDED_DIR; print(EMBEDDED_DIR)")
 cp "$TOK"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} "$OUT.tmp/tokenizer/"
@@ -77,3 +89,26 @@ tar -C "$OUT.tmp" -czf "$OUT.tmp/tokenizer.tar.gz" tokenizer && rm -r "$OUT.tmp/
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
 du -b "$OUT"/wheels/* "$OUT"/tokenizer.tar.gz | sort -n | awk '{printf "%8.1f MiB  %s\n", $1/2^20, $2}'
 du -sb "$OUT" | awk '{printf "total %.1f MiB (limit 64 MiB)\n", $1/2^20}'
+# The slimmed wheels still import (they are for Python 3.12: checked in a throw-away 3.12 venv where there is one;
+# torch and what the GPU machine already has come from PyPI there, CPU-only where it matters: no torch at all).
+if [ -z "${PY312:-}" ]; then
+  for candidate in python3.12 $(command -v pyenv > /dev/null && ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2> /dev/null); do
+    if "$candidate" -c "" 2> /dev/null; then PY312=$candidate; break; fi
+  done
+fi
+if [ -n "${PY312:-}" ]; then
+  CHECK=$(mktemp -d)
+  "$PY312" -m venv "$CHECK/venv"
+  "$CHECK/venv/bin/pip" install --quiet --disable-pip-version-check numpy pyyaml tqdm packaging filelock httpx click \
+    typing_extensions 2>&1 | grep -v "WARNING: Location" || true
+  "$CHECK/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    $(ls "$OUT"/wheels/*.whl | grep -vE '/(bitsandbytes|liger_kernel|trl|peft|deepspeed|ninja)-') 2>&1 | grep -v "WARNING: Location" || true
+  "$CHECK/venv/bin/python" -c "
+import datasets, gguf, hjson, msgpack, pandas, pyarrow.parquet, pydantic, sentencepiece
+rows = datasets.Dataset.from_dict({'a': [1, 2, 3]}).map(lambda r: {'b': r['a'] * 2})
+assert rows['b'] == [2, 4, 6] and rows.to_pandas().shape == (3, 2)
+print('the slimmed wheels import under', __import__('sys').version.split()[0])" || { echo "FAILED: a carried wheel does not import"; exit 1; }
+  rm -rf "$CHECK"
+else
+  echo "no python3.12 here: the carried wheels were not imported (PY312=... to check them)"
+fi

@@ -6,17 +6,13 @@ model; the fast ones check the shipped accelerate configs against accelerate's
 own parser, the launcher's command line and the refused combinations.
 """
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 from workbench import cli
 from workbench.config import load_recipe
@@ -25,30 +21,9 @@ from workbench.checkpoint import list_checkpoints
 from workbench.distributed import Strategy, UnsupportedSetup, check_supported
 from workbench.launch import shipped_configs, strategy_of_accelerate_config
 from workbench.train import train
+from launch_helpers import CONFIGS, OPTIONS, RECIPE, ROOT, metrics, one_process_run, run
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "accelerate_configs"
-RECIPE = "smollm2_135m_tiny_smoke"
-# 4 steps of 2 micro-batches, checkpoints at 2 and 4, evaluation at 0, 2 and 4; dropout 0 for exact equality.
-OPTIONS = ["max_steps=4", "save_steps=2", "evaluation_freq=2", "evaluation_max_new_tokens=4", "lora_dropout=0",
-           "max_length=128", "accumulative_counts=2", "save_total_limit=-1"]
 N_QUESTIONS = len(load_recipe(RECIPE).evaluation_inputs)
-
-
-def run(cmd: list[str], timeout: int = 240) -> str:
-    """Run a launcher in its own process group; kill the whole group if it hangs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{cmd} did not finish in {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{out[-5000:]}"
-    return out
 
 
 def accelerate_launch(*train_args: str) -> str:
@@ -57,22 +32,10 @@ def accelerate_launch(*train_args: str) -> str:
     return run([*launcher, "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "-m", "workbench", "train", *train_args])
 
 
-def metrics(work: Path) -> list[dict]:
-    return read_jsonl(work / "metrics.jsonl")
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """1 process, batch_size 2 (in this process)."""
-    work = tmp_path_factory.mktemp("one") / "w"
-    cfg = load_recipe(RECIPE).replace(**{k: yaml.safe_load(v) for k, v in (o.split("=") for o in OPTIONS)}, batch_size=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1)
-    try:
-        train(cfg, work, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return work
+    return one_process_run(tmp_path_factory.mktemp("one") / "w")
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +191,8 @@ def launched(monkeypatch):
     import workbench.launch as launch_mod
 
     calls = []
-    monkeypatch.setattr(launch_mod.subprocess, "run", lambda cmd: calls.append(cmd) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(launch_mod.subprocess, "run",
+                        lambda cmd, env=None: calls.append(cmd) or SimpleNamespace(returncode=0, env=env))
     for k in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(k, raising=False)
     return calls
@@ -296,11 +260,22 @@ def test_deepspeed_launches_the_matching_accelerate_config(launched, monkeypatch
     assert "--deepspeed" not in cmd
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for one without")
-def test_deepspeed_without_cuda_is_refused_clearly(launched, capsys, tmp_path):
+def test_deepspeed_without_deepspeed_installed_is_refused_clearly(launched, monkeypatch, capsys, tmp_path):
+    import workbench.launch as launch_mod
+
+    find_spec = launch_mod.importlib.util.find_spec
+    monkeypatch.setattr(launch_mod.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
     rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: DeepSpeed ZeRO-2") and "needs CUDA GPUs" in err and "Traceback" not in err
+    assert rc == 2 and err.startswith("error: DeepSpeed is not installed") and "cpu_2proc.yaml" in err
+    assert "Traceback" not in err and not launched and not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for one without")
+def test_fsdp_without_cuda_is_refused_clearly(launched, capsys, tmp_path):
+    rc = cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--accelerate-config", "fsdp"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: FSDP2") and "needs CUDA GPUs" in err and "Traceback" not in err
     assert not launched and not (tmp_path / "w").exists()
 
 

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or just ddp_1node); implies --launcher accelerate")
     g.add_argument("--deepspeed", metavar="NAME", help="XTuner's spelling: deepspeed_zero2, deepspeed_zero3, deepspeed_zero2_offload "
                    "or deepspeed_zero3_offload (= --accelerate-config accelerate_configs/NAME.yaml; or a DeepSpeed accelerate "
-                   "config file); needs CUDA GPUs and deepspeed; implies --launcher accelerate")
+                   "config file); for CUDA GPUs (without one DeepSpeed runs on the CPUs, slowly); implies --launcher accelerate")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in all (overrides the config's num_processes; "
                    "default NPROC_PER_NODE); implies --launcher accelerate")
     s.set_defaults(func=cmd_train)

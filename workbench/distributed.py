@@ -102,14 +102,19 @@ def check_supported(cfg: Config, strategy: Strategy) -> None:
 
 
 def engine_requested() -> bool:
-    """Whether `accelerate launch` asked for DeepSpeed or FSDP (it can only give them on GPUs)."""
+    """Whether `accelerate launch` asked for DeepSpeed or FSDP."""
     return any(os.environ.get(k, "false").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
 
 
+def deepspeed_requested() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed (it runs on CPUs too: DeepSpeed's CPU accelerator, gloo)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def fallback_note(strategy: Strategy) -> str | None:
-    """A note when DeepSpeed/FSDP were asked for but accelerate runs plain data parallelism (no GPU)."""
+    """A note when FSDP was asked for but accelerate runs plain data parallelism (no GPU)."""
     if engine_requested() and not strategy.engine_state:
-        return (f"note: the accelerate config asks for DeepSpeed/FSDP, but without a GPU accelerate runs "
+        return (f"note: the accelerate config asks for FSDP, but without a GPU accelerate runs "
                 f"{strategy.describe()} (gloo); the weights are not sharded.")
     return None
 
@@ -134,7 +139,22 @@ def make_accelerator(cfg: Config):
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+    if device.type == "cpu" and deepspeed_requested():
+        return _deepspeed_on_cpus(Accelerator)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+
+
+def _deepspeed_on_cpus(Accelerator):
+    """DeepSpeed on CPUs (its CPU accelerator, float32, gloo between the processes): the GPU command rehearsed.
+
+    accelerate hands a run to DeepSpeed only when not told `cpu=True`, and then
+    picks no process-group backend on a machine without GPUs (every process
+    would count itself alone); gloo is named here, as DeepSpeed's CPU
+    accelerator uses without Intel's oneCCL.
+    """
+    from accelerate.utils import InitProcessGroupKwargs  # heavy: accelerate is imported when a run starts
+
+    return Accelerator(cpu=False, mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 
 
 def configure_deepspeed(accelerator, cfg: Config) -> None:

