@@ -50,6 +50,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+# Unsloth 2026.10 cannot be carried to an offline GPU machine within the 64 MiB a call takes (its wheel alone is
+# 28.6 MB, and it needs xformers, torchvision, torchao and diffusers), and it pins trl <= 1.15, datasets < 5 and
+# transformers <= 5.17, beside this bench's trl 1.16 and datasets 5.2; nor does it run on a CPU, where the dry run
+# would rehearse a runner. So its row says why it has no figures rather than run code never run anywhere.
+UNSLOTH_NOT_RUN = {
+    "not installed": "its wheels (28.6 MB, with xformers, torchvision, torchao, diffusers) do not fit "
+                     "the GPU check's carry, and it pins trl <= 1.15 and datasets < 5 (this bench: trl 1.16, datasets 5.2)",
+    "skipped": "installed, but not run here: its pins (trl <= 1.15, datasets < 5) differ from this bench's, and a runner "
+               "could not be rehearsed on a CPU"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true",
@@ -249,8 +260,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, deadline: float, device:
     for i, job in enumerate(jobs, 1):
         if SIDES[job.side].script is None:
             job.status = "not installed" if importlib.util.find_spec("unsloth") is None else "skipped"
-            job.error = ("pip install unsloth: its wheels were not installed here" if job.status == "not installed"
-                         else "installed, but this benchmark has no Unsloth runner yet")
+            job.error = UNSLOTH_NOT_RUN[job.status]
             continue
         if job.side.startswith("trl") and importlib.util.find_spec("trl") is None:
             job.status, job.error = "skipped", "trl is not installed (pip install -r benchmarks/requirements.txt)"

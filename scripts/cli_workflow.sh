@@ -3,11 +3,13 @@
 # chat before, train, convert the checkpoint, merge, chat after; then serve the merged model
 # (lmdeploy serve api_server) and ask it one question with the openai client.
 # Usage: scripts/cli_workflow.sh [OUT_DIR] [RECIPE]    (default: a new outputs/cli-<time> folder)
+# TRAIN_ARGS="--deepspeed deepspeed_zero2" trains as the seed tutorials that add it do (DeepSpeed, on the CPUs here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/cli-$(date +%Y%m%d-%H%M%S)}
 RECIPE=${2:-smollm2_135m_lora_identity_cpu}
 WB=${WB:-.venv/bin/workbench}
+read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
 PY=${PY:-.venv/bin/python}
 PROMPTS=(--prompt "Who are you?" --prompt "你是谁？" --prompt "What is the capital of France?")
 mkdir -p "$OUT"
@@ -21,7 +23,7 @@ echo "== 2. chat with the base model before training"
 $WB chat embedded "${PROMPTS[@]}" --max-new-tokens 60 | tee "$OUT/chat_before.txt"
 
 echo "== 3. train (xtuner train)"
-$WB train "$CFG" --work-dir "$OUT/work"
+$WB train "$CFG" --work-dir "$OUT/work" "${TRAIN_EXTRA[@]}"
 
 echo "== 4. convert the last checkpoint to a Hugging Face adapter (xtuner convert pth_to_hf)"
 CKPT="$OUT/work/$(cat "$OUT/work/last_checkpoint")"

@@ -3,7 +3,7 @@
 #   install the carried wheels the machine lacks (deepspeed among them) -> versions, nvidia-smi -> `make bench-gpu` (<= 400 s)
 #   -> `pytest -m gpu` (<= 150 s) -> logs and results in $OUT (at most 8 files).
 #
-# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (59 MiB), git-ignored
+# Before it, here (with PyPI):   bash scripts/gpu_wheels.sh          # -> .gpu-wheels/ (58 MiB), git-ignored
 # On the GPU machine:            bash scripts/gpu_check.sh           # carry: .gpu-wheels ; $OUT: where results go
 # Rehearsal on this CPU:         GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh
 #   (the venv's python, nothing installed: the wheels are listed and checked; the bench with --dry-run on the

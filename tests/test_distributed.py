@@ -255,9 +255,20 @@ def test_deepspeed_launches_the_matching_accelerate_config(launched, monkeypatch
     assert rc == 0 and len(launched) == 1
     cmd = launched[0]
     assert cmd[cmd.index("--config_file") + 1] == str(CONFIGS / "deepspeed_zero2.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "1", "as xtuner train --deepspeed: one process unless told"
     assert cmd[cmd.index("-m", 3):] == ["-m", "workbench", "train", RECIPE, "--work-dir", str(tmp_path / "w"),
                                         "--cfg-options", "max_steps=1"]
     assert "--deepspeed" not in cmd
+
+
+def test_deepspeed_takes_its_processes_from_nproc_per_node(launched, monkeypatch, tmp_path):
+    import workbench.launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "check_launchable", lambda strategy: None)
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    assert cli.main(["train", RECIPE, "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2"]) == 0
+    cmd = launched[0]
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
 
 
 def test_deepspeed_without_deepspeed_installed_is_refused_clearly(launched, monkeypatch, capsys, tmp_path):

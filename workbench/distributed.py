@@ -59,7 +59,7 @@ class Strategy:
     def describe(self) -> str:
         name = {"single": "one process", "ddp": "DDP", "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}",
                 "fsdp": f"FSDP{self.fsdp_version}"}[self.kind]
-        return f"{name} x {self.num_processes} processes" if self.kind != "single" else name
+        return f"{name} x {self.num_processes} process{'es' if self.num_processes > 1 else ''}" if self.kind != "single" else name
 
 
 def strategy_of(accelerator) -> Strategy:

@@ -10,7 +10,10 @@ runs; accelerate tells each its rank). `NPROC_PER_NODE=N workbench train CONFIG`
 does the same with N processes, as `NPROC_PER_NODE=N xtuner train` does.
 `workbench train CONFIG --deepspeed deepspeed_zero2` is XTuner's spelling of
 `--accelerate-config accelerate_configs/deepspeed_zero2.yaml` (`DEEPSPEED_NAMES`,
-or the path of an accelerate config whose distributed_type is DEEPSPEED).
+or the path of an accelerate config whose distributed_type is DEEPSPEED), and runs
+as `xtuner train --deepspeed` does: one process unless `NPROC_PER_NODE` or
+`--num-processes` says more (the config's own num_processes counts only with
+`--accelerate-config`).
 Started directly by `accelerate launch -m workbench train ...` or
 `torchrun --nproc_per_node N -m workbench train ...`, the training runs as is.
 
@@ -163,8 +166,8 @@ def launch(args, cfg: Config) -> int:
     if inside_launched_process():
         raise UnsupportedSetup("--launcher is for the command you type: this process was already started by a "
                                "launcher (accelerate launch / torchrun); drop --launcher and its options.")
-    n = args.num_processes or _env_nproc()
     path = _launch_config(args)
+    n = args.num_processes or _env_nproc() or (1 if getattr(args, "deepspeed", None) else None)  # xtuner: 1 unless told
     if path is None and not n:
         raise ConfigError("--launcher accelerate needs --accelerate-config FILE or --num-processes N "
                           f"(shipped configs: {', '.join(shipped_configs())})")
