@@ -59,7 +59,9 @@ class Strategy:
     def describe(self) -> str:
         name = {"single": "one process", "ddp": "DDP", "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}",
                 "fsdp": f"FSDP{self.fsdp_version}"}[self.kind]
-        return f"{name} x {self.num_processes} process{'es' if self.num_processes > 1 else ''}" if self.kind != "single" else name
+        if self.kind == "single":
+            return name
+        return f"{name} x {self.num_processes} process{'es' if self.num_processes > 1 else ''}"
 
 
 def strategy_of(accelerator) -> Strategy:
@@ -101,14 +103,14 @@ def check_supported(cfg: Config, strategy: Strategy) -> None:
             what="FSDP", extra=" and fsdp_cpu_ram_efficient_loading", config="accelerate_configs/fsdp.yaml"))
 
 
-def engine_requested() -> bool:
-    """Whether `accelerate launch` asked for DeepSpeed or FSDP."""
-    return any(os.environ.get(k, "false").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
-
-
 def deepspeed_requested() -> bool:
     """Whether `accelerate launch` asked for DeepSpeed (it runs on CPUs too: DeepSpeed's CPU accelerator, gloo)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def engine_requested() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed or FSDP."""
+    return deepspeed_requested() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def fallback_note(strategy: Strategy) -> str | None:

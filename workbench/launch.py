@@ -180,18 +180,12 @@ def launch(args, cfg: Config) -> int:
     resolve_model_path(cfg.pretrained_model_name_or_path)
     cmd = accelerate_command(args, path, n)
     print(f"launching {strategy.describe()}: {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd, env=_launch_env(strategy)).returncode
-
-
-def _launch_env(strategy: Strategy) -> dict[str, str]:
-    """The processes' environment; DeepSpeed without a GPU is told to use its CPU accelerator (instead of
-    guessing it, with a warning in every process)."""
     env = dict(os.environ)
     if strategy.kind == "deepspeed" and not torch.cuda.is_available():
         print("note: no GPU here: DeepSpeed runs on the CPUs (its CPU accelerator, float32, gloo), slowly; "
               "the same command trains on GPUs.", flush=True)
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
+        env["DS_ACCELERATOR"] = "cpu"  # told, instead of guessing it with a warning in every process
+    return subprocess.run(cmd, env=env).returncode
 
 
 def _launch_config(args) -> Path | None:
