@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from benchmarks.gpu_profile import describe
 from benchmarks.gpu_sides import SIDES, Job
 from benchmarks.summary import loss_at_equal_tokens
 
@@ -25,7 +26,7 @@ def job_row(job: Job, jobs: list[Job], flops: dict, tflops: float) -> dict:
     row.update(tokens_per_s=s["tokens_per_s"], step_time_s=s["step_time_s"], tokens_per_step=s["tokens_per_step"],
                positions_per_step=s["positions_per_step"], final_loss=s["final_loss"], peak_gpu_mib=r.get("peak_gpu_mib"),
                peak_rss_mib=r.get("peak_rss_mib"), setup_s=r.get("setup_s"), trl=r.get("trl"),
-               micro_batch_tokens=r.get("micro_batch_tokens"),
+               micro_batch_tokens=r.get("micro_batch_tokens"), gpu_profile=r.get("gpu_profile"),
                mfu=4 * flops[job.shape] * s["tokens_per_s"] / (tflops * 1e12) if tflops else None)
     same = [j for j in jobs if j.side == "workbench" and (j.shape, j.method) == (job.shape, job.method) and j.result]
     wb = next((j for j in same if j.run == job.run), same[0] if same else None)  # the workbench of the same run
@@ -129,6 +130,8 @@ def render_markdown(report: dict) -> str:
                          f"{fmt(r.get('peak_gpu_mib'), ',.0f')} | {loss_cell} | {fmt(r.get('workbench_speedup'), '.2f')} | "
                          f"{status} |")
         lines.append("")
+        lines += [f"Where the time of \"{r['name']}\" went: {describe(r['gpu_profile'])}\n"
+                  for r in report["rows"] if (r["shape"], r["method"]) == (shape, method) and r.get("gpu_profile")]
     if report["targets"]:
         lines += ["## Targets (issue 21)", "", "| target | value | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]

@@ -114,7 +114,7 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
             use_peft_lora_forward(model)
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.setup(rows=in_plan_order(rows, cfg.seed), model=model, builder=builder)
-        with profiled(getattr(args, "profile", None)):
+        with profiled(getattr(args, "profile", None), steps=lambda: len(log)) as profile:
             trainer.train()
         trainer.export()
     steps = step_records(log, rows)
@@ -125,6 +125,8 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
              "micro_batch_tokens": getattr(cfg, "micro_batch_tokens", None),
              "torch_compile": getattr(cfg, "torch_compile", None), "gradient_checkpointing": cfg.gradient_checkpointing,
              "setup_s": round(first_start - STARTED, 2), "device": device.type, "dtype": dtype}
+    if profile.get("summary"):
+        extra["gpu_profile"] = profile["summary"]
     return steps, extra
 
 
@@ -138,24 +140,32 @@ def with_field(cfg, name: str, value):
 
 
 @contextmanager
-def profiled(path: str | None):
+def profiled(path: str | None, steps=lambda: 1):
     """torch.profiler around the training steps (CPU and CUDA activity); the operators' table by GPU time to `path`.
 
     For finding where a step's time goes: the profiler's own overhead makes this run's
-    tokens/s not comparable with an unprofiled one.
+    tokens/s not comparable with an unprofiled one. Yields a dict that gets, on a GPU,
+    "summary": the GPU's busy share and kernel time by kind (benchmarks/gpu_profile.py),
+    `steps()` optimizer steps.
     """
+    found: dict = {}
     if not path:
-        yield
+        yield found
         return
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.gpu_profile import describe, from_profiler
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        yield
+        yield found
+    found["summary"] = from_profiler(prof, steps())
     sorts = ["self_device_time_total", "device_time_total"] if torch.cuda.is_available() else ["self_cpu_time_total"]
     averages = prof.key_averages()
     text = "every training step of the run (the first is a warm-up)\n"
+    if found["summary"]:
+        text += f"\n{describe(found['summary'])}\n"
     for sort in sorts + ["cpu_time_total"]:
         text += f"\n## sorted by {sort}\n\n{averages.table(sort_by=sort, row_limit=35, max_name_column_width=70)}\n"
     Path(path).write_text(text, encoding="utf-8")

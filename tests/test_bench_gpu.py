@@ -146,3 +146,88 @@ def test_dry_run_end_to_end(tmp_path):
             loss = r["loss_at_equal_tokens"]
             assert abs(loss["side"] - loss["workbench"]) < 0.5, "the same random model on the same samples"
     assert "## qwen2.5-1.5b, lora" in (tmp_path / "gpu.md").read_text(encoding="utf-8")
+
+
+# Kernel names as cuBLAS, PyTorch, Triton (Liger) and bitsandbytes give them in a CUDA profile
+KERNEL_NAMES = {
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul (cuBLAS, CUTLASS)",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul (cuBLAS, CUTLASS)",
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>(T1::Params)":
+        "matmul (cuBLAS, CUTLASS)",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t, "
+    "Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >, false, true, false, false, false, true, false, false>"
+    "(Flash_fwd_params)": "attention (flash)",
+    "_rms_norm_forward_kernel": "Triton (Liger, torch.compile)",
+    "_swiglu_backward_kernel": "Triton (Liger, torch.compile)",
+    "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)":
+        "4-bit (bitsandbytes)",
+    "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4>(int, "
+    "at::PhiloxCudaState)": "dropout, random numbers",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
+    "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>, std::array<char*, 3ul>)":
+        "elementwise (torch)",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float>>>()":
+        "reductions (torch)",
+    "Memcpy HtoD (Pageable -> Device)": "copies, fills",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<int, unsigned int, 1, 128, 1>()": "copies, fills",
+}
+
+
+def test_kernels_sorted_into_kinds_and_the_gpu_busy_share():
+    from benchmarks import gpu_profile
+
+    for name, kind in KERNEL_NAMES.items():
+        assert gpu_profile.kernel_kind(name) == kind, name
+    assert gpu_profile.busy_us([(0, 10), (5, 12), (20, 30), (21, 22)]) == 22  # overlapping streams counted once
+    kernels = [("nvjet_tst_1", 0, 60), ("_rms_norm_forward_kernel", 60, 70), ("nvjet_tst_1", 100, 160),
+               ("Memcpy HtoD (Pageable -> Device)", 150, 170)]
+    s = gpu_profile.summarize(kernels, ["cudaLaunchKernel"] * 4 + ["cudaStreamSynchronize", "cudaMemcpyAsync"],
+                              wall_us=200, steps=2)
+    assert s["gpu_busy_share"] == pytest.approx(140 / 200) and s["kernels_per_step"] == 2 and s["syncs_per_step"] == 0.5
+    assert list(s["kernel_share_by_kind"]) == ["matmul (cuBLAS, CUTLASS)", "copies, fills", "Triton (Liger, torch.compile)"]
+    assert sum(s["kernel_share_by_kind"].values()) == pytest.approx(1.0)
+    text = gpu_profile.describe(s)
+    assert "70% of the profiled wall time" in text and "matmul (cuBLAS, CUTLASS) 80%" in text
+    # in gpu.md, under its shape's table
+    jobs = [Job("qwen2.5-1.5b", "lora", "workbench_profile", "ok", result={**fake_result(3000, [2.0, 1.5]), "gpu_profile": s})]
+    rows = [gpu_report.job_row(j, jobs, {"qwen2.5-1.5b": 1.5e9}, 1000.0) for j in jobs]
+    report = {"machine": {"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17", "peft": "0.21.2", "trl": None,
+                          "liger_kernel": None, "bitsandbytes": None},
+              "dry_run": False, "date": "today", "matmul": {"dtype": "bfloat16", "size": 8192, "tflops": 1000.0},
+              "tokens_per_step": 16384, "steps": 4, "config": "c", "rows": rows, "targets": [],
+              "command": "benchmarks/bench_gpu.py", "elapsed_s": 60.0}
+    assert f'Where the time of "workbench under torch.profiler (slower: where the time goes)" went: {text}' in \
+        gpu_report.render_markdown(report)
+
+
+def test_a_cpu_profile_has_no_gpu_summary():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import gpu_profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4, 4) @ torch.ones(4, 4)
+    assert gpu_profile.from_profiler(prof, steps=1) is None
+
+
+def test_a_gpu_profile_counts_kernels_not_annotations():
+    """from_profiler on events as torch.profiler gives them on a GPU: host ops and runtime calls, kernels, copies,
+    and a label's range on the device (gpu_user_annotation), which is no kernel."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks import gpu_profile
+
+    def event(name, start, end, device=DeviceType.CUDA, activity="kernel"):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               activity_type=activity)
+
+    events = [event("aten::mm", 0, 40, DeviceType.CPU, "cpu_op"), event("cudaLaunchKernel", 5, 8, DeviceType.CPU,
+                                                                         "cuda_runtime"),
+              event("cudaStreamSynchronize", 60, 100, DeviceType.CPU, "cuda_runtime"),
+              event("nvjet_tst_1", 10, 50), event("Memcpy DtoH (Device -> Pinned)", 90, 95, activity="gpu_memcpy"),
+              event("ProfilerStep#1", 0, 100, activity="gpu_user_annotation")]
+    s = gpu_profile.from_profiler(SimpleNamespace(events=lambda: events), steps=1)
+    assert s["kernels_per_step"] == 2 and s["syncs_per_step"] == 1 and s["gpu_busy_share"] == pytest.approx(45 / 100)
