@@ -231,3 +231,18 @@ def test_a_gpu_profile_counts_kernels_not_annotations():
               event("ProfilerStep#1", 0, 100, activity="gpu_user_annotation")]
     s = gpu_profile.from_profiler(SimpleNamespace(events=lambda: events), steps=1)
     assert s["kernels_per_step"] == 2 and s["syncs_per_step"] == 1 and s["gpu_busy_share"] == pytest.approx(45 / 100)
+
+
+def test_qlora_memory_from_the_lean_row_speed_like_with_like():
+    """The 7B QLoRA memory target takes the checkpointed (memory-lean) row; the speed target the fastest workbench
+    QLoRA row against TRL's fastest QLoRA row, so a checkpointed run is not raced against one without."""
+    jobs = [Job("qwen2.5-7b", "qlora", "workbench_ckpt", "ok", result=fake_result(600, [2.0, 1.6, 1.3], 20000)),
+            Job("qwen2.5-7b", "qlora", "workbench", "ok", result=fake_result(1200, [2.0, 1.6, 1.3], 50000)),
+            Job("qwen2.5-7b", "qlora", "trl", "ok", result=fake_result(500, [2.0, 1.6, 1.3], 21000)),
+            Job("qwen2.5-7b", "qlora", "trl_best", "ok", result=fake_result(1000, [2.0, 1.6, 1.3], 45000)),
+            Job("qwen2.5-7b", "lora", "workbench", "ok", result=fake_result(900, [2.0, 1.6, 1.3], 40000))]
+    rows = [gpu_report.job_row(j, jobs, {"qwen2.5-7b": 7e9}, 1000.0) for j in jobs]
+    found = {t["target"]: t for t in gpu_report.qlora_targets(rows)}
+    memory, speed = found["7B QLoRA: peak GPU memory <= 0.6x LoRA's"], found["7B QLoRA: faster than TRL's QLoRA"]
+    assert memory["met"] and memory["value"].startswith("0.50x (workbench, gradient checkpointing on")
+    assert speed["met"] and speed["value"].startswith("1.20x (workbench vs TRL best")
