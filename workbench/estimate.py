@@ -2,7 +2,7 @@
 
 Memory = base weights (4, 2 or ~0.56 bytes per parameter for fp32, bf16/fp16 or
 NF4; under NF4 only the linear layers are 4-bit, the embeddings and an untied
-output head keep the compute dtype; on a CPU a QLoRA step's peak is measured at
+output head keep the compute dtype, float32 under float16; on a CPU a QLoRA step's peak is measured at
 about LoRA's, so there the weights count at the compute dtype) + for the trained
 weights their gradient and two AdamW moments + the activations of one
 micro-batch + the logits (one float32 matrix of tokens x vocabulary with the
@@ -123,10 +123,12 @@ def param_counts(cfg: Config) -> dict[str, int]:
 
 
 def weight_bytes(counts: dict[str, int], dtype: str, compute_dtype: str) -> float:
-    """The base weights in memory: under NF4 the linear layers are 4-bit, the rest (embeddings) stays in the compute dtype."""
+    """The base weights in memory: under NF4 the linear layers are 4-bit, the rest (embeddings, norms) stays in the
+    compute dtype, float32 under float16 (models.build_model: peft's k-bit preparation upcasts it)."""
     if dtype != "nf4":
         return counts["total"] * BYTES_PER_PARAM[dtype]
-    return counts["linear"] * BYTES_PER_PARAM["nf4"] + (counts["total"] - counts["linear"]) * BYTES_PER_PARAM[compute_dtype]
+    rest = "float32" if compute_dtype == "float16" else compute_dtype
+    return counts["linear"] * BYTES_PER_PARAM["nf4"] + (counts["total"] - counts["linear"]) * BYTES_PER_PARAM[rest]
 
 
 def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None = None, gflops: float | None = None,

@@ -125,7 +125,8 @@ def _grouped_heads(config) -> bool:
 
 
 def _is_4bit(base) -> bool:
-    """QLoRA: a 4-bit base whose float32 norms (peft's k-bit preparation) are the only float32 on the way to attention."""
+    """QLoRA: a 4-bit base computing in half precision; under float16 its norms are float32 (peft's k-bit preparation,
+    models.build_model) and the varlen kernel gets its inputs cast to half precision."""
     quant = getattr(base.config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
     return bool(quant.get("load_in_4bit")) and str(quant.get("bnb_4bit_compute_dtype", "")).endswith(("bfloat16", "float16"))
