@@ -79,3 +79,68 @@ def test_the_estimate_counts_the_unquantized_weights_as_built(dtype, batch):
     counts = {"linear": 1000, "total": 1000 + sum(p.numel() for p in rest)}
     assert weight_bytes(counts, "nf4", dtype) == pytest.approx(
         1000 * BYTES_PER_PARAM["nf4"] + sum(p.numel() * p.element_size() for p in rest))
+
+
+# ---------------------------------------------------------------------------
+# The lean LoRA forward on 4-bit base layers (the GPU's way, emulated here under CPU autocast)
+# ---------------------------------------------------------------------------
+def _saved_bytes(fn) -> int:
+    """The bytes autograd keeps for the backward of fn() (each storage once)."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+def _loss_grads_kept(model, batch):
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        out["kept"] = _saved_bytes(lambda: out.setdefault("step", step(model, "bfloat16", batch)))
+    return out["step"][0], out["step"][1], out["kept"]
+
+
+def test_lean_forward_on_4bit_layers_keeps_loss_and_gradients_and_less_for_the_backward(batch, one_torch_thread):
+    from workbench import fastpath
+
+    model = qlora("bfloat16")
+    assert fastpath.use_lean_lora_forward(model) == 0, "the CPU's QLoRA keeps peft's forward"
+    loss_p, grads_p, kept_p = _loss_grads_kept(model, batch)
+    assert fastpath.use_lean_lora_forward(model, four_bit=True) == 14  # 2 layers x 7 linear modules
+    loss_l, grads_l, kept_l = _loss_grads_kept(model, batch)
+    assert loss_l == pytest.approx(loss_p, rel=1e-3)
+    for name in grads_p:  # bf16 products in both: equal to bf16 rounding
+        torch.testing.assert_close(grads_l[name], grads_p[name], rtol=5e-2, atol=5e-2 * grads_p[name].abs().max().item(),
+                                   msg=name)
+    assert kept_l < kept_p, (kept_l, kept_p)
+    fastpath.use_peft_lora_forward(model)
+    assert _loss_grads_kept(model, batch)[0] == loss_p
+
+
+def test_seeded_dropout_on_4bit_layers_keeps_what_no_dropout_keeps(batch, one_torch_thread, monkeypatch):
+    """With dropout on, a GPU's 4-bit LoRA layers keep x and a seed (forced here on the CPU), not a mask and a copy."""
+    from workbench import fastpath
+    from workbench.lora_dropout import FastDropout
+
+    original = FastDropout.linear
+    monkeypatch.setattr(FastDropout, "linear", lambda self, x, w, seeded=None: original(self, x, w, seeded=True))
+
+    def built(dropout: float, lean: bool):
+        model = qlora("bfloat16")
+        for module in model.modules():
+            if hasattr(module, "lora_dropout") and dropout:
+                module.lora_dropout["default"] = torch.nn.Dropout(dropout)
+        if lean:
+            fastpath.use_fast_lora_dropout(model)
+            fastpath.use_lean_lora_forward(model, four_bit=True)
+        return model
+
+    kept_none = _loss_grads_kept(built(0.0, lean=True), batch)[2]
+    kept_peft = _loss_grads_kept(built(0.1, lean=False), batch)[2]
+    loss, grads, kept_seeded = _loss_grads_kept(built(0.1, lean=True), batch)
+    assert kept_seeded == kept_none < kept_peft, (kept_seeded, kept_none, kept_peft)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values()) and loss > 0

@@ -33,7 +33,9 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   variant, not merged, float base layer, one dtype, or float32 adapters under
   autocast to the base's half precision: a GPU's LoRA, computed in that half
   precision as autocast would, without peft's float32 copy of the input); anything
-  else keeps peft's forward.
+  else keeps peft's forward. On a GPU also for QLoRA's 4-bit base layers (`four_bit`):
+  there peft copies the base output before adding to it and keeps a dropout mask and
+  a dropped copy of x per adapter; the CPU's QLoRA keeps peft's forward.
 
 * **Fused loss** (`cross_entropy_sum`, used by `loss.token_loss_sum` when
   `use_fused_loss` marked the model). torch's cross-entropy writes the
@@ -173,7 +175,8 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-    if x.dtype != base.weight.dtype or base.weight.numel() == 0:  # 0: a ZeRO-3 shard
+    four_bit = type(base) is not nn.Linear  # bitsandbytes' Linear4bit (use_lean_lora_forward(four_bit=True))
+    if x.dtype != (base.compute_dtype if four_bit else base.weight.dtype) or base.weight.numel() == 0:  # 0: ZeRO-3 shard
         return type(self).forward(self, x, *args, **kwargs)
     if not a.dtype == b.dtype == x.dtype:
         if not _autocast_to(x):
@@ -182,7 +185,9 @@ def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # peft's float32 copy of x and the half copy autocast makes of it again for every adapter
         a, b = a.to(x.dtype), b.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
-    out = F.linear(flat, base.weight, base.bias)  # 2-D: adding in place to a view would cost autograd two copies
+    # 2-D: adding in place to a view would cost autograd two copies. A 4-bit base's output is a new tensor (bitsandbytes'
+    # matmul, in x's dtype), so peft's defensive copy of it before adding is not needed either.
+    out = base(flat) if four_bit else F.linear(flat, base.weight, base.bias)
     drop = self.lora_dropout[name]
     xa = drop.linear(flat, a) if isinstance(drop, FastDropout) else F.linear(drop(flat), a)
     return out.addmm_(xa, b.t(), alpha=self.scaling[name]).view(*x.shape[:-1], out.shape[-1])
@@ -194,19 +199,34 @@ def _autocast_to(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == x.dtype
 
 
-def use_lean_lora_forward(model) -> int:
-    """Give every plain peft LoRA Linear (float nn.Linear base) the lean forward; the number changed."""
+def use_lean_lora_forward(model, four_bit: bool = False) -> int:
+    """Give every plain peft LoRA Linear (float nn.Linear base; with four_bit, also QLoRA's bitsandbytes Linear4bit
+    base: the GPU's way) the lean forward; the number changed."""
     import types
 
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    kinds = {(LoraLinear, nn.Linear)} | (_four_bit_kinds() if four_bit else set())
     changed = 0
     for module in model.modules():
-        if type(module) is LoraLinear and type(module.base_layer) is nn.Linear and not module.fan_in_fan_out \
+        if (type(module), type(getattr(module, "base_layer", None))) in kinds \
+                and not getattr(module, "fan_in_fan_out", False) \
                 and not getattr(module, "lora_bias", {}).get(module.active_adapters[0], False):
             module.forward = types.MethodType(lean_lora_forward, module)
             changed += 1
     return changed
+
+
+def _four_bit_kinds() -> set:
+    """(peft's 4-bit LoRA layer, bitsandbytes' Linear4bit), where both are installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return set()
+    import bitsandbytes as bnb
+    from peft.tuners.lora import bnb as lora_bnb
+
+    return {(lora_bnb.Linear4bit, bnb.nn.Linear4bit)} if hasattr(lora_bnb, "Linear4bit") else set()
 
 
 def use_peft_lora_forward(model) -> None:

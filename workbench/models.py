@@ -345,7 +345,7 @@ def with_fast_path(model, cfg: Config, strategy=None):
         fastpath.use_fused_loss(model)  # on a GPU its chunked backward would cost thousands of launches
     fastpath.use_fast_lora_dropout(model)  # keeps x, not a dropped copy and a mask (workbench/lora_dropout.py)
     if strategy is None or not strategy.shards_weights:
-        fastpath.use_lean_lora_forward(model)
+        fastpath.use_lean_lora_forward(model, four_bit=on_cuda)
     return model
 
 
