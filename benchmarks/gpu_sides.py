@@ -42,7 +42,7 @@ SIDES = {
                                  "workbench, Liger's fused linear cross-entropy on"),
     "workbench_mb8k": Side("run_workbench.py", ("--micro-batch-tokens", "8192"), "workbench, micro-batches of 8192 tokens"),
     "workbench_peft_lora": Side("run_workbench.py", ("--peft-lora",),
-                                "workbench with peft's LoRA forward and torch's dropout (before 2026-12-06)"),
+                                "workbench with peft's LoRA forward and torch's dropout (LoRA before 2026-12-06, QLoRA before 12-07)"),
     "workbench_profile": Side("run_workbench.py", (), "workbench under torch.profiler (slower: where the time goes)"),
     "trl_best": Side("baseline_trl.py", ("--no-gradient-checkpointing", "--padding-free"),
                      "TRL best (BFD packing, padding-free, Liger if installed, no checkpointing)"),
@@ -64,6 +64,8 @@ PLAN = [("qwen2.5-1.5b", "lora", ("workbench", "trl_best"), 1),
         ("qwen2.5-1.5b", "lora", ("workbench_fused_loss", "workbench_mb8k"), 1),
         ("qwen2.5-1.5b", "lora", ("workbench_compile",), 1),  # compiling took over 70 s on the H200
         ("qwen2.5-7b", "qlora", ("workbench", "trl_best"), 1),
+        # 2026-12-07: QLoRA's 4-bit layers with the lean forward and the seeded dropout (unmeasured): the A/B of them
+        ("qwen2.5-7b", "qlora", ("workbench_peft_lora",), 1),
         ("qwen2.5-1.5b", "lora", ("trl", "peft", "unsloth"), 1),
         ("qwen2.5-7b", "qlora", ("peft",), 1),
         ("smollm2-135m", "lora", ("workbench", "trl_best"), 1)]
