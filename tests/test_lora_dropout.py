@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from loss_helpers import saved_bytes
 from workbench.lora_dropout import FastDropout, draw_seed, seeded_mask
 
 
@@ -69,27 +70,15 @@ def test_seeded_linear_under_activation_checkpointing():
         torch.testing.assert_close(mine, theirs)
 
 
-def _saved_bytes(fn) -> int:
-    """The bytes autograd keeps for the backward of fn() (each storage once)."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
 def test_three_adapters_reading_one_input_keep_that_input_only():
     """q, k and v read the same x: torch's dropout keeps a dropped copy and a mask for each, the seed keeps x."""
     draw = torch.Generator().manual_seed(2)
     x = torch.randn(256, 512, generator=draw, requires_grad=True)
     weights = [torch.randn(8, 512, generator=draw, requires_grad=True) for _ in range(3)]
     drop = FastDropout(0.05).train()
-    seeded = _saved_bytes(lambda: [drop.linear(x, w, seeded=True) for w in weights])
-    plain = _saved_bytes(lambda: [F.linear(F.dropout(x, 0.05, True), w) for w in weights])
-    undropped = _saved_bytes(lambda: [F.linear(x, w) for w in weights])
+    seeded = saved_bytes(lambda: [drop.linear(x, w, seeded=True) for w in weights])
+    plain = saved_bytes(lambda: [F.linear(F.dropout(x, 0.05, True), w) for w in weights])
+    undropped = saved_bytes(lambda: [F.linear(x, w) for w in weights])
     assert seeded == undropped, "x and the three small weights, as without dropout"
     assert plain >= undropped + 3 * x.numel() * x.element_size(), "a copy of x per adapter at least"
 
@@ -137,7 +126,7 @@ def _loss_grads_kept(model, batch):
     out = {}
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        out["kept"] = _saved_bytes(lambda: out.setdefault("lg", loss_and_grads(model, batch)))
+        out["kept"] = saved_bytes(lambda: out.setdefault("lg", loss_and_grads(model, batch)))
     return out["lg"][0], out["lg"][1], out["kept"]
 
 

@@ -8,7 +8,7 @@ with bitsandbytes' CPU kernels under CPU autocast, as accelerate's mixed precisi
 import pytest
 import torch
 
-from loss_helpers import loss_and_grads
+from loss_helpers import loss_and_grads, saved_bytes
 from workbench.config import Config
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
 from workbench.packing import collate, pack
@@ -84,23 +84,11 @@ def test_the_estimate_counts_the_unquantized_weights_as_built(dtype, batch):
 # ---------------------------------------------------------------------------
 # The lean LoRA forward on 4-bit base layers (the GPU's way, emulated here under CPU autocast)
 # ---------------------------------------------------------------------------
-def _saved_bytes(fn) -> int:
-    """The bytes autograd keeps for the backward of fn() (each storage once)."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
 def _loss_grads_kept(model, batch):
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        out["kept"] = _saved_bytes(lambda: out.setdefault("step", step(model, "bfloat16", batch)))
+        out["kept"] = saved_bytes(lambda: out.setdefault("step", step(model, "bfloat16", batch)))
     return out["step"][0], out["step"][1], out["kept"]
 
 
