@@ -22,11 +22,13 @@ import re
 
 # (kind, pattern on the kernel's name), first match wins. Attention first: flash kernels' template arguments name
 # CUTLASS types. Then cuBLAS's plain-identifier names (nvjet_..., sm90_xmma_...), before the rule that takes any
-# other plain identifier (no "::", no spaces: not a C++ kernel) for a Triton kernel.
-KERNEL_KINDS = (
+# other plain identifier (no "::", no spaces: not a C++ kernel) for a Triton kernel, and then torch's own kinds.
+NAMED_KINDS = (
     ("attention (flash)", re.compile(r"flash|fmha|attention", re.I)),
     ("matmul (cuBLAS, CUTLASS)", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|splitKreduce|wgmma", re.I)),
     ("4-bit (bitsandbytes)", re.compile(r"kDequantize|kQuantize|kgemm_4bit|4bit", re.I)),
+)
+TORCH_KINDS = (
     ("dropout, random numbers", re.compile(r"philox|bernoulli|dropout|distribution|curand", re.I)),
     ("copies, fills", re.compile(r"^Memcpy|^Memset|copy_kernel|CatArrayBatched|fill_kernel|index_elementwise", re.I)),
     ("reductions (torch)", re.compile(r"reduce_kernel|softmax|norm_kernel|cross_entropy|nll_loss|cunn_|multi_tensor|"
@@ -39,15 +41,9 @@ SYNCS = re.compile(r"^cuda(Stream|Device|Event)Synchronize$|^cudaMemcpy$|^cudaMe
 
 
 def kernel_kind(name: str) -> str:
-    for kind, pattern in KERNEL_KINDS[:3]:
-        if pattern.search(name):
-            return kind
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # Triton names a kernel by its Python function
-        return TRITON
-    for kind, pattern in KERNEL_KINDS[3:]:
-        if pattern.search(name):
-            return kind
-    return OTHER
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and not any(p.search(name) for _, p in NAMED_KINDS):
+        return TRITON  # Triton names a kernel by its Python function
+    return next((kind for kind, p in NAMED_KINDS + TORCH_KINDS if p.search(name)), OTHER)
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:

@@ -42,7 +42,7 @@ SIDES = {
                                  "workbench, Liger's fused linear cross-entropy on"),
     "workbench_mb8k": Side("run_workbench.py", ("--micro-batch-tokens", "8192"), "workbench, micro-batches of 8192 tokens"),
     "workbench_peft_lora": Side("run_workbench.py", ("--peft-lora",),
-                                "workbench with peft's LoRA forward and torch's dropout (LoRA before 2026-12-06, QLoRA before 12-07)"),
+                                "workbench, peft's LoRA forward, torch's dropout (LoRA before 12-06, QLoRA before 12-07)"),
     "workbench_profile": Side("run_workbench.py", (), "workbench under torch.profiler (slower: where the time goes)"),
     "trl_best": Side("baseline_trl.py", ("--no-gradient-checkpointing", "--padding-free"),
                      "TRL best (BFD packing, padding-free, Liger if installed, no checkpointing)"),
