@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from planted import RunsCode
 from workbench.checkpoint import (OPTIMIZER, SCHEDULER, CheckpointError, checkpoint_step, last_checkpoint,
                                   list_checkpoints, read_state_file, rng_state, set_rng_state, write_state_file)
 from workbench.cli import main
@@ -49,16 +50,6 @@ def resume_cli(work: Path, capsys) -> tuple[int, str]:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
-
-
-class RunsCode:
-    """Unpickling this opens (creates) the marker file: what a planted checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def test_a_resumed_checkpoint_continues_the_run(work, run_dir, capsys):
@@ -147,6 +138,13 @@ def test_state_files_round_trip_exactly(tmp_path):
     set_rng_state(read_state_file(tmp_path / "rng.safetensors"), tmp_path / "rng.safetensors")
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_a_pointer_to_a_missing_checkpoint_is_a_clear_error(work, capsys):
+    (work / "last_checkpoint").write_text("iter_7\n")  # the checkpoint it named was deleted
+    rc, err = resume_cli(work, capsys)
+    assert rc == 2 and err.startswith(f"error: {work / 'last_checkpoint'} names iter_7")
+    assert "checkpoints kept: iter_1, iter_2: resume one with --resume iter_2" in err
 
 
 def test_checkpoint_names_and_the_pointer(run_dir, tmp_path):

@@ -7,20 +7,26 @@ command is exercised here and not only on a GPU (tests/test_gpu.py runs it there
 * each writes its split state to iter_N/engine_state/ beside the workbench's own checkpoint files, and a
   run resumed from iter_2 ends with the uninterrupted run's losses and weights;
 * the checkpoint converts to an adapter that plain peft reads;
+* DeepSpeed's own files are read weights-only: a planted file that would run code on resume is refused;
 * QLoRA and a full fine-tune train under ZeRO-2 and ZeRO-3 (the combinations `check_supported` allows).
 Skipped where deepspeed is not installed (`make setup` installs it).
 """
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from launch_helpers import OPTIONS, RECIPE, metrics, one_process_run, run
-from workbench.checkpoint import ENGINE_STATE, list_checkpoints
+from planted import RunsCode
+from workbench.checkpoint import ENGINE_STATE, CheckpointError, list_checkpoints
+from workbench.distributed import weights_only_load
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="deepspeed is not installed (make setup installs it)")
@@ -102,6 +108,50 @@ def test_zero_resume_matches_the_uninterrupted_run(zero_runs, name, tmp_path):
     assert out.count("resuming from") == 1
     assert [r["loss"] for r in metrics(work)] == pytest.approx([r["loss"] for r in metrics(straight)], rel=1e-6)
     assert_same_weights(trained(work / "iter_4"), trained(straight / "iter_4"), tol=1e-6)
+
+
+def plant(state_file: Path, marker: Path) -> None:
+    state = torch.load(state_file, weights_only=False)  # the test's own file, to plant into
+    state["planted"] = RunsCode(marker)
+    torch.save(state, state_file)
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_deepspeed_files_load_weights_only(zero_runs, name):
+    work, _ = zero_runs[name]
+    files = sorted(work.glob(f"iter_*/{ENGINE_STATE}/**/*.pt"))
+    assert len(files) >= 6, files  # per checkpoint: the model states and one optimizer shard per process
+    for f in files:
+        assert isinstance(weights_only_load(f, map_location="cpu"), dict), f
+
+
+def test_weights_only_load_refuses_a_file_that_runs_code(tmp_path):
+    f, marker = tmp_path / "optim_states.pt", tmp_path / "ran"
+    torch.save({"w": torch.ones(2)}, f)
+    assert torch.equal(weights_only_load(f)["w"], torch.ones(2))
+    plant(f, marker)
+    with pytest.raises(CheckpointError, match=f"{f}: holds .*open.*does not load it"):
+        weights_only_load(f)
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_planted_deepspeed_file(zero_runs, tmp_path):
+    straight, _ = zero_runs["deepspeed_zero2"]
+    work, marker = tmp_path / "w", tmp_path / "ran"
+    shutil.copytree(straight, work)
+    shutil.rmtree(work / "iter_4")
+    (work / "last_checkpoint").write_text("iter_2\n")
+    target = next((work / "iter_2" / ENGINE_STATE).rglob("zero_pp_rank_0_*optim_states.pt"))
+    plant(target, marker)
+    proc = subprocess.run([sys.executable, "-m", "workbench", "train", RECIPE, "--work-dir", str(work), "--resume",
+                           "--deepspeed", "deepspeed_zero2", "--num-processes", "2", "--cfg-options", *OPTIONS,
+                           "batch_size=1"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert f"{target}: holds" in out and "does not load it" in out, out[-3000:]
+    assert not marker.exists(), "the planted file ran"
+    assert not (work / "iter_4").exists()
 
 
 def test_a_zero3_checkpoint_converts_to_an_adapter_plain_peft_reads(zero_runs, tmp_path):

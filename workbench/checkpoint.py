@@ -10,11 +10,16 @@ A checkpoint is a folder iter_N (N = optimizer steps done) in the work dir:
     config.yaml              the run's config
     engine_state/            DeepSpeed/FSDP only: accelerate's save_state (optimizer split over processes)
 
-Nothing here is a pickle: safetensors and JSON hold data only, so a checkpoint
-folder from someone else cannot run code when it is resumed. A checkpoint that
-holds pickle files (*.pt, the format of older workbench versions, or planted) is
-refused with `CheckpointError`, as is a state that does not fit the model or
-optimizer (wrong parameter count or shapes, a truncated file).
+The workbench's own files are no pickles: safetensors and JSON hold data only, so
+a checkpoint folder from someone else cannot run code when it is resumed. A
+checkpoint that holds pickle files beside them (*.pt, the format of older
+workbench versions, or planted) is refused with `CheckpointError`, as is a state
+that does not fit the model or optimizer (wrong parameter count or shapes, a
+truncated file). DeepSpeed's files in engine_state/ are torch pickles; they are
+read through torch's weights-only unpickler (distributed.weights_only_load),
+which refuses a file holding anything but tensors, containers and a few named
+DeepSpeed classes. (FSDP's engine_state/.metadata is unpickled by torch's
+distributed checkpoint reader as it is.)
 
 The folder is written to a temporary sibling and renamed into place, and the
 pointer file `last_checkpoint` is updated after that, so a run killed during a
@@ -97,7 +102,13 @@ def find_resume_checkpoint(work: Path, resume: bool | str) -> Path:
     pointer = work / LAST_POINTER
     if not pointer.exists():
         raise FileNotFoundError(f"nothing to resume in {work}: no {LAST_POINTER} file (was a checkpoint ever saved?)")
-    return work / pointer.read_text(encoding="utf-8").strip()
+    ckpt = work / pointer.read_text(encoding="utf-8").strip()
+    if not (ckpt / STATE).exists():
+        kept = [c.name for c in list_checkpoints(work)]
+        raise FileNotFoundError(f"{pointer} names {ckpt.name}, which is not a checkpoint there (no {ckpt / STATE}); "
+                                + (f"checkpoints kept: {', '.join(kept)}: resume one with --resume {kept[-1]}"
+                                   if kept else "no checkpoint is kept there"))
+    return ckpt
 
 
 def check_fresh_work_dir(work: Path, fresh: bool) -> None:
