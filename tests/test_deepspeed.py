@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from launch_helpers import OPTIONS, RECIPE, metrics, one_process_run, run
 from planted import RunsCode
 from workbench.checkpoint import ENGINE_STATE, CheckpointError, list_checkpoints
-from workbench.distributed import weights_only_load
+from workbench.safe_unpickle import weights_only_load
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="deepspeed is not installed (make setup installs it)")

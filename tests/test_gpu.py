@@ -262,7 +262,7 @@ def test_deepspeed_zero2_on_one_gpu(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(losses(tmp_path / "work")) == 2 and (tmp_path / "work" / "iter_2").is_dir()
-    from workbench.distributed import weights_only_load
+    from workbench.safe_unpickle import weights_only_load
 
     files = sorted((tmp_path / "work" / "iter_2").rglob("*.pt"))
     assert files and all(isinstance(weights_only_load(f, map_location="cpu"), dict) for f in files), \

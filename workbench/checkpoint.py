@@ -15,11 +15,9 @@ a checkpoint folder from someone else cannot run code when it is resumed. A
 checkpoint that holds pickle files beside them (*.pt, the format of older
 workbench versions, or planted) is refused with `CheckpointError`, as is a state
 that does not fit the model or optimizer (wrong parameter count or shapes, a
-truncated file). DeepSpeed's files in engine_state/ are torch pickles; they are
-read through torch's weights-only unpickler (distributed.weights_only_load),
-which refuses a file holding anything but tensors, containers and a few named
-DeepSpeed classes. (FSDP's engine_state/.metadata is unpickled by torch's
-distributed checkpoint reader as it is.)
+truncated file). The files DeepSpeed and FSDP write into engine_state/ are
+pickles; they are read running no code, and a file that holds more than their
+data is refused too (workbench/safe_unpickle.py).
 
 The folder is written to a temporary sibling and renamed into place, and the
 pointer file `last_checkpoint` is updated after that, so a run killed during a

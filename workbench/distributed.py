@@ -17,16 +17,13 @@ testing the strategy itself:
   and exporting (a collective where the weights are sharded);
 - `save_engine_state` / `load_engine_state`: under DeepSpeed and FSDP the
   optimizer state is split over the processes, so accelerate's save_state writes
-  it to iter_N/engine_state/. DeepSpeed's files are torch pickles; they are read
-  back through torch's weights-only unpickler (`weights_only_load`), which builds
-  tensors, containers and a few named DeepSpeed classes and runs no other code.
+  it to iter_N/engine_state/. The pickles DeepSpeed and FSDP write there are read
+  back running no code (workbench/safe_unpickle.py).
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import torch
 from workbench.checkpoint import ENGINE_STATE, CheckpointError
 from workbench.config import Config, ConfigError
 from workbench.models import pick_device, pick_dtype
+from workbench.safe_unpickle import check_dcp_metadata, weights_only_load
 
 
 class UnsupportedSetup(ConfigError):
@@ -280,6 +278,8 @@ class Distributed:
         if not (ckpt / ENGINE_STATE).is_dir():
             raise CheckpointError(f"{ckpt} has no {ENGINE_STATE}/ folder: it was not written under DeepSpeed/FSDP, "
                                   f"so it cannot resume a {self.strategy.describe()} run")
+        for metadata in sorted((ckpt / ENGINE_STATE).rglob(".metadata")):  # FSDP's: torch unpickles it as it is
+            check_dcp_metadata(metadata)
         with _weights_only_engine_loads(self.acc, self.strategy):
             self.acc.load_state(str(ckpt / ENGINE_STATE), **_engine_kwargs(self.strategy, loading=True))
 
@@ -294,34 +294,6 @@ def _engine_kwargs(strategy: Strategy, loading: bool) -> dict:
     if strategy.kind != "deepspeed":
         return {}
     return {"load_module_strict": False} if loading else {"exclude_frozen_parameters": True}
-
-
-# DeepSpeed's checkpoint engine reads its files with torch.load(weights_only=False): a planted file would run code
-# on resume. Its ZeRO-2/3 checkpoints hold tensors, plain containers and these classes of its own (what
-# torch.serialization.get_unsafe_globals_in_checkpoint lists in them; fp16 runs keep the dynamic loss scaler), which
-# torch's weights-only unpickler builds from their fields once allowed, running no other code.
-DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def _named_classes(names: tuple[str, ...]) -> list[type]:
-    return [getattr(importlib.import_module(module), name) for module, name in (n.rsplit(".", 1) for n in names)]
-
-
-def weights_only_load(path, map_location=None, allowed: tuple[str, ...] = DEEPSPEED_CLASSES):
-    """torch.load through the weights-only unpickler, `allowed` classes besides tensors and containers; a file
-    that holds anything else is refused with the file and what it holds."""
-    try:
-        with torch.serialization.safe_globals(_named_classes(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        other = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-        raise CheckpointError(
-            f"{path}: holds {', '.join(other) or 'code the weights-only unpickler refuses'}, so the workbench does "
-            f"not load it (it could run code). A DeepSpeed checkpoint the workbench wrote holds tensors, plain "
-            f"containers and {', '.join(n.rsplit('.', 1)[1] for n in allowed)} only") from exc
 
 
 @contextlib.contextmanager
