@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from planted import RunsCode
 from workbench.checkpoint import ENGINE_STATE, CheckpointError
@@ -99,3 +100,16 @@ def test_a_damaged_metadata_file_is_a_clear_error(tmp_path, damage):
     with pytest.raises(CheckpointError, match=str(f)):
         check_dcp_metadata(f)
 
+
+
+def test_weights_only_load_takes_allowed_classes_that_import_and_refuses_the_rest(tmp_path):
+    from fractions import Fraction
+
+    from workbench.safe_unpickle import weights_only_load
+
+    f = tmp_path / "state.pt"
+    torch.save({"scale": Fraction(1, 3), "w": torch.ones(2)}, f)
+    loaded = weights_only_load(f, allowed=("fractions.Fraction", "no_such_module.Thing", "fractions.NoSuchClass"))
+    assert loaded["scale"] == Fraction(1, 3) and torch.equal(loaded["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match=rf"{f}: holds fractions.Fraction, so the workbench does not load it"):
+        weights_only_load(f, allowed=())

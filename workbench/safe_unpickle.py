@@ -39,7 +39,14 @@ DCP_GLOBALS = frozenset({
 
 
 def _named_classes(names: tuple[str, ...]) -> list[type]:
-    return [getattr(importlib.import_module(module), name) for module, name in (n.rsplit(".", 1) for n in names)]
+    """The classes that import here (another DeepSpeed version may lack one: a file holding it is then refused)."""
+    found = []
+    for module, name in (n.rsplit(".", 1) for n in names):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
 
 
 def weights_only_load(path, map_location=None, allowed: tuple[str, ...] = DEEPSPEED_CLASSES):
