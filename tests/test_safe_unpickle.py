@@ -17,7 +17,7 @@ import torch
 from planted import RunsCode
 from workbench.checkpoint import ENGINE_STATE, CheckpointError
 from workbench.distributed import Distributed, Strategy
-from workbench.safe_unpickle import check_dcp_metadata
+from workbench.safe_unpickle import check_dcp_metadata, weights_only_load
 
 # FSDP2 over one process: a model and its AdamW state, sharded, saved as accelerate saves them.
 WRITE_FSDP_CHECKPOINT = textwrap.dedent("""
@@ -97,7 +97,7 @@ def test_planted_fsdp_metadata_is_refused_before_anything_loads(fsdp_checkpoint,
 def test_a_damaged_metadata_file_is_a_clear_error(tmp_path, damage):
     f = tmp_path / ".metadata"
     f.write_bytes(damage)
-    with pytest.raises(CheckpointError, match=str(f)):
+    with pytest.raises(CheckpointError, match=f"{f}: damaged or not FSDP checkpoint metadata"):
         check_dcp_metadata(f)
 
 
@@ -105,11 +105,18 @@ def test_a_damaged_metadata_file_is_a_clear_error(tmp_path, damage):
 def test_weights_only_load_takes_allowed_classes_that_import_and_refuses_the_rest(tmp_path):
     from fractions import Fraction
 
-    from workbench.safe_unpickle import weights_only_load
-
     f = tmp_path / "state.pt"
     torch.save({"scale": Fraction(1, 3), "w": torch.ones(2)}, f)
     loaded = weights_only_load(f, allowed=("fractions.Fraction", "no_such_module.Thing", "fractions.NoSuchClass"))
     assert loaded["scale"] == Fraction(1, 3) and torch.equal(loaded["w"], torch.ones(2))
     with pytest.raises(CheckpointError, match=rf"{f}: holds fractions.Fraction, so the workbench does not load it"):
         weights_only_load(f, allowed=())
+
+
+def test_a_damaged_deepspeed_file_is_a_clear_error(tmp_path):
+
+    f = tmp_path / "optim_states.pt"
+    torch.save({"w": torch.ones(1000)}, f)
+    f.write_bytes(f.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=f"{f}: damaged or not a torch file"):
+        weights_only_load(f)

@@ -60,6 +60,12 @@ def weights_only_load(path, map_location=None, allowed: tuple[str, ...] = DEEPSP
             f"{path}: holds {', '.join(other) or 'code the weights-only unpickler refuses'}, so the workbench does "
             f"not load it (it could run code). A DeepSpeed checkpoint the workbench wrote holds tensors, plain "
             f"containers and {', '.join(n.rsplit('.', 1)[1] for n in allowed)} only") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: damaged or not a torch file ({exc})") from exc
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global the FSDP metadata may not hold."""
 
 
 def _dcp_allowed(module: str, name: str) -> bool:
@@ -73,7 +79,7 @@ def _dcp_allowed(module: str, name: str) -> bool:
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if not _dcp_allowed(module, name):
-            raise pickle.UnpicklingError(f"{module}.{name}")
+            raise _Refused(f"{module}.{name}")
         return super().find_class(module, name)
 
 
@@ -82,7 +88,9 @@ def check_dcp_metadata(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             _DcpMetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as exc:
+    except _Refused as exc:
         raise CheckpointError(
             f"{path}: holds {exc}, so the workbench does not load it (it could run code). FSDP's checkpoint "
             "metadata holds torch.distributed.checkpoint's metadata classes, sizes, dtypes and paths only") from exc
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: damaged or not FSDP checkpoint metadata ({type(exc).__name__}: {exc})") from exc
