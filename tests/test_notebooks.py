@@ -90,7 +90,12 @@ def test_clean_nb_undoes_running_and_saving(tmp_path):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    return run_series(tmp_path_factory.mktemp("notebooks") / "smoke", smoke=True)
+    """The smoke series, run as CI runs it: MPLBACKEND=Agg set (the plots must reach the notebooks all the same)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPLBACKEND", "Agg")
+        out = run_series(tmp_path_factory.mktemp("notebooks") / "smoke", smoke=True)
+        assert os.environ["MPLBACKEND"] == "Agg", "the caller's environment is back"
+    return out
 
 
 def outputs_of(path):

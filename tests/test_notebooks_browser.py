@@ -5,8 +5,9 @@ JupyterLab is started the way `make lab` starts it (the venv's Python, bound to
 temporary copy of notebooks/ whose parameters papermill has set to smoke mode
 (`papermill --prepare-only`: parameters injected, nothing executed), all seven
 sharing one run dir, as `workbench run-notebooks --smoke` runs them. For each
-notebook in order, the browser opens it, runs all cells (the "Run All" command)
-and waits for the kernel; then it checks what a student would see: no error in
+notebook in order (a test that comes first runs the notebooks before its own),
+the browser opens it, runs all cells (the "Run All" command) and waits for the
+kernel; then it checks what a student would see: no error in
 any cell, every widget rendered (not "Error displaying widget", not a text repr
 like "HBox(children=...)"), no widget label cut off; in 06 it types a long
 question into the chat panel and presses Send, and the panel's n columns must
@@ -78,7 +79,8 @@ class JupyterLab:
         self.port, self.token = free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / "jupyterlab.log"
-        env = {**os.environ, **fresh_user(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**{k: v for k, v in os.environ.items() if k != "MPLBACKEND"},  # a fresh user's kernels plot inline
+               **fresh_user(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         args = ["--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                 f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root_dir}",
                 "--ServerApp.open_browser=False", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
@@ -309,9 +311,8 @@ def screenshot(driver, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", SERIES)
-def test_notebook_runs_in_jupyterlab(page, lab, name):
-    """Run All in the browser: no error, widgets rendered, labels whole, chat columns sharing the panel; a screenshot."""
+def run_in_browser(page, name: str) -> tuple[dict, dict]:
+    """Run All on one notebook as a student would (06: also ask the chat panel); (kernel state, what the page shows)."""
     state = run_all(page, f"{name}.ipynb")
     try:
         if name == "06_chat_compare":
@@ -322,6 +323,28 @@ def test_notebook_runs_in_jupyterlab(page, lab, name):
     finally:
         page.set_window_size(WIDTH, HEIGHT)
         page.execute_async_script(CLOSE)
+    return state, view
+
+
+@pytest.fixture(scope="module")
+def series(page):
+    """`series(name)`: the notebook's run, each notebook run once and in series order whichever test asks first
+    (a notebook reads what the ones before it wrote to the run dir), so every test passes alone and in any order."""
+    runs: dict[str, tuple[dict, dict]] = {}
+
+    def run_up_to(name: str) -> tuple[dict, dict]:
+        for earlier in SERIES[: SERIES.index(name) + 1]:
+            if earlier not in runs:
+                runs[earlier] = run_in_browser(page, earlier)
+        return runs[name]
+
+    return run_up_to
+
+
+@pytest.mark.parametrize("name", SERIES)
+def test_notebook_runs_in_jupyterlab(series, name):
+    """Run All in the browser: no error, widgets rendered, labels whole, chat columns sharing the panel; a screenshot."""
+    state, view = series(name)
     assert not (problems := problems_seen(name, state, view)), f"{name}:\n" + "\n".join(problems)
 
 

@@ -95,6 +95,8 @@ class ChatPage:
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.driver = driver
+        if "performance" in driver.log_types:
+            driver.get_log("performance")  # drained: requested_urls lists this page's requests, not an earlier page's
         driver.get(url)
         self.wait = WebDriverWait(driver, ANSWER_S)
         self.wait.until(lambda d: self._all("textarea[data-testid='stChatInputTextArea']"))
@@ -174,7 +176,7 @@ class ChatPage:
         self.wait.until(lambda d: not self.messages())
 
     def requested_urls(self) -> set[str]:
-        """Every URL the page has requested so far (Chromium's network log)."""
+        """Every URL the page has requested since it was opened (Chromium's network log)."""
         import json
 
         urls = set()
@@ -290,8 +292,11 @@ def test_web_binds_loopback_only(tiny_server):
             assert s.connect_ex((address, tiny_server.port)) != 0, f"reachable on {address}"
 
 
-def test_web_command_defaults_and_streamlit_options():
+def test_web_command_defaults_and_streamlit_options(monkeypatch):
     """`workbench web` binds 127.0.0.1:7860 unless told otherwise; Streamlit is told not to collect usage statistics."""
+    # importing streamlit sets MPLBACKEND=Agg in this process's environment: put it back after the test, or kernels
+    # started later (the notebook tests) inherit it and show no plots
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # monkeypatch restores what was there before
     from workbench.cli import build_parser
     from workbench.web import streamlit_options
 

@@ -7,12 +7,16 @@ the figures they contain go to a git-ignored output folder. Smoke mode is only a
 set of parameter overrides (a tiny random model, a handful of steps, short
 answers): the notebooks themselves have no smoke branch. (Notebook 02 builds its
 config with `workbench.config.configure`.) Notebooks are committed clean with
-`make clean-nb` (nbconvert's clear-output).
+`make clean-nb` (nbconvert's clear-output). The kernels draw plots inline
+whatever MPLBACKEND the calling process has (CI often sets Agg; importing
+Streamlit sets it too), or the executed notebooks would hold no plots.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +26,7 @@ from workbench.i18n import check_lang
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"  # what ipykernel sets when MPLBACKEND is unset
 SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat_compare", "07_overfitting")
 
 # Paths every run passes as absolute, so executed copies run from any folder (nbval re-runs them elsewhere).
@@ -60,15 +65,31 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
         params = {**series_parameters(name, run_dir, smoke, lang), **(overrides or {}).get(name, {})}
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
-        pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
-                            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False,
-                            execution_timeout=CELL_TIMEOUT_S)
+        with kernel_env(MPLBACKEND=INLINE_BACKEND):
+            pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
+                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False,
+                                execution_timeout=CELL_TIMEOUT_S)
         timings[name] = round(time.time() - t0, 1)
         n = extract_figures(out / f"{name}.ipynb", out / "figures")
         print(f"[{name}] done in {timings[name]} s, {n} figure(s)", flush=True)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"executed notebooks: {out}\nfigures: {out / 'figures'}\ntotal: {sum(timings.values()):.0f} s")
     return out
+
+
+@contextlib.contextmanager
+def kernel_env(**values: str):
+    """Environment variables the kernels started inside the block inherit; this process's are back after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def series_parameters(name: str, run_dir: str | Path, smoke: bool = False, lang: str | None = None) -> dict:
