@@ -6,7 +6,7 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 RUN    ?= outputs/run
 
-.PHONY: setup run run-cli compare test test-fast test-browser clean-nb clean help bench bench-compare bench-scaling bench-serve bench-gpu lab
+.PHONY: setup run run-cli compare test test-fast test-reversed test-browser clean-nb clean help bench bench-compare bench-scaling bench-serve bench-gpu lab
 
 help:
 	@echo "make setup    - create .venv, install pinned requirements, prepare the embedded model"
@@ -62,6 +62,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The whole suite in reverse order (files and the tests in each): no test may need what an earlier one left behind.
+test-reversed: setup
+	$(PY) -m pytest --collect-only -q | grep '::' | tac > .pytest-reversed.txt
+	$(PY) -m pytest -q -p no:cacheprovider @.pytest-reversed.txt; rc=$$?; rm -f .pytest-reversed.txt; exit $$rc
 
 # Also part of `make test`; needs Debian's Chromium (.ci/run installs it), else skipped with the apt-get command.
 test-browser: setup
