@@ -33,11 +33,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 STAGES = ["deepspeed_zero2", "deepspeed_zero3"]
 
 
-def train_with(name: str, work, *options: str, resume: bool = False) -> str:
+def train_command(name: str, work, *options: str, resume: bool = False) -> list[str]:
     """`workbench train RECIPE --deepspeed NAME --num-processes 2` (the launcher re-executes under accelerate launch)."""
-    return run([sys.executable, "-m", "workbench", "train", RECIPE, "--work-dir", str(work),
-                *(["--resume"] if resume else []), "--deepspeed", name, "--num-processes", "2",
-                "--cfg-options", *OPTIONS, "batch_size=1", *options])
+    return [sys.executable, "-m", "workbench", "train", RECIPE, "--work-dir", str(work),
+            *(["--resume"] if resume else []), "--deepspeed", name, "--num-processes", "2",
+            "--cfg-options", *OPTIONS, "batch_size=1", *options]
+
+
+def train_with(name: str, work, *options: str, resume: bool = False) -> str:
+    return run(train_command(name, work, *options, resume=resume))
 
 
 def trained(ckpt) -> dict[str, torch.Tensor]:
@@ -143,10 +147,8 @@ def test_resume_refuses_a_planted_deepspeed_file(zero_runs, tmp_path):
     (work / "last_checkpoint").write_text("iter_2\n")
     target = next((work / "iter_2" / ENGINE_STATE).rglob("zero_pp_rank_0_*optim_states.pt"))
     plant(target, marker)
-    proc = subprocess.run([sys.executable, "-m", "workbench", "train", RECIPE, "--work-dir", str(work), "--resume",
-                           "--deepspeed", "deepspeed_zero2", "--num-processes", "2", "--cfg-options", *OPTIONS,
-                           "batch_size=1"], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(train_command("deepspeed_zero2", work, resume=True), capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert f"{target}: holds" in out and "does not load it" in out, out[-3000:]
