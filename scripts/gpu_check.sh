@@ -154,10 +154,10 @@ TESTS_T=$(( $(left) - 10 )); [ "$TESTS_T" -gt "$TESTS_MAX" ] && TESTS_T=$TESTS_M
 # dry run: the GPU tests' code rehearsed on the CPU (WORKBENCH_GPU_TESTS_DEVICE=cpu, about a minute), not skipped
 [ "$DRY" = 1 ] && export WORKBENCH_GPU_TESTS_DEVICE=cpu
 if [ "$TESTS_T" -gt 20 ]; then
-  log "pytest: timeout $TESTS_T s: -m gpu tests/test_fastpath_gpu.py tests/test_gpu.py"
+  log "pytest: timeout $TESTS_T s: -m gpu tests/test_fastpath_gpu.py tests/test_gpu.py tests/test_compile_gpu.py"
   # -v: one line a test, so that a run cut by `timeout` still shows where it was; a test stuck for 100 s dumps its stack
   timeout -k 10 "$TESTS_T" "$PY" -m pytest -m gpu ${GPU_CHECK_PYTEST_ARGS:-} -v -rs -p no:randomly --durations=10 \
-    -o faulthandler_timeout=100 tests/test_fastpath_gpu.py tests/test_gpu.py \
+    -o faulthandler_timeout=100 tests/test_fastpath_gpu.py tests/test_gpu.py tests/test_compile_gpu.py \
     > "$OUT/pytest.log" 2>&1
   log "pytest: exit $? - $(tail -n 1 "$OUT/pytest.log")"
 else

@@ -20,6 +20,13 @@ the rest scaled by 1/(1-p)) and, inside the fast path's lean LoRA forward
   distinct inputs (13,568 bf16 values a token and layer, about 12 GB less), for two
   more mask draws per adapter.
 
+Inside torch.compile (the GPU's `torch_compile` setting) both ways would split each compiled
+decoder layer into pieces: the seed is read from a tensor and the generator is seeded in
+Python, the dropped positions are counted on the host, and Dynamo stops its graph at each
+(50 graph breaks in the forward of a two-layer model with LoRA on every linear layer).
+There the layer gets torch's own dropout, which the compiler traces and fuses; what
+its backward keeps is then the compiler's choice.
+
 Written here because neither peft nor a fused-kernel library (Liger, Unsloth's LoRA
 kernels are written for dropout 0) offers a LoRA dropout that keeps no mask.
 """
@@ -51,7 +58,7 @@ class FastDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._active:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, True)
         return _DropAt.apply(x, self.dropped(x.numel()), self.scale)
 
@@ -60,6 +67,8 @@ class FastDropout(nn.Module):
         positions on a CPU, with a seed elsewhere (`seeded`: which way, None: by the device)."""
         if not self._active:
             return F.linear(x, weight)
+        if torch.compiler.is_compiling():  # inside torch.compile (config torch_compile): see the module docstring
+            return F.linear(F.dropout(x, self.p, True), weight)
         if seeded if seeded is not None else x.device.type != "cpu":
             return _SeededDroppedLinear.apply(x, weight, self.p, draw_seed())
         return _DroppedLinear.apply(x, weight, self.dropped(x.numel()), self.scale)
