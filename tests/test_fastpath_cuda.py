@@ -345,3 +345,42 @@ def test_compiled_layers_have_no_graph_breaks_with_lora_dropout(rows, opaque_ker
             assert graphs == [2, 2]
         finally:
             torch._dynamo.reset()
+
+
+def test_compiled_layers_with_checkpointing_recompute_the_same_dropout(rows, opaque_kernel, one_torch_thread):
+    """torch_compile with gradient checkpointing and LoRA dropout: the gradients are those of the same compiled model
+    without checkpointing, exactly (the recomputed forward draws the first one's masks). transformers 5.23 checkpoints
+    inside the layer's forward, so inside the compiled graph; 5.17 (the GPU machine's) around it, where the
+    recomputation must restore the random state (this fails there with preserve_rng_state=False)."""
+    from torch._dynamo.utils import counters
+
+    def compiled(checkpointing: bool):
+        cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.3, fast_path=False, device="cpu")
+        model = build_model(cfg, torch.device("cpu"))
+        for name, p in model.named_parameters():  # a LoRA side large enough for its dropout to show in the loss
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        assert fastpath_cuda.enable_varlen_attention(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        fastpath_cuda.compile_decoder_layers(model, backend="aot_eager")
+        return model.train()
+
+    found = []
+    with torch.random.fork_rng():
+        for checkpointing in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            try:
+                torch.manual_seed(0)
+                model = compiled(checkpointing)
+                torch.manual_seed(1)
+                found.append(loss_and_grads(model, collate_flat(rows)))
+                assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1
+            finally:
+                torch._dynamo.reset()
+    (loss, grads), (loss_ckpt, grads_ckpt) = found
+    assert loss_ckpt == loss and grads.keys() == grads_ckpt.keys()
+    for k in grads:
+        assert torch.equal(grads[k], grads_ckpt[k]), k
