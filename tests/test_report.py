@@ -50,6 +50,11 @@ def test_detect_says_what_a_folder_is(tmp_path, runs):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(S.SubjectError, match="neither a run.*notes.txt"):
         S.detect(tmp_path)
+    kept = tmp_path / "kept"  # a run whose checkpoints were deleted after its analysis on other probes
+    kept.mkdir()
+    for name in ("config.yaml", "analysis.fresh.json"):
+        (kept / name).write_text("{}")
+    assert S.detect(kept) == "run"
     with pytest.raises(S.SubjectError, match="not a folder"):
         S.detect(tmp_path / "notes.txt")
     (tmp_path / "iter_500.pth").mkdir()  # XTuner's DeepSpeed checkpoint of the camp's QLoRA run

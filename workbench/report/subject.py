@@ -60,7 +60,7 @@ def detect(path: str | Path) -> str:
         return "adapter"
     if (p / "config.json").exists():
         return "merged"
-    if (p / "config.yaml").exists() and ((p / "analysis.json").exists() or any(p.glob("iter_*"))):
+    if (p / "config.yaml").exists() and any(any(p.glob(g)) for g in ("analysis.json", "analysis.*.json", "iter_*")):
         return "run"
     names = sorted(x.name for x in p.iterdir())[:6]
     if any(p.glob("*.pth")):  # an XTuner work dir: its checkpoints are pickles (DeepSpeed folders or files)
