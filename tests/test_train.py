@@ -47,7 +47,10 @@ def test_resume_matches_uninterrupted_run(cfg, tmp_path, changes):
     assert (tmp_path / "resumed" / "last_checkpoint").read_text().strip() == "iter_3"
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-6)
-    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    metrics = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
+    ratio = changes.get("loraplus_lr_ratio")  # LoRA+: the B matrices' rate logged beside the A matrices'
+    assert all(r["lr_b"] == pytest.approx(r["lr"] * ratio) if ratio else "lr_b" not in r for r in metrics)
 
 
 def test_neftune_noise_changes_training_and_is_seeded(cfg, tmp_path):

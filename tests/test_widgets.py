@@ -94,3 +94,20 @@ def test_checkpoint_picker_defaults_to_the_last(tmp_path):
         checkpoint_picker(tmp_path, "iter_5")
     with pytest.raises(FileNotFoundError, match="train first"):
         checkpoint_picker(tmp_path / "nothing")
+
+
+def test_metrics_plot_draws_both_loraplus_rates():
+    """Under LoRA+ the learning-rate panel has the A and the B matrices' rates, the B line at ratio x the A line."""
+    import matplotlib.pyplot as plt
+
+    from workbench.widgets import plot_metrics
+
+    metrics = [{"step": s, "loss": 2.0 / s, "lr": 1e-4 * s, "tokens_per_s": 100.0} for s in (1, 2, 3)]
+    fig = plot_metrics(metrics)
+    assert len(fig.axes[1].lines) == 1 and fig.axes[1].get_legend() is None
+    plt.close(fig)
+    fig = plot_metrics([m | {"lr_b": 4 * m["lr"]} for m in metrics])
+    a, b = fig.axes[1].lines
+    assert list(b.get_ydata()) == pytest.approx([4 * y for y in a.get_ydata()])
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["LoRA A", "LoRA B"]
+    plt.close(fig)

@@ -345,8 +345,10 @@ class TrainLoop:
         loss = self.t.accelerator.reduce(loss_sum, "sum").item() / max(n_trained, 1)
         dt = time.perf_counter() - t0
         self.elapsed += dt
-        return {"step": step + 1, "epoch": round(self.t.plan.epoch_at(step + 1), 4), "loss": loss,
-                "lr": self.t.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": n_real,
+        lr = self.t.scheduler.get_last_lr()[0]  # LoRA+: the A matrices' (peft's first group); the B matrices' is lr_b
+        lr_b = {"lr_b": lr * self.cfg.loraplus_lr_ratio} if self.cfg.loraplus_lr_ratio > 0 else {}  # one schedule
+        return {"step": step + 1, "epoch": round(self.t.plan.epoch_at(step + 1), 4), "loss": loss, "lr": lr, **lr_b,
+                "grad_norm": grad_norm, "tokens": n_real,
                 "trained_tokens": n_trained, "tokens_per_s": n_real / dt, "elapsed_s": round(self.elapsed, 3)}
 
     def accumulate_gradients(self, step: int, n_trained: int) -> torch.Tensor:

@@ -138,6 +138,9 @@ def plot_metrics(metrics: list[dict], path: str | Path | None = None, lang: str 
     for ax, key, title in zip(axes, ["loss", "lr", "tokens_per_s"], ["plot.training_loss", "w.learning_rate", "w.tokens_per_s"]):
         ax.plot(steps, [m[key] for m in metrics], "-o", ms=2)
         ax.set(xlabel=t("plot.step", lang), title=t(title, lang))
+    if all("lr_b" in m for m in metrics):  # LoRA+: the A matrices learn at lr, the B matrices at lr_b
+        axes[1].plot(steps, [m["lr_b"] for m in metrics], "-o", ms=2)
+        axes[1].legend(["LoRA A", "LoRA B"], loc="best")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110)
