@@ -96,6 +96,21 @@ def _opaque_varlen_backward(ctx, grad):
 _opaque_varlen.register_autograd(_opaque_varlen_backward, setup_context=_opaque_varlen_context)
 
 
+def test_opaque_reference_kernel_has_autograd_gradients():
+    """The stand-in's written-out backward (grouped key/value heads summed over their groups) is autograd's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(11, heads, 8, generator=g) for heads in (4, 2, 2))
+    grad = torch.randn(11, 4, 8, generator=g)
+    cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(reference_varlen(*leaves, cu, 7, 0.3), leaves, grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _opaque_varlen(*leaves, cu, 7, 0.3)
+    torch.testing.assert_close(out, reference_varlen(q, k, v, cu, 7, 0.3))
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.fixture
 def opaque_kernel(monkeypatch):
     """The workbench's own kernel call (`varlen_kernel.attention_call`: dtype, grouped heads, keywords), reaching
