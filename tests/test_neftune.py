@@ -80,3 +80,37 @@ def test_alpha_zero_attaches_nothing_and_a_negative_alpha_is_refused(model, tiny
     assert neftune.attach(model, 0.0) is None
     with pytest.raises(ConfigError, match="neftune_noise_alpha"):
         load_recipe("smollm2_135m_tiny_smoke").replace(neftune_noise_alpha=-1.0)
+
+
+def test_a_flat_micro_batch_gets_the_noise_of_its_rows_padded(model):
+    """The GPU fast path's flat micro-batch (its rows end to end in one row) is noised as the same rows padded into one
+    micro-batch, L the longest row: alpha means the same on either path, whatever the token budget."""
+    from types import SimpleNamespace
+
+    from workbench.loss import training_loss
+    from workbench.packing import collate, collate_flat, row_length
+    from workbench.prompt import Encoded
+
+    def sample(n: int, seed: int) -> Encoded:
+        ids = torch.randint(3, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return Encoded(input_ids=ids, labels=[-100] * (n // 2) + ids[n // 2:])
+
+    rows = [[sample(20, 1), sample(9, 2)], [sample(17, 3)], [sample(25, 4), sample(5, 5)]]
+    longest = max(row_length(r) for r in rows)
+    cfg = SimpleNamespace(distill_weight=0.0)
+    noises = {}
+    layout = {"padded": collate(rows, pad_id=0), "flat": collate_flat(rows)}
+    assert layout["flat"]["noise_length"] == longest and layout["flat"]["input_ids"].shape[1] == 76 > longest
+    neftune.attach(model, ALPHA)
+    for name, batch in layout.items():
+        clean = embeddings(model, batch["input_ids"], grad=False)
+        seen = model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output, name=name, clean=clean: noises.__setitem__(name, (output - clean).detach()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            training_loss(model, batch, cfg)
+        seen.remove()
+    bound = ALPHA / (longest * model.config.hidden_size) ** 0.5
+    for name, noise in noises.items():
+        assert noise.abs().max() <= bound * (1 + 1e-5), name
+        assert noise.abs().mean() == pytest.approx(bound / 2, rel=0.05), name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workbench import fastpath, fastpath_cuda
+from workbench import fastpath, fastpath_cuda, neftune
 from workbench.packing import NEGATIVE
 from workbench.prompt import IGNORE
 from workbench.unlikelihood import IdentityTokens, unlikelihood_sum
@@ -53,11 +53,12 @@ def training_loss(model, batch: dict, cfg, peft_model=None,
     """The cross-entropy sum of a batch and the sum training descends: the cross-entropy plus
     `cfg.distill_weight` x the KL term, `cfg.unlikelihood_weight` x the unlikelihood term and `cfg.negative_weight`
     x the negative twins' term (`token_loss_terms`; `identity`: the tokens those terms push down, None when off)."""
-    if cfg.distill_weight <= 0 and identity is None:
-        ce = token_loss_sum(model, batch)
-        return ce, ce
-    ce, kl, ul, twins = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity,
-                                         getattr(cfg, "distill_opening_factor", 1.0))
+    with neftune.noise_length(batch.get("noise_length")):  # a flat micro-batch: its rows' length, as if padded
+        if cfg.distill_weight <= 0 and identity is None:
+            ce = token_loss_sum(model, batch)
+            return ce, ce
+        ce, kl, ul, twins = token_loss_terms(model, batch, peft_model, cfg.distill_weight > 0, identity,
+                                             getattr(cfg, "distill_opening_factor", 1.0))
     return ce, ce + cfg.distill_weight * kl + cfg.unlikelihood_weight * ul + cfg.negative_weight * twins
 
 

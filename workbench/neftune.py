@@ -3,8 +3,11 @@ Embeddings Improve Instruction Finetuning").
 
 Each embedding of a row gets noise drawn uniformly from [-m, m], m = alpha / sqrt(L x d), with L the row's length
 in tokens and d the hidden size: as TRL's and LLaMA-Factory's `neftune_noise_alpha` (a packed row counts as one
-sequence there too, and the GPU fast path's flat micro-batch of up to 64k tokens is one row, as in TRL's
-padding-free batches: the noise per token is smaller there). The paper's alphas are 5 to 15.
+sequence there too). The paper's alphas are 5 to 15. The GPU fast path lays a micro-batch's packed rows end to end
+in one flat row of up to 64k tokens; there L is still the longest packed row (`noise_length`, which the training
+loss sets from the flat batch), what the same rows padded into one micro-batch would have, so that alpha means
+the same on a GPU as on a CPU and does not shrink with the token budget (TRL's padding-free batches count the
+whole flat row: sqrt(64k / 2k), 5.7 times less noise a token there).
 
 Written here rather than taken from transformers (`integrations.neftune.neftune_post_forward_hook`): that hook
 adds noise to every forward of a module in training mode, and the distillation term's base forward
@@ -15,10 +18,14 @@ drawn from torch's seeded generator of the embedding's device, which checkpoints
 """
 from __future__ import annotations
 
+import contextvars
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("neftune_length", default=None)
 
 
 def attach(model: nn.Module, alpha: float):
@@ -47,8 +54,20 @@ def noise_hook(alpha: float):
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         if not (module.training and torch.is_grad_enabled()):
             return output
-        return output + torch.empty_like(output).uniform_(-1.0, 1.0) * magnitude(alpha, output.shape[-2], output.shape[-1])
+        length = _LENGTH.get() or output.shape[-2]
+        return output + torch.empty_like(output).uniform_(-1.0, 1.0) * magnitude(alpha, length, output.shape[-1])
     return hook
+
+
+@contextmanager
+def noise_length(length: int | None):
+    """L for the noise of the forwards inside (None: the embedding output's own length): a flat micro-batch's longest
+    packed row."""
+    token = _LENGTH.set(length)
+    try:
+        yield
+    finally:
+        _LENGTH.reset(token)
 
 
 def magnitude(alpha: float, length: int, hidden: int) -> float:

@@ -132,8 +132,9 @@ def collate_flat(rows: list[Row]) -> dict:
     Besides input_ids, labels and position_ids it carries what the varlen kernel and
     the loss need, computed here on the host so that the forward never waits for the
     GPU: `cu_seq_lens` (int32 starts of the conversations plus the end), `max_length`
-    (the longest conversation, an int) and `keep` (the positions whose next token is
-    trained, for the output head).
+    (the longest conversation, an int), `keep` (the positions whose next token is
+    trained, for the output head) and `noise_length` (the longest row: NEFTune's L,
+    as if the rows were padded into one micro-batch).
     """
     samples = [s for row in rows for s in row]
     ids, labels, pos, starts, distill, unlikely, opening = [], [], [], [0], [], [], []
@@ -149,7 +150,7 @@ def collate_flat(rows: list[Row]) -> dict:
     keep = ((label_t[0, 1:] != IGNORE) | (torch.tensor(unlikely[1:]) > 0)).nonzero().squeeze(1)  # negatives have no label
     batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
              "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
-             "max_length": max(len(s) for s in samples)}
+             "max_length": max(len(s) for s in samples), "noise_length": max(row_length(r) for r in rows)}
     return _with_marks(batch, [distill], [unlikely], [opening])  # as in collate, in flat order
 
 
