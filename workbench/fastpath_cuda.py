@@ -80,14 +80,15 @@ def liger_available() -> bool:
 # Varlen attention
 # ---------------------------------------------------------------------------
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, kernel=None, **kwargs):
     """Causal attention within each conversation of a packed batch, one kernel call for all of them.
 
     query: (batch, heads, length, head_dim); key, value: (batch, kv_heads, length, head_dim);
     cu_seq_lens_q: int32 conversation starts over the flattened batch plus the end, on
     the device (the training batch is one flat row); max_length_q: the longest
     conversation (a host int). Returns (batch, length, heads, head_dim).
-    Without boundaries (generation, evaluation) this is transformers' SDPA.
+    Without boundaries (generation, evaluation) this is transformers' SDPA. `kernel`: `varlen_kernel.attention_call()`,
+    resolved when the attention is switched on (inside torch.compile a call through its cache would be traced again).
     """
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -96,7 +97,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     batch, length = query.shape[0], query.shape[2]
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
-    out = varlen_kernel.attention_call()(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # (tokens, heads, head_dim)
+    out = (kernel or varlen_kernel.attention_call())(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)  # tokens, heads, dim
     return out.view(batch, length, out.shape[1], out.shape[2]).to(query.dtype), None
 
 
@@ -112,7 +113,7 @@ def enable_varlen_attention(model) -> bool:
             or not getattr(base, "_supports_attention_backend", False) or not varlen_kernel.available() \
             or not (_compute_dtype(base) in (torch.bfloat16, torch.float16) or _is_4bit(base)):  # the kernel's dtypes
         return False
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    AttentionInterface.register(VARLEN_ATTENTION, functools.partial(varlen_attention, kernel=varlen_kernel.attention_call()))
     base.set_attn_implementation(VARLEN_ATTENTION)
     if _grouped_heads(base.config):
         varlen_kernel.kernel_takes_gqa(next(base.parameters()).device)  # found here once, never inside a forward
