@@ -18,14 +18,10 @@ from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
 from workbench.packing import collate_flat, pack, to_device
 from workbench.prompt import PromptBuilder
+from test_fastpath_gpu import QA
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest -m gpu on one)")]
-
-QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
-      ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
-      ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")] * 4
-
 
 def training_model():
     cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.1, fast_path=True, device="cuda",

@@ -348,8 +348,8 @@ class TrainLoop:
         lr = self.t.scheduler.get_last_lr()[0]  # LoRA+: the A matrices' (peft's first group); the B matrices' is lr_b
         lr_b = {"lr_b": lr * self.cfg.loraplus_lr_ratio} if self.cfg.loraplus_lr_ratio > 0 else {}  # one schedule
         return {"step": step + 1, "epoch": round(self.t.plan.epoch_at(step + 1), 4), "loss": loss, "lr": lr, **lr_b,
-                "grad_norm": grad_norm, "tokens": n_real,
-                "trained_tokens": n_trained, "tokens_per_s": n_real / dt, "elapsed_s": round(self.elapsed, 3)}
+                "grad_norm": grad_norm, "tokens": n_real, "trained_tokens": n_trained, "tokens_per_s": n_real / dt,
+                "elapsed_s": round(self.elapsed, 3)}
 
     def accumulate_gradients(self, step: int, n_trained: int) -> torch.Tensor:
         """Forward and backward over this process's micro-batches; the sum of their token losses."""
