@@ -138,8 +138,8 @@ def rows():
     return rows
 
 
-def tiny_lora():
-    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=False, device="cpu")
+def tiny_lora(cfg: Config | None = None):
+    cfg = cfg or Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=False, device="cpu")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_model(cfg, torch.device("cpu"))
@@ -197,34 +197,6 @@ def test_varlen_refused_without_the_kernel_or_in_float32():
     assert fastpath_cuda.enable_varlen_attention(model) is False
     assert not fastpath_cuda.uses_varlen_attention(model)
     assert fastpath_cuda.use_liger(model) == [] and fastpath_cuda.liger_applied(model) == ()  # no liger-kernel, no CUDA
-
-
-def test_group_by_budget():
-    assert fastpath_cuda.group_by_budget([10, 10, 10, 10], 25) == [[0, 1], [2, 3]]
-    assert fastpath_cuda.group_by_budget([30, 5, 5], 25) == [[0], [1, 2]]  # a longer row goes alone
-    assert fastpath_cuda.group_by_budget([8] * 6, 1000) == [list(range(6))]
-    groups = fastpath_cuda.group_by_budget([7, 3, 9, 1, 4, 6], 10)
-    assert sorted(i for g in groups for i in g) == list(range(6))
-    assert all(sum([7, 3, 9, 1, 4, 6][i] for i in g) <= 10 for g in groups)
-
-
-def test_budget_tokens_on_cpu_and_requested():
-    model = tiny_lora()
-    assert fastpath_cuda.budget_tokens(model, 512, torch.device("cpu"), None) == (512, False)
-    assert fastpath_cuda.budget_tokens(model, 512, torch.device("cpu"), 16384) == (16384, False)
-    assert fastpath_cuda.budget_tokens(model, 2048, torch.device("cpu"), 1024) == (2048, False)  # at least one row
-
-
-def test_budget_from_free_memory_switches_checkpointing_on_only_when_needed(monkeypatch):
-    model = tiny_lora()
-    cfg = model.config
-    per_token = fastpath_cuda.CUDA_ACTIVATION_FLOATS * cfg.num_hidden_layers * cfg.hidden_size * 4  # float32 here
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(per_token * 40000 / 0.8), 10 ** 12))
-    assert fastpath_cuda.budget_tokens(model, 2048, cuda, None) == (40000, False)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(per_token * 1000 / 0.8), 10 ** 12))
-    tokens, checkpoint = fastpath_cuda.budget_tokens(model, 2048, cuda, None)
-    assert checkpoint and tokens == 6500  # 52/8 times as many tokens fit with checkpointing
 
 
 def test_training_loop_budget_keeps_the_step_maths(tmp_path, emulated_kernel, monkeypatch, one_torch_thread):
@@ -399,3 +371,66 @@ def test_compiled_layers_with_checkpointing_recompute_the_same_dropout(rows, opa
     assert loss_ckpt == loss and grads.keys() == grads_ckpt.keys()
     for k in grads:
         assert torch.equal(grads[k], grads_ckpt[k]), k
+
+
+@pytest.fixture(scope="module")
+def every_term():
+    """The mixed recipe with every extra loss term at work (the distillation with its opening weights, the unlikelihood
+    term with the role contrast and negative twins) on the tiny model: (config, its first rows, the identity's tokens)."""
+    import dataclasses
+
+    from workbench.config import load_recipe
+    from workbench.train import prepare_rows
+    from workbench.unlikelihood import identity_tokens
+
+    cfg = load_recipe("smollm2_135m_lora_identity_mixed_cpu")
+    cfg = cfg.replace(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=False, device="cpu",
+                      negative_weight=5.0, distill_opening_factor=2.0,
+                      datasets=[dataclasses.replace(d, roles=True) if d.generate else d for d in cfg.datasets])
+    builder = PromptBuilder(load_tokenizer("embedded"))
+    rows = prepare_rows(cfg, builder, is_main=False)[2][:6]
+    flat = collate_flat(rows)
+    assert set(flat["unlikelihood"].unique().tolist()) == {0, 1, 2, 3, 4} and "opening" in flat  # every term has work
+    assert len(flat["distill_at"]) and len(flat["pushed_at"]) and len(flat["twin_at"])
+    return cfg, rows, identity_tokens(builder, cfg.assistant_name, cfg.owner_name)
+
+
+def every_term_model(cfg, varlen: bool):
+    model = tiny_lora(cfg)
+    if varlen:
+        assert fastpath_cuda.enable_varlen_attention(model)
+    return model
+
+
+def test_the_flat_loss_with_every_term_equals_the_padded(every_term, emulated_kernel, one_torch_thread):
+    """The extra terms on a flat micro-batch (their positions found on the host, `packing.loss_indices`; the base's
+    logits only there) give the padded batch's loss and gradients (the CPU's way: boolean masks)."""
+    from workbench.loss import training_loss
+
+    cfg, rows, identity = every_term
+    found = []
+    for varlen, batch in ((False, collate(rows, 0)), (True, collate_flat(rows))):
+        model = every_term_model(cfg, varlen)
+        ce, total = training_loss(model, batch, cfg, model, identity)
+        total.backward()
+        found.append((ce.item(), total.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (ce_p, total_p, grads_p), (ce_f, total_f, grads_f) = found
+    assert total_f > ce_f + 1  # the extra terms count
+    assert (ce_f, total_f) == (pytest.approx(ce_p, rel=1e-5), pytest.approx(total_p, rel=1e-5))
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_flat_loss_with_every_term_never_waits_for_the_gpu(every_term, opaque_kernel, one_torch_thread):
+    """The loss a GPU runs on a flat micro-batch with every extra term: forward and backward dispatch no operator that
+    would make the host wait for the GPU or copy from the host (`host_waits`: nonzero, .item(), a boolean index, a
+    tensor from Python data), once the first micro-batch of the run has made the penalised ids on the device."""
+    from workbench.loss import training_loss
+    from loss_helpers import host_waits
+
+    cfg, rows, identity = every_term
+    model, batch = every_term_model(cfg, varlen=True), collate_flat(rows)
+    training_loss(model, batch, cfg, model, identity)
+    assert host_waits(lambda: training_loss(model, batch, cfg, model, identity)[1].backward()) == []
+    padded = collate(rows, 0)  # the CPU's padded batch finds the positions by their marks: it would wait
+    assert "nonzero" in host_waits(lambda: training_loss(every_term_model(cfg, varlen=False), padded, cfg, None, identity))

@@ -143,3 +143,45 @@ def test_lora_under_autocast_keeps_x_and_a_seed_and_never_waits(rows, method):
     loss_peft, peak_peft = step(lean=False)
     assert loss_lean == pytest.approx(loss_peft, rel=5e-2)  # other dropout draws, the same model
     assert peak_lean < peak_peft, (peak_lean, peak_peft)
+
+
+def test_the_loss_with_every_extra_term_never_waits():
+    """The mixed recipe's loss with every extra term (the distillation with its opening weights, the unlikelihood term
+    with the role contrast and negative twins) on a flat micro-batch, as the loop runs it (autocast, LoRA dropout): no
+    host synchronisation in the forward and backward once the run's first micro-batch has put the penalised ids on
+    the GPU (their positions come from the host, packing.loss_indices; CPU check: tests/test_fastpath_cuda.py)."""
+    import dataclasses
+
+    from workbench.config import load_recipe
+    from workbench.loss import training_loss
+    from workbench.train import prepare_rows
+    from workbench.unlikelihood import identity_tokens
+
+    cfg = load_recipe("smollm2_135m_lora_identity_mixed_cpu")
+    cfg = cfg.replace(pretrained_model_name_or_path=TINY_MODEL, fast_path=True, device="cuda", torch_dtype="bfloat16",
+                      negative_weight=5.0, distill_opening_factor=2.0,
+                      datasets=[dataclasses.replace(d, roles=True) if d.generate else d for d in cfg.datasets])
+    builder = PromptBuilder(load_tokenizer(TINY_MODEL))
+    batch = to_device(collate_flat(prepare_rows(cfg, builder, is_main=False)[2][:6]), "cuda")
+    assert {"distill_at", "pushed_at", "twin_at", "opening"} <= set(batch)
+    identity = identity_tokens(builder, cfg.assistant_name, cfg.owner_name)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cuda")).train()
+        assert fastpath_cuda.uses_varlen_attention(model)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ce, total = training_loss(model, batch, cfg, model, identity)
+            total.backward()
+            return ce, total
+
+        step()  # the run's first micro-batch
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ce, total = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total).item() and total.item() > ce.item()

@@ -31,11 +31,9 @@ import torch
 
 from workbench.config import Config
 from workbench.i18n import t
-# ACTIVATION_FLOATS: activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on
-# 135M); the GPU fast path sizes its micro-batches by the same rule.
-from workbench.fastpath_cuda import ACTIVATION_FLOATS
 from workbench.models import pick_device, pick_dtype, resolve_model_path
 
+ACTIVATION_FLOATS = 30  # activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on 135M)
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
 EFFICIENCY = {"cpu": 0.75, "cuda": 0.35}  # share of peak matmul throughput training reaches (CPU: fitted, scaling sweep)
 STEP_OVERHEAD_S_PER_LAYER = {"cpu": 0.016, "cuda": 0.0}  # fixed cost of a micro-batch per layer (CPU: 0.48 s for 30 layers)

@@ -29,12 +29,11 @@ it carries tens of thousands of tokens in few kernels, so:
   LoRA layers inside the patched MLP keep working: Liger's SwiGLU forward calls the
   module's (peft-wrapped) projections.
 
-* **Token budget** (`micro_batch_tokens`). The rows of an optimizer step are grouped
-  into flat micro-batches of at most `cfg.micro_batch_tokens` tokens (null: sized from
-  the free GPU memory after the model is built, with the activation cost per token of
-  `workbench.estimate`), so a step runs as few forwards as memory allows whatever
-  `batch_size` says; the loss is still divided by the trained tokens of the whole step,
-  so the maths is the step's, not the micro-batch's.
+* **Token budget** (`micro_batch_tokens`, `workbench/token_budget.py`). The rows of an
+  optimizer step are grouped into flat micro-batches of at most that many tokens (null:
+  sized from the free GPU memory after the model is built), so a step runs as few
+  forwards as memory allows whatever `batch_size` says; the loss is still divided by the
+  trained tokens of the whole step, so the maths is the step's, not the micro-batch's.
 
 * **torch.compile, opt-in** (`torch_compile`, `compile_decoder_layers`). Each decoder
   layer's training forward is compiled (regional compilation: the layers share one
@@ -46,7 +45,7 @@ it carries tens of thousands of tokens in few kernels, so:
 
 Fused AdamW on CUDA is chosen in `optimizer.adamw`; gradient checkpointing stays
 the config's choice (off by default: it pays only when the budget would otherwise fall
-below one row of max_length, and `budget_tokens` says so).
+below one row of max_length, and `token_budget.budget_tokens` says so).
 """
 from __future__ import annotations
 
@@ -62,11 +61,6 @@ from workbench.fastpath import VARLEN_ATTENTION, _transformers_model
 
 LIGER_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")  # standard RMSNorm + SwiGLU (silu) MLPs
 _LIGER_FLAG = "_wb_liger_loss"
-MIN_BUDGET_TOKENS = 2048
-ACTIVATION_FLOATS = 30  # per token, layer and hidden unit, kept for the backward (fitted on the CPU, workbench.estimate)
-CUDA_ACTIVATION_FLOATS = 52  # the same measured on an H200: Qwen2.5-1.5B's shape, LoRA all-linear, bf16, 16k tokens
-CHECKPOINTED_FLOATS = 8  # under gradient checkpointing: layer inputs plus one layer's recomputation
-MAX_BUDGET_TOKENS = 65536
 
 
 # ---------------------------------------------------------------------------
@@ -200,6 +194,14 @@ def use_liger(model, fused_loss: bool = True) -> list[str]:
     return applied
 
 
+def describe(model) -> str:
+    """What the GPU fast path runs on this model, in a few words for the training log."""
+    liger = [k for k in liger_applied(model) if k != "fused_linear_cross_entropy"]
+    liger += ["fused_linear_cross_entropy"] if uses_liger_loss(model) else []
+    return ", ".join(["varlen flash attention"] + ([f"Liger ({', '.join(liger)})"] if liger else [])
+                     + (["torch.compile"] if uses_compiled_layers(model) else []))
+
+
 def liger_applied(model) -> tuple[str, ...]:
     """What `use_liger` applied to this model (() if it did not run or found nothing to patch)."""
     base = _transformers_model(model)
@@ -267,6 +269,12 @@ def set_liger_loss(model, on: bool) -> bool:
 def uses_liger_loss(model) -> bool:
     lm = _causal_lm(model) if isinstance(model, torch.nn.Module) else None
     return bool(getattr(lm, _LIGER_FLAG, False))
+
+
+def can_fuse_loss(model) -> bool:
+    """Liger is applied to this model and its head is a plain Linear: `set_liger_loss(model, True)` would take."""
+    lm = _causal_lm(model)
+    return bool(liger_applied(model)) and lm is not None and _head_is_plain(lm)
 
 
 def _fused_linear_cross_entropy():
@@ -340,50 +348,3 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
 
 def uses_compiled_layers(model) -> bool:
     return any(_COMPILED in vars(layer) for layer in decoder_layers(model))
-
-
-# ---------------------------------------------------------------------------
-# The token budget of a micro-batch
-# ---------------------------------------------------------------------------
-def budget_tokens(model, max_length: int, device: torch.device, requested: int | None,
-                  checkpointing: bool = False) -> tuple[int, bool]:
-    """(tokens a flat micro-batch may hold, whether gradient checkpointing is needed for one row to fit).
-
-    `requested` (the config's micro_batch_tokens) is taken as it is (at least one row).
-    Otherwise the free GPU memory decides, at the memory a token costs by
-    `workbench.estimate`'s rule, per layer and hidden unit at the
-    compute dtype (CUDA_ACTIVATION_FLOATS: what the backward keeps, measured), or CHECKPOINTED_FLOATS under
-    gradient checkpointing; 80% of the free memory is used, the rest left to the
-    allocator. Checkpointing is asked for only when not even one row of max_length
-    fits without it.
-    """
-    if requested:
-        return max(int(requested), max_length), False
-    if device.type != "cuda":
-        return max_length, False
-    fits = _tokens_that_fit(model, device, CHECKPOINTED_FLOATS if checkpointing else CUDA_ACTIVATION_FLOATS)
-    if fits < max_length and not checkpointing:
-        fits = _tokens_that_fit(model, device, CHECKPOINTED_FLOATS)
-        return max(max_length, min(MAX_BUDGET_TOKENS, fits)), True
-    return max(max_length, min(MAX_BUDGET_TOKENS, fits)), False
-
-
-def _tokens_that_fit(model, device: torch.device, floats: int) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
-    dtype_bytes = torch.finfo(next(p for p in model.parameters() if p.is_floating_point()).dtype).bits // 8
-    return int(0.8 * free / (floats * layers * hidden * dtype_bytes))
-
-
-def group_by_budget(rows_lengths: list[int], budget: int) -> list[list[int]]:
-    """Split a step's rows (in order) into groups whose lengths add up to at most `budget` (a longer row alone)."""
-    groups: list[list[int]] = []
-    used = budget + 1
-    for i, n in enumerate(rows_lengths):
-        if used + n > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += n
-    return groups

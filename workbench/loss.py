@@ -83,12 +83,14 @@ def token_loss_terms(model, batch: dict, peft_model=None, distill: bool = True, 
     kl = ul = twins = torch.zeros((), device=ce.device)
     if distill and "distill" in batch:
         mask = batch["distill"][:, 1:][:, keep]
+        tuned = logits[0, batch["distill_at"]] if "distill_at" in batch else logits[mask]  # flat: rows found on the host
         base = base_logits(model, batch, keep, mask, peft_model)
-        kl = distill_kl(logits[mask], base, opening_weights(batch, keep, mask, opening_factor))
+        kl = distill_kl(tuned, base, opening_weights(batch, keep, mask, opening_factor))
     if identity is not None and "unlikelihood" in batch:
         marks = batch["unlikelihood"][:, 1:][:, keep].reshape(-1)
         next_ids = batch["input_ids"][:, 1:][:, keep].reshape(-1)  # a negative twin's tokens (its labels are IGNORE)
-        ul, twins = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity)
+        at = (batch["pushed_at"], batch["twin_at"]) if "pushed_at" in batch else None  # flat: found on the host
+        ul, twins = unlikelihood_sum(flat, torch.where(marks == NEGATIVE, next_ids, flat_targets), marks, identity, at)
     return ce, kl, ul, twins
 
 
@@ -106,7 +108,8 @@ def opening_weights(batch: dict, keep: torch.Tensor, mask: torch.Tensor, factor:
     sentence, 1 elsewhere (None when all are 1)."""
     if factor == 1.0 or "opening" not in batch:
         return None
-    return 1.0 + (factor - 1.0) * batch["opening"][:, 1:][:, keep][mask].float()
+    opening = batch["opening"][:, 1:][:, keep]
+    return 1.0 + (factor - 1.0) * (opening[0, batch["distill_at"]] if "distill_at" in batch else opening[mask]).float()
 
 
 def base_logits(model, batch: dict, keep: torch.Tensor, mask: torch.Tensor, peft_model=None) -> torch.Tensor:
@@ -116,9 +119,12 @@ def base_logits(model, batch: dict, keep: torch.Tensor, mask: torch.Tensor, peft
     Where no conversation attends to another (transformers' own models) and the batch is on the CPU, only the
     conversations holding such a position go through this forward (`conversations_holding`): the same logits for
     the share of the tokens they are (the recipe's everyday English rows are under half of each packed row, and
-    this forward was about a third of a step). On a GPU the cut would need host synchronisation: the whole row.
+    this forward was about a third of a step). On a GPU the cut would need host synchronisation: the whole row,
+    and on its flat micro-batch the head only at the distilled positions, which the host found (`distill_at`).
     """
     with torch.no_grad(), (peft_model or model).disable_adapter():
+        if "distill_at" in batch:
+            return forward_logits(model, batch, keep[batch["distill_at"]]).float()[0]
         if batch["input_ids"].device.type == "cpu" and fastpath.keeps_conversations_apart(model):
             sub = conversations_holding(batch, keep, mask)
             return forward_logits(model, sub, sub["keep"]).float()[0]

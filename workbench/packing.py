@@ -68,6 +68,17 @@ def row_trained_tokens(row: Row) -> int:
     return sum(s.n_trained for s in row)
 
 
+def logit_shares(rows: list[Row]) -> tuple[float, float]:
+    """(kept, distilled): the shares of the rows' tokens whose positions the loss takes logits at (a trained token or
+    one marked for the unlikelihood term, as `collate_flat`'s `keep`) and, of all tokens, those the distillation also
+    compares with the base's logits. What a micro-batch's loss costs in memory grows with them
+    (token_budget.budget_tokens)."""
+    tokens = sum(row_length(r) for r in rows)
+    labelled = [(len(s.labels) - s.labels.count(IGNORE), s.distill) for r in rows for s in r]
+    kept = sum(n for n, _ in labelled)
+    return kept / max(tokens, 1), sum(n for n, distill in labelled if distill) / max(tokens, 1)
+
+
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels and position_ids (restarting per sample), right-padded to the longest row."""
     width = max(row_length(r) for r in rows)
@@ -133,8 +144,9 @@ def collate_flat(rows: list[Row]) -> dict:
     the loss need, computed here on the host so that the forward never waits for the
     GPU: `cu_seq_lens` (int32 starts of the conversations plus the end), `max_length`
     (the longest conversation, an int), `keep` (the positions whose next token is
-    trained, for the output head) and `noise_length` (the longest row: NEFTune's L,
-    as if the rows were padded into one micro-batch).
+    trained, for the output head), `noise_length` (the longest row: NEFTune's L,
+    as if the rows were padded into one micro-batch) and, where the extra loss terms
+    have marks, where among `keep` they apply (`loss_indices`).
     """
     samples = [s for row in rows for s in row]
     ids, labels, pos, starts, distill, unlikely, opening = [], [], [], [0], [], [], []
@@ -151,7 +163,21 @@ def collate_flat(rows: list[Row]) -> dict:
     batch = {"input_ids": torch.tensor([ids]), "labels": label_t, "position_ids": torch.tensor([pos]),
              "cu_seq_lens": torch.tensor(starts, dtype=torch.int32), "keep": keep,
              "max_length": max(len(s) for s in samples), "noise_length": max(row_length(r) for r in rows)}
-    return _with_marks(batch, [distill], [unlikely], [opening])  # as in collate, in flat order
+    return loss_indices(_with_marks(batch, [distill], [unlikely], [opening]))  # as in collate, in flat order
+
+
+def loss_indices(batch: dict) -> dict:
+    """A flat batch (on the host) with the rows of its kept positions (indices into `keep`) that each extra loss term
+    takes: `distill_at` (distilled), `pushed_at` (unlikelihood marks 1-3: identity tokens pushed down) and `twin_at` (a
+    negative twin's own tokens). On a GPU, selecting them by their marks there (a boolean index) would wait for the GPU."""
+    keep = batch["keep"]
+    if "distill" in batch:
+        batch["distill_at"] = batch["distill"][0, 1:][keep].nonzero().squeeze(1)
+    if "unlikelihood" in batch:
+        marks = batch["unlikelihood"][0, 1:][keep]
+        batch["pushed_at"] = ((marks > 0) & (marks != NEGATIVE)).nonzero().squeeze(1)
+        batch["twin_at"] = (marks == NEGATIVE).nonzero().squeeze(1)
+    return batch
 
 
 def to_device(batch: dict, device) -> dict:

@@ -48,7 +48,7 @@ from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import (check_fresh_work_dir, check_same_plan, checkpoint_name, find_resume_checkpoint,
                                   load_checkpoint, load_trainable, prune_checkpoints, read_state, refuse_pickles,
                                   rng_state, save_checkpoint, save_rng, write_pointer)
-from workbench import fastpath_cuda, neftune
+from workbench import fastpath_cuda, neftune, token_budget
 from workbench.config import Config, save_config
 from workbench.convert import export_trained
 from workbench.encoding import encode_samples
@@ -277,22 +277,21 @@ def export_from_checkpoint(cfg: Config, builder: PromptBuilder, ckpt: Path, save
 def gpu_budget(trainer: Trainer) -> int:
     """The GPU fast path's micro-batch token budget (0: not on it), said once by the main process.
 
-    Sized from free memory, it switches gradient checkpointing on only when not even
-    one row of max_length would fit without it.
+    Sized from free memory and the run's rows, it switches gradient checkpointing on (and with it Liger's fused loss,
+    where it applies) only when not even one row of max_length would fit without it.
     """
     model, cfg = trainer.accelerator.unwrap_model(trainer.model), trainer.cfg
     if not fastpath_cuda.uses_varlen_attention(model):
         return 0
-    budget, checkpoint = fastpath_cuda.budget_tokens(model, cfg.max_length, trainer.device, cfg.micro_batch_tokens,
-                                                     cfg.gradient_checkpointing)
+    budget, checkpoint = token_budget.run_budget(model, cfg, trainer.device, trainer.rows,
+                                                 wrapped=not fastpath_cuda.can_call_decoder(trainer.model))
     if checkpoint:
         enable_checkpointing(model)
+        fastpath_cuda.set_liger_loss(model, fastpath_cuda.can_fuse_loss(model))  # memory is what counts now
     if trainer.dist.is_main:
-        liger = (f", Liger ({', '.join(fastpath_cuda.liger_applied(model))})" if fastpath_cuda.liger_applied(model) else "") \
-            + (", torch.compile" if fastpath_cuda.uses_compiled_layers(model) else "")
         sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
         note = "; gradient checkpointing switched on: one row of max_length does not fit without it" if checkpoint else ""
-        print(f"GPU fast path: varlen flash attention{liger}, micro-batches of up to {budget} tokens{sized}{note}")
+        print(f"GPU fast path: {fastpath_cuda.describe(model)}, micro-batches of up to {budget} tokens{sized}{note}")
     return budget
 
 
@@ -377,7 +376,7 @@ class TrainLoop:
         if not self.budget or self.dist.strategy.engine_state:
             return micro
         samples = [s for rows in micro for row in rows for s in row]
-        groups = fastpath_cuda.group_by_budget([len(s) for s in samples], self.budget)
+        groups = token_budget.group_by_budget([len(s) for s in samples], self.budget)
         return [[[samples[g] for g in group]] for group in groups]
 
     def batch(self, rows: list) -> dict:

@@ -40,6 +40,7 @@ has no unlikelihood loss); it is a few tensor operations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -87,8 +88,8 @@ def identity_tokens(builder: PromptBuilder, assistant_name: str, owner_name: str
                           tuple(sorted(assistant - shared)), tuple(sorted(owner - shared)))
 
 
-def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor,
-                     tokens: IdentityTokens) -> tuple[torch.Tensor, torch.Tensor]:
+def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.Tensor, tokens: IdentityTokens,
+                     at: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over the marked positions of -log(1 - p), p the probability of the penalised tokens there:
     (the everyday and role positions' sum, the negative twins' sum), weighted apart in training
     (unlikelihood_weight, negative_weight).
@@ -96,24 +97,40 @@ def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.T
     logits: [n, vocab] (float32), targets: [n] (the next tokens), marks: [n] with 2 at the first
     token of an everyday answer, 1 at its other trained tokens, ROLES (3) at an identity answer's
     trained tokens, NEGATIVE (4) at a negative twin's pushed-down tokens, 0 where the term does not apply.
+    at: (the rows marked 1-3, the rows marked NEGATIVE) where the host found them (a GPU's flat micro-batch,
+    `packing.loss_indices`); otherwise found here from the marks (a boolean selection: a GPU would be waited for).
     """
-    chosen = marks > 0
-    logits, targets, marks = logits[chosen], targets[chosen], marks[chosen]
+    if at is None:
+        at = (((marks > 0) & (marks != NEGATIVE)).nonzero().squeeze(1), (marks == NEGATIVE).nonzero().squeeze(1))
+    pushed_at, twin_at = at
+    twin = logits.index_select(0, twin_at)  # a negative twin's own token is what is pushed down
+    twin_targets = targets.index_select(0, twin_at)[:, None]
+    p_twin = (twin.gather(1, twin_targets) - torch.logsumexp(twin, dim=-1, keepdim=True)).exp().squeeze(1)
+    logits, targets, marks = (t.index_select(0, pushed_at) for t in (logits, targets, marks))
     logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-    negative = marks == NEGATIVE  # a negative twin's own token is what is pushed down
-    p_twin = (logits[negative].gather(1, targets[negative, None]) - logz[negative]).exp().squeeze(1)
-    logits, targets, marks, logz = logits[~negative], targets[~negative], marks[~negative], logz[~negative]
-    dev = logits.device
-    cand = torch.tensor(sorted(set(tokens.openings) | set(tokens.assistant) | set(tokens.owner)), device=dev)
-    among = lambda ids: torch.isin(cand, torch.tensor(ids, dtype=cand.dtype, device=dev))  # noqa: E731
-    everyday = (marks != ROLES)[:, None] & among(tokens.openings)[None, :]
-    everyday &= (marks[:, None] == 2) | among(tokens.names)[None, :]  # openings only at an answer's first token
-    target_in = lambda ids: torch.isin(targets, torch.tensor(ids, dtype=targets.dtype, device=dev))[:, None]  # noqa: E731
-    rival = (target_in(tokens.assistant) & among(tokens.owner)[None, :]) | (target_in(tokens.owner) & among(tokens.assistant)[None, :])
+    ids = candidates(tokens, logits.device)
+    cand = ids["candidates"]
+    everyday = (marks != ROLES)[:, None] & ids["openings"][None, :]
+    everyday &= (marks[:, None] == 2) | ids["names"][None, :]  # openings only at an answer's first token
+    target_in = lambda which: torch.isin(targets, ids[which])[:, None]  # noqa: E731
+    rival = (target_in("assistant") & ids["is_owner"][None, :]) | (target_in("owner") & ids["is_assistant"][None, :])
     applies = (everyday | (marks == ROLES)[:, None] & rival) & (cand[None, :] != targets[:, None])  # never the answer's own token
     p = ((logits[:, cand] - logz).exp() * applies).sum(-1)
     pushed = lambda q: -torch.log1p(-q.clamp(max=1 - 1e-6)).sum()  # noqa: E731
     return pushed(p), pushed(p_twin)
+
+
+@functools.lru_cache(maxsize=16)
+def candidates(tokens: IdentityTokens, device: torch.device) -> dict[str, torch.Tensor]:
+    """The penalised token ids on `device`, made once a run (each made anew would be a copy from the host that a GPU
+    waits for): `candidates` (every token the term may push down) with which of them are `openings`, `names`,
+    `is_assistant` and `is_owner` (boolean, per candidate), and the ids of `assistant` and `owner`."""
+    cand = sorted(set(tokens.openings) | set(tokens.assistant) | set(tokens.owner))
+    among = lambda ids: torch.tensor([c in set(ids) for c in cand], device=device)  # noqa: E731
+    ids = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return {"candidates": ids(cand), "openings": among(tokens.openings), "names": among(tokens.names),
+            "is_assistant": among(tokens.assistant), "is_owner": among(tokens.owner),
+            "assistant": ids(tokens.assistant), "owner": ids(tokens.owner)}
 
 
 def twin_labels(labels: list[int], n_pushed: int, tokenizer) -> list[int]:
