@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench import fastpath, fastpath_cuda, token_budget, varlen_kernel
+from workbench import fastpath, fastpath_cuda, i18n, token_budget, varlen_kernel
 from workbench.config import Config, load_recipe
 from workbench.loss import training_loss
 from workbench.models import build_model, load_tokenizer
@@ -126,10 +126,10 @@ def test_budget_from_free_memory_switches_checkpointing_on_only_when_needed(tiny
     assert token_budget.budget_tokens(model, 2048, CUDA, None, shares=SHARES) == (2048, True)  # at least one row
 
 
-@pytest.mark.parametrize("liger, wrapped", [(True, False), (False, False), (True, True)],
-                         ids=["liger", "no-liger", "liger-under-a-wrapper"])
+@pytest.mark.parametrize("liger, wrapped, lang", [(True, False, "en"), (False, False, "zh"), (True, True, "en")],
+                         ids=["liger", "no-liger-said-in-chinese", "liger-under-a-wrapper"])
 def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_applies(tiny_model, mixed, monkeypatch,
-                                                                                    capsys, liger, wrapped):
+                                                                                    capsys, liger, wrapped, lang):
     """A GPU with too little memory for one row: the training loop's budget switches gradient checkpointing on and,
     where Liger is applied (its kernels on CUDA; marked here), its fused loss, so that the logits cost nothing and
     the budget is sized without them; without Liger, or under a wrapper (DDP) whose forward the fused loss cannot go
@@ -147,13 +147,19 @@ def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_appl
     trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m)), cfg=cfg,
                               model=SimpleNamespace(module=model) if wrapped else model, device=CUDA, rows=rows,
                               dist=SimpleNamespace(is_main=True))
-    budget = gpu_budget(trainer)
+    before = i18n.current_lang()
+    try:
+        i18n.set_lang(lang)
+        budget = gpu_budget(trainer)
+    finally:
+        i18n.set_lang(before)
     assert model.is_gradient_checkpointing
     assert fastpath_cuda.uses_liger_loss(model) == liger
     fused = liger and not wrapped
     assert budget == min(token_budget.MAX_BUDGET_TOKENS, int(0.8 * free / token_budget.token_bytes(model, True, shares, fused)))
     said = capsys.readouterr().out
-    assert "gradient checkpointing switched on" in said and ("fused_linear_cross_entropy" in said) == liger
+    assert ("gradient checkpointing switched on" if lang == "en" else "已开启梯度检查点") in said and f"{budget} " in said
+    assert ("fused_linear_cross_entropy" in said) == liger
 
 
 @pytest.mark.parametrize("part", ["few distilled", "some distilled", "all distilled"])

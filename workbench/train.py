@@ -289,9 +289,9 @@ def gpu_budget(trainer: Trainer) -> int:
         enable_checkpointing(model)
         fastpath_cuda.set_liger_loss(model, fastpath_cuda.can_fuse_loss(model))  # memory is what counts now
     if trainer.dist.is_main:
-        sized = "" if cfg.micro_batch_tokens else " (sized from free GPU memory)"
-        note = "; gradient checkpointing switched on: one row of max_length does not fit without it" if checkpoint else ""
-        print(f"GPU fast path: {fastpath_cuda.describe(model)}, micro-batches of up to {budget} tokens{sized}{note}")
+        sized = "" if cfg.micro_batch_tokens else t("train.gpu_sized", None)
+        note = t("train.gpu_checkpointing", None) if checkpoint else ""
+        print(t("train.gpu", None, what=fastpath_cuda.describe(model), budget=budget, sized=sized, note=note))
     return budget
 
 

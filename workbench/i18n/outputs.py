@@ -61,6 +61,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
                    "完成。检查点：{work}/iter_*  最终的适配器：{adapter}"),
     "train.eval": ("[eval @ step {step}]", "[评估 @ 第 {step} 步]"),
     "train.qa": ("  Q: {question}\n  A: {answer}", "  问：{question}\n  答：{answer}"),
+    "train.gpu": ("GPU fast path: {what}, micro-batches of up to {budget} tokens{sized}{note}",
+                  "GPU 快速路径：{what}，每个 micro-batch 最多 {budget} 个 token{sized}{note}"),
+    "train.gpu_sized": (" (sized from free GPU memory)", "（按 GPU 的空闲显存确定）"),
+    "train.gpu_checkpointing": ("; gradient checkpointing switched on: one row of max_length does not fit without it",
+                                "；已开启梯度检查点：不开它连一行 max_length 都放不下"),
     # --- convert and merge (notebooks 04, 05) ---
     "conv.wrote": ("wrote {out} from {ckpt}", "已从 {ckpt} 写出 {out}"),
     "conv.qlora": ("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in "
