@@ -434,3 +434,28 @@ def test_the_flat_loss_with_every_term_never_waits_for_the_gpu(every_term, opaqu
     assert host_waits(lambda: training_loss(model, batch, cfg, model, identity)[1].backward()) == []
     padded = collate(rows, 0)  # the CPU's padded batch finds the positions by their marks: it would wait
     assert "nonzero" in host_waits(lambda: training_loss(every_term_model(cfg, varlen=False), padded, cfg, None, identity))
+
+
+def test_the_varlen_kernel_needs_an_ampere_gpu(monkeypatch):
+    """PyTorch's flash kernels run from compute capability 8.0: a T4 (7.5) or a V100 (7.0) keeps the masked path."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, runs in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert varlen_kernel.available() == runs, capability
+
+
+def test_a_gpu_without_the_varlen_kernel_keeps_transformers_attention(monkeypatch):
+    """On a GPU the varlen kernel cannot serve, the fast path leaves transformers' masked attention in place, not the
+    CPU's per-conversation attention (its loop over conversations waits for the GPU at every layer); on a CPU the
+    same model gets that one."""
+    from workbench import fastpath, models
+
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=True, device="cpu")
+    attention = lambda m: fastpath._transformers_model(m).config._attn_implementation  # noqa: E731
+    on_gpu = tiny_lora()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # what with_fast_path asks of its weights
+        models.with_fast_path(on_gpu, cfg)
+    assert not varlen_kernel.available() and attention(on_gpu) == "sdpa"
+    assert attention(models.with_fast_path(tiny_lora(), cfg)) == fastpath.PACKED_ATTENTION

@@ -19,8 +19,12 @@ import torch
 
 
 def available() -> bool:
-    """torch ships the varlen flash kernel (torch >= 2.10) and a CUDA GPU is visible."""
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    """torch ships the varlen flash kernel (torch >= 2.10) and a CUDA GPU that runs it is visible: PyTorch's flash
+    kernels need an Ampere GPU or newer (compute capability 8.0: A100, A10, L4, H100), so a T4 or a V100 keeps
+    transformers' masked attention."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
 
 
 @functools.lru_cache(maxsize=1)
