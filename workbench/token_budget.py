@@ -24,10 +24,9 @@ import torch
 from workbench.fastpath_cuda import can_fuse_loss, uses_liger_loss
 from workbench.packing import logit_shares
 
-# The GPU's token budget: what a token of a micro-batch costs, in two parts. The logits are counted apart from the
-# layers because they grow with the vocabulary and the data, not with layers x hidden size: at a smaller model's shape
-# (Qwen2.5-0.5B: 4.6x the vocabulary per layer and hidden unit of 1.5B's) or under gradient checkpointing they are
-# most of a token's cost.
+# The logits are counted apart from the layers because they grow with the vocabulary and the data, not with layers x
+# hidden size: at a smaller model's shape (Qwen2.5-0.5B: 4.6x the vocabulary per layer and hidden unit of 1.5B's) or
+# under gradient checkpointing they are most of a token's cost.
 # The loss's part, per position the loss takes logits at and vocabulary entry, at the peak of the step (measured on a
 # CPU with a bfloat16 model, this loss on a flat micro-batch as a GPU runs it: tests/test_gpu_budget.py): the bf16
 # logits' float32 copy, its log-softmax and their gradients, 12 bytes; where the distillation compares with the base
