@@ -24,8 +24,6 @@ SHAPES = {
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-
-
 @dataclass(frozen=True)
 class Side:
     script: str | None  # None: not a runner (Unsloth's row)
@@ -44,6 +42,8 @@ SIDES = {
     "workbench_peft_lora": Side("run_workbench.py", ("--peft-lora",),
                                 "workbench, peft's LoRA forward, torch's dropout (LoRA before 12-06, QLoRA before 12-07)"),
     "workbench_profile": Side("run_workbench.py", (), "workbench under torch.profiler (slower: where the time goes)"),
+    "workbench_cure": Side("run_workbench.py", ("--extra-terms",),
+                           "workbench, the mixed recipe's distillation and unlikelihood terms on (its own cost of them)"),
     "trl_best": Side("baseline_trl.py", ("--no-gradient-checkpointing", "--padding-free"),
                      "TRL best (BFD packing, padding-free, Liger if installed, no checkpointing)"),
     "trl": Side("baseline_trl.py", (), "TRL SFTTrainer, defaults"),
@@ -69,7 +69,9 @@ PLAN = [("qwen2.5-1.5b", "lora", ("workbench", "trl_best"), 1),
         ("qwen2.5-7b", "qlora", ("workbench_peft_lora",), 1),
         ("qwen2.5-1.5b", "lora", ("trl", "peft", "unsloth"), 1),
         ("qwen2.5-7b", "qlora", ("peft",), 1),
-        ("smollm2-135m", "lora", ("workbench", "trl_best"), 1)]
+        ("smollm2-135m", "lora", ("workbench", "trl_best"), 1),
+        # 2026-12-07: the cure's extra terms on a flat micro-batch without host synchronisation (unmeasured)
+        ("qwen2.5-1.5b", "lora", ("workbench_cure",), 1)]
 
 
 @dataclass

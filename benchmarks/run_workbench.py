@@ -94,6 +94,12 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
     from workbench.models import build_model, load_base, pick_device, pick_dtype
     from workbench.train import Trainer
 
+    if getattr(args, "extra_terms", False):  # the recipe's own extra loss terms, which common.bench_config turns off
+        from workbench.config import resolve_config
+
+        recipe = resolve_config(args.config)
+        cfg = cfg.replace(distill_weight=recipe.distill_weight, unlikelihood_weight=recipe.unlikelihood_weight,
+                          negative_weight=recipe.negative_weight)
     cfg = with_field(cfg, "micro_batch_tokens", getattr(args, "micro_batch_tokens", None))
     cfg = with_field(cfg, "torch_compile", True if getattr(args, "torch_compile", False) else None)
     log: list[tuple[float, dict]] = []
@@ -182,6 +188,9 @@ def parser():
     p.add_argument("--peft-lora", action="store_true",
                    help="peft's own LoRA forward and torch's dropout (a GPU's float32 copies of each adapter's input) "
                         "instead of the lean forward and the seeded dropout")
+    p.add_argument("--extra-terms", action="store_true",
+                   help="the recipe's distillation, unlikelihood and negative-twin terms on (the mixed recipe's cure; "
+                        "no other side has them, so it is the workbench's own cost of them)")
     p.add_argument("--profile", default=None, metavar="TXT",
                    help="write torch.profiler's operator table of the training steps here (slows the run)")
     return p
