@@ -47,7 +47,7 @@ def shape(layers: int, hidden: int, vocab: int):
 
 
 def free_memory(monkeypatch, nbytes: float) -> int:
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(nbytes), 10 ** 12))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(nbytes), 10 ** 12))
     return int(nbytes)
 
 
@@ -189,3 +189,30 @@ def test_the_logit_bytes_are_what_the_loss_holds(tiny_model, mixed, one_torch_th
     assert grown[0.0] / kept == pytest.approx(token_budget.LOGIT_BYTES, rel=0.05)
     said = token_budget.LOGIT_BYTES * kept + token_budget.DISTILL_LOGIT_BYTES * distilled
     assert 0.9 * said <= grown[cfg.distill_weight] <= 1.1 * said  # measured: 1.07, 0.97, 1.00
+
+
+def test_the_estimate_on_a_gpu_counts_the_micro_batch_the_budget_lets_through(tiny_model, monkeypatch):
+    """workbench.estimate on a GPU's fast path: the activations of one flat micro-batch of the step's tokens, as many
+    as micro_batch_tokens or 80% of the memory the weights leave free let through, at the budget's cost of a token
+    (every position trained: an upper bound); a step smaller than that is counted whole."""
+    from workbench import estimate as est
+    from workbench.models import resolve_model_path
+    from transformers import AutoConfig
+
+    cfg = Config(pretrained_model_name_or_path=tiny_model, torch_dtype="bfloat16", max_length=128, batch_size=4,
+                 accumulative_counts=8)
+    per_token = token_budget.config_token_bytes(AutoConfig.from_pretrained(resolve_model_path(tiny_model)), 2,
+                                                False, (1.0, 0.0), False)
+    monkeypatch.setattr(est, "pick_device", lambda name: CUDA)
+    monkeypatch.setattr(varlen_kernel, "available", lambda: True)
+    free = free_memory(monkeypatch, 10 ** 9)
+    gpu = est.estimate(cfg, gflops=1000.0)
+    resident = (gpu.weights_gb + gpu.optimizer_gb) * 1e9
+    fits = int(0.8 * (free - resident) / per_token)
+    assert 128 < fits < 4 * 128 * 8  # the step (4096 tokens) does not fit in one micro-batch here
+    assert gpu.activations_gb * 1e9 == pytest.approx(fits * per_token)
+    assert est.estimate(cfg.replace(micro_batch_tokens=1000), gflops=1000.0).activations_gb * 1e9 == pytest.approx(
+        1000 * per_token)
+    free_memory(monkeypatch, 10 ** 12)
+    assert est.estimate(cfg, gflops=1000.0).activations_gb * 1e9 == pytest.approx(4 * 128 * 8 * per_token)
+    assert est.estimate(cfg.replace(fast_path=False), gflops=1000.0).activations_gb < gpu.activations_gb  # as before

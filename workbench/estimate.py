@@ -7,7 +7,10 @@ about LoRA's, so there the weights count at the compute dtype) + for the trained
 weights their gradient and two AdamW moments + the activations of one
 micro-batch + the logits (one float32 matrix of tokens x vocabulary with the
 fast path's fused loss, three without it) + on a CPU the process itself
-(Python, torch, transformers).
+(Python, torch, transformers). On a GPU's fast path a micro-batch is a flat row of the
+step's tokens, as many as the token budget lets through (`workbench/token_budget.py`:
+micro_batch_tokens, or what the memory left free by the weights holds), each at what
+the budget counts for a token: the activations then fill about 80% of that memory.
 Time per micro-batch = a fixed cost (every weight read in the forward and the
 backward, Python and autograd for thousands of operators: per layer, measured
 on a CPU; under QLoRA also the dequantization of the 4-bit weights) + training
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench import token_budget, varlen_kernel
 from workbench.config import Config
 from workbench.i18n import t
 from workbench.models import pick_device, pick_dtype, resolve_model_path
@@ -129,6 +133,18 @@ def weight_bytes(counts: dict[str, int], dtype: str, compute_dtype: str) -> floa
     return counts["linear"] * BYTES_PER_PARAM["nf4"] + (counts["total"] - counts["linear"]) * BYTES_PER_PARAM[rest]
 
 
+def gpu_activations(cfg: Config, mcfg, compute: str, resident: float, step_tokens: int) -> float:
+    """The GPU fast path's activations: one flat micro-batch of the step's tokens, of at most micro_batch_tokens or what
+    80% of the memory the weights and optimizer leave free holds (workbench/token_budget.py), each token at what the
+    budget counts for it with every position trained (and distilled, where the distillation is on): an upper bound."""
+    text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+    shares = (1.0, 1.0 if cfg.distill_weight > 0 else 0.0)
+    per_token = token_budget.config_token_bytes(text, 4 if compute == "float32" else 2, cfg.gradient_checkpointing,
+                                                shares, fused_loss=False)
+    budget = cfg.micro_batch_tokens or int(0.8 * max(torch.cuda.mem_get_info()[0] - resident, 0) / per_token)
+    return min(step_tokens, max(cfg.max_length, min(token_budget.MAX_BUDGET_TOKENS, budget))) * per_token
+
+
 def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None = None, gflops: float | None = None,
              context: int | None = None) -> Estimate:
     """Memory and time for `cfg` on this machine. tokens_per_row defaults to max_length (packed rows are nearly full);
@@ -148,6 +164,8 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     logit_copies = 1 if getattr(cfg, "fast_path", True) else 3  # the fused loss turns the logits into their gradient in place
     activations = tokens * mcfg.num_hidden_layers * per_token_layer + logit_copies * tokens * mcfg.vocab_size * 4
     weights = weight_bytes(counts, dtype, compute)
+    if device.type == "cuda" and getattr(cfg, "fast_path", True) and varlen_kernel.available():
+        activations = gpu_activations(cfg, mcfg, compute, weights + trainable * 16, tokens * cfg.accumulative_counts)
     if dtype == "nf4" and device.type == "cpu":  # bitsandbytes' CPU path: the step's peak is LoRA's (scaling sweep)
         activations += weight_bytes(counts, compute, compute) - weights
     optimizer = trainable * (4 + 4 + 8)

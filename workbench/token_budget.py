@@ -90,8 +90,14 @@ def token_bytes(model, checkpointing: bool, shares: tuple[float, float], fused_l
     below the CUDA_ACTIVATION_FLOATS measured all told: the 7B shape's LoRA runs on the H200 came to 43-49 of them
     (micro-batch sizes inferred from the budget then), with logits a smaller share than 1.5B's."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
     dtype_bytes = torch.finfo(next(p for p in model.parameters() if p.is_floating_point()).dtype).bits // 8
+    return config_token_bytes(cfg, dtype_bytes, checkpointing, shares, fused_loss)
+
+
+def config_token_bytes(cfg, dtype_bytes: int, checkpointing: bool, shares: tuple[float, float],
+                       fused_loss: bool) -> float:
+    """`token_bytes` from a model's config (text part) and its compute dtype's bytes, before the model is built."""
+    layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
     per_float = layers * hidden * dtype_bytes
     kept, distilled = shares
     logits = 0.0 if fused_loss else getattr(cfg, "vocab_size", 32000) * (LOGIT_BYTES * kept + DISTILL_LOGIT_BYTES * distilled)
