@@ -32,9 +32,9 @@ def mixed():
     return cfg, prepare_rows(cfg, PromptBuilder(load_tokenizer("embedded")), is_main=False)[2]
 
 
-def tiny_lora(tiny_model: str, dtype: str = "float32"):
+def tiny_lora(tiny_model: str, dtype: str = "float32", method: str = "lora"):
     cfg = Config(pretrained_model_name_or_path=tiny_model, lora_dropout=0.0, fast_path=False, device="cpu",
-                 torch_dtype=dtype)
+                 torch_dtype=dtype, method=method)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return build_model(cfg, torch.device("cpu"))
@@ -46,9 +46,11 @@ def shape(layers: int, hidden: int, vocab: int):
     return SimpleNamespace(config=config, parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)]))
 
 
-def free_memory(monkeypatch, nbytes: float) -> int:
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(nbytes), 10 ** 12))
-    return int(nbytes)
+def free_memory(monkeypatch, usable: float, model=None) -> int:
+    """Fakes the free GPU memory as `usable` bytes plus what `model`'s gradients and optimizer will take; `usable`."""
+    pending = token_budget.optimizer_bytes(model) if model is not None else 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(usable) + pending, 10 ** 12))
+    return int(usable)
 
 
 def test_group_by_budget():
@@ -115,15 +117,29 @@ def test_the_rule_keeps_the_h200_measurement_and_counts_a_large_vocabulary():
 def test_budget_from_free_memory_switches_checkpointing_on_only_when_needed(tiny_model, monkeypatch):
     model = tiny_lora(tiny_model)
     per_token = token_budget.token_bytes(model, False, SHARES, False)
-    free = free_memory(monkeypatch, per_token * 40000 / 0.8)
+    free = free_memory(monkeypatch, per_token * 40000 / 0.8, model)
     assert token_budget.budget_tokens(model, 2048, CUDA, None, shares=SHARES) == (int(0.8 * free / per_token), False)
     assert 39999 <= int(0.8 * free / per_token) <= 40000
     fewer = token_budget.budget_tokens(model, 2048, CUDA, None, shares=(0.9, 0.6))[0]
     assert fewer < 40000 * per_token / token_budget.token_bytes(model, False, (0.9, 0.6), False) + 1
-    free = free_memory(monkeypatch, per_token * 1000 / 0.8)  # not one row of 1010 (the tiny model's logits are most
+    free = free_memory(monkeypatch, per_token * 1000 / 0.8, model)  # not one row of 1010 (the tiny model's logits are most
     tokens, checkpoint = token_budget.budget_tokens(model, 1010, CUDA, None, shares=SHARES)  # of a token's cost)
     assert checkpoint and tokens == int(0.8 * free / token_budget.token_bytes(model, True, SHARES, False)) > 1010
     assert token_budget.budget_tokens(model, 2048, CUDA, None, shares=SHARES) == (2048, True)  # at least one row
+
+
+def test_the_budget_leaves_room_for_the_gradients_and_the_optimizer(tiny_model, monkeypatch):
+    """Before the first step free memory still holds what the gradients and AdamW's moments will take (three times
+    the trained weights: little for LoRA, all of it again three times for full fine-tuning); the micro-batch is sized
+    from what is left after them."""
+    lora, full = tiny_lora(tiny_model), tiny_lora(tiny_model, method="full")
+    weights = sum(p.numel() * p.element_size() for p in full.parameters())
+    assert token_budget.optimizer_bytes(full) == 3 * weights > 100 * token_budget.optimizer_bytes(lora) > 0
+    per_token = token_budget.token_bytes(full, False, SHARES, False)
+    free_memory(monkeypatch, per_token * 5000 / 0.8, full)
+    assert token_budget.budget_tokens(full, 128, CUDA, None, shares=SHARES)[0] in (4999, 5000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(per_token * 5000 / 0.8), 10 ** 12))
+    assert token_budget.budget_tokens(full, 128, CUDA, None, shares=SHARES)[0] < 5000 - 0.8 * 3 * weights / per_token + 1
 
 
 @pytest.mark.parametrize("liger, wrapped, lang", [(True, False, "en"), (False, False, "zh"), (True, True, "en")],
@@ -143,7 +159,7 @@ def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_appl
     if liger:
         fastpath._transformers_model(model)._wb_liger = ("rms_norm", "swiglu", "rope")  # what use_liger records
     shares = (logit_shares(rows)[0], 0.0)
-    free = free_memory(monkeypatch, token_budget.token_bytes(model, False, shares, False) * 1000 / 0.8)
+    free = free_memory(monkeypatch, token_budget.token_bytes(model, False, shares, False) * 1000 / 0.8, model)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m)), cfg=cfg,
                               model=SimpleNamespace(module=model) if wrapped else model, device=CUDA, rows=rows,
                               dist=SimpleNamespace(is_main=True))

@@ -66,21 +66,30 @@ def budget_tokens(model, max_length: int, device: torch.device, requested: int |
     layers keep for the backward plus its logits' share of the loss (`shares`:
     `packing.logit_shares` of the run's rows; none where the loss is Liger's fused kernel,
     which gradient checkpointing switches on where Liger is applied and no distillation or
-    unlikelihood term (`extra_terms`) needs the logits). 80% of the free memory is used, the
-    rest left to the allocator. Checkpointing is asked for only when not even one row of
-    max_length fits without it.
+    unlikelihood term (`extra_terms`) needs the logits). 80% of the memory left free once the
+    gradients and the optimizer's moments are there (`optimizer_bytes`) is used, the rest left
+    to the allocator. Checkpointing is asked for only when not even one row of max_length
+    fits without it.
     """
     if requested:
         return max(int(requested), max_length), False
     if device.type != "cuda":
         return max_length, False
+    pending = optimizer_bytes(model)
     fused = not extra_terms and (uses_liger_loss(model) or checkpointing and can_fuse_loss(model))
-    fits = _tokens_that_fit(device, token_bytes(model, checkpointing, shares, fused))
+    fits = _tokens_that_fit(device, token_bytes(model, checkpointing, shares, fused), pending)
     if fits < max_length and not checkpointing:
         fused = not extra_terms and (uses_liger_loss(model) or can_fuse_loss(model))
-        fits = _tokens_that_fit(device, token_bytes(model, True, shares, fused))
+        fits = _tokens_that_fit(device, token_bytes(model, True, shares, fused), pending)
         return max(max_length, min(MAX_BUDGET_TOKENS, fits)), True
     return max(max_length, min(MAX_BUDGET_TOKENS, fits)), False
+
+
+def optimizer_bytes(model) -> int:
+    """What the trained weights will hold once training starts and does not hold yet: a gradient and AdamW's two
+    moments each, at the weight's dtype (the fused AdamW's). Small for LoRA; for full fine-tuning three times the
+    weights (a 7B model in bf16: 45 GB that free memory still shows before the first step)."""
+    return sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def token_bytes(model, checkpointing: bool, shares: tuple[float, float], fused_loss: bool) -> float:
@@ -106,9 +115,9 @@ def config_token_bytes(cfg, dtype_bytes: int, checkpointing: bool, shares: tuple
     return max(CUDA_ACTIVATION_FLOATS * per_float, CUDA_LAYER_FLOATS * per_float + logits)
 
 
-def _tokens_that_fit(device: torch.device, per_token: float) -> int:
+def _tokens_that_fit(device: torch.device, per_token: float, pending: int = 0) -> int:
     free, _ = torch.cuda.mem_get_info(device)
-    return int(0.8 * free / per_token)
+    return int(0.8 * max(free - pending, 0) / per_token)
 
 
 def group_by_budget(rows_lengths: list[int], budget: int) -> list[list[int]]:
