@@ -164,11 +164,11 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     logit_copies = 1 if getattr(cfg, "fast_path", True) else 3  # the fused loss turns the logits into their gradient in place
     activations = tokens * mcfg.num_hidden_layers * per_token_layer + logit_copies * tokens * mcfg.vocab_size * 4
     weights = weight_bytes(counts, dtype, compute)
+    optimizer = trainable * (4 + 4 + 8)
     if device.type == "cuda" and getattr(cfg, "fast_path", True) and varlen_kernel.available():
-        activations = gpu_activations(cfg, mcfg, compute, weights + trainable * 16, tokens * cfg.accumulative_counts)
+        activations = gpu_activations(cfg, mcfg, compute, weights + optimizer, tokens * cfg.accumulative_counts)
     if dtype == "nf4" and device.type == "cpu":  # bitsandbytes' CPU path: the step's peak is LoRA's (scaling sweep)
         activations += weight_bytes(counts, compute, compute) - weights
-    optimizer = trainable * (4 + 4 + 8)
     attention = 6 * mcfg.num_hidden_layers * mcfg.hidden_size * (context or row)  # QK^T and AV over a causal context, x3
     flops_per_token = (6 if cfg.method == "full" else 4) * total + attention
     if gflops is None:
