@@ -436,13 +436,39 @@ def test_the_flat_loss_with_every_term_never_waits_for_the_gpu(every_term, opaqu
     assert "nonzero" in host_waits(lambda: training_loss(every_term_model(cfg, varlen=False), padded, cfg, None, identity))
 
 
-def test_the_varlen_kernel_needs_an_ampere_gpu(monkeypatch):
-    """PyTorch's flash kernels run from compute capability 8.0: a T4 (7.5) or a V100 (7.0) keeps the masked path."""
+def test_the_varlen_kernel_needs_an_ampere_gpu_that_runs_it(monkeypatch):
+    """PyTorch's flash kernels run from compute capability 8.0: a T4 (7.5) or a V100 (7.0) keeps the masked path, as
+    does a newer GPU whose first small forward and backward the kernel refuses (tried once a device, at set-up)."""
+    tried = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(varlen_kernel, "kernel_runs", lambda device: tried.append(str(device)) or True)
     for capability, runs in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert varlen_kernel.available() == runs, capability
+    assert tried == ["cuda:0"] * 3
+    monkeypatch.setattr(varlen_kernel, "kernel_runs", lambda device: False)
+    assert not varlen_kernel.available()
+
+
+def test_kernel_runs_tries_a_small_forward_and_backward_once(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen_kernel, "_RUNS", {})
+    calls = []
+
+    def refusing(q, k, v, *args, **kwargs):
+        calls.append(q.shape)
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(varlen, "varlen_attn", refusing)
+    assert not varlen_kernel.kernel_runs("cpu") and not varlen_kernel.kernel_runs(torch.device("cpu"))
+    assert len(calls) == 1, "tried once a device"
+    monkeypatch.setattr(varlen_kernel, "_RUNS", {})
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu, *a, **kw: reference_varlen(q, k, v, cu, 9, None))
+    state = torch.get_rng_state()
+    assert varlen_kernel.kernel_runs("cpu") and torch.equal(torch.get_rng_state(), state)  # no random numbers drawn
 
 
 def test_a_gpu_without_the_varlen_kernel_keeps_transformers_attention(monkeypatch):

@@ -21,10 +21,38 @@ import torch
 def available() -> bool:
     """torch ships the varlen flash kernel (torch >= 2.10) and a CUDA GPU that runs it is visible: PyTorch's flash
     kernels need an Ampere GPU or newer (compute capability 8.0: A100, A10, L4, H100), so a T4 or a V100 keeps
-    transformers' masked attention."""
+    transformers' masked attention, as does a GPU this torch build's kernel refuses (`kernel_runs`)."""
     if not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return False
-    return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
+    if not torch.version.hip and torch.cuda.get_device_capability()[0] < 8:
+        return False
+    return kernel_runs(torch.device("cuda", torch.cuda.current_device()))
+
+
+_RUNS: dict[str, bool] = {}  # device -> the kernel ran a small forward and backward there
+
+
+def kernel_runs(device) -> bool:
+    """Whether varlen_attn runs on `device`: a small causal forward and backward in bfloat16, tried once per device
+    at set-up. The flash kernel refuses a GPU its build has no code for at the first call; found here, the fast path
+    keeps transformers' attention instead of failing in the first training step."""
+    key = str(torch.device(device))
+    if key not in _RUNS:
+        _RUNS[key] = _runs(torch.device(device))
+    return _RUNS[key]
+
+
+def _runs(device: torch.device) -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    values = torch.linspace(-1, 1, 16 * 2 * 64, device=device).reshape(16, 2, 64)  # no random numbers drawn
+    q, k, v = (values.to(torch.bfloat16).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32, device=device)
+    try:
+        varlen_attn(q, k, v, cu, cu, 9, 9, **signature()[0]).float().sum().backward()
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
