@@ -142,23 +142,26 @@ def test_the_budget_leaves_room_for_the_gradients_and_the_optimizer(tiny_model, 
     assert token_budget.budget_tokens(full, 128, CUDA, None, shares=SHARES)[0] < 5000 - 0.8 * 3 * weights / per_token + 1
 
 
-@pytest.mark.parametrize("liger, wrapped, lang", [(True, False, "en"), (False, False, "zh"), (True, True, "en")],
-                         ids=["liger", "no-liger-said-in-chinese", "liger-under-a-wrapper"])
+@pytest.mark.parametrize("liger, wrapped, distill, lang", [(True, False, False, "en"), (False, False, False, "zh"),
+                                                           (True, True, False, "en"), (True, False, True, "en")],
+                         ids=["liger", "no-liger-said-in-chinese", "liger-under-a-wrapper", "liger-with-distillation"])
 def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_applies(tiny_model, mixed, monkeypatch,
-                                                                                    capsys, liger, wrapped, lang):
+                                                                                    capsys, liger, wrapped, distill,
+                                                                                    lang):
     """A GPU with too little memory for one row: the training loop's budget switches gradient checkpointing on and,
     where Liger is applied (its kernels on CUDA; marked here), its fused loss, so that the logits cost nothing and
-    the budget is sized without them; without Liger, or under a wrapper (DDP) whose forward the fused loss cannot go
-    around, the logits are counted."""
+    the budget is sized without them. Without Liger, under a wrapper (DDP) whose forward the fused loss cannot go
+    around, or with the distillation (whose loss needs the logits; the fused loss is then not switched on nor said),
+    the logits are counted."""
     cfg, rows = mixed
-    cfg = cfg.replace(distill_weight=0.0, unlikelihood_weight=0.0, max_length=1010)
+    cfg = cfg.replace(distill_weight=5.0 if distill else 0.0, unlikelihood_weight=0.0, max_length=1010)
     monkeypatch.setattr(varlen_kernel, "available", lambda: True)
     monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
     model = tiny_lora(tiny_model)
     assert fastpath_cuda.enable_varlen_attention(model)
     if liger:
         fastpath._transformers_model(model)._wb_liger = ("rms_norm", "swiglu", "rope")  # what use_liger records
-    shares = (logit_shares(rows)[0], 0.0)
+    shares = (logit_shares(rows)[0], logit_shares(rows)[1] if distill else 0.0)
     free = free_memory(monkeypatch, token_budget.token_bytes(model, False, shares, False) * 1000 / 0.8, model)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: getattr(m, "module", m)), cfg=cfg,
                               model=SimpleNamespace(module=model) if wrapped else model, device=CUDA, rows=rows,
@@ -170,12 +173,12 @@ def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_appl
     finally:
         i18n.set_lang(before)
     assert model.is_gradient_checkpointing
-    assert fastpath_cuda.uses_liger_loss(model) == liger
-    fused = liger and not wrapped
+    assert fastpath_cuda.uses_liger_loss(model) == (liger and not distill)
+    fused = liger and not wrapped and not distill
     assert budget == min(token_budget.MAX_BUDGET_TOKENS, int(0.8 * free / token_budget.token_bytes(model, True, shares, fused)))
     said = capsys.readouterr().out
     assert ("gradient checkpointing switched on" if lang == "en" else "已开启梯度检查点") in said and f"{budget} " in said
-    assert ("fused_linear_cross_entropy" in said) == liger
+    assert ("fused_linear_cross_entropy" in said) == (liger and not distill)
 
 
 @pytest.mark.parametrize("part", ["few distilled", "some distilled", "all distilled"])

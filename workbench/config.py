@@ -220,6 +220,11 @@ class Config:
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path("work_dirs") / self.name
 
+    @property
+    def extra_loss_terms(self) -> bool:
+        """The distillation or the unlikelihood term is on: the loss goes through the logits (loss.training_loss)."""
+        return self.distill_weight > 0 or self.unlikelihood_weight > 0
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -338,7 +338,7 @@ def with_fast_path(model, cfg: Config, strategy=None):
         # without the varlen kernel (a GPU older than Ampere, torch < 2.10) transformers' masked attention stays: the
         # CPU's per-conversation attention waits for the GPU at every layer (issue 21's H200 run: 2.31 s a step, 0.33)
         fastpath_cuda.enable_varlen_attention(model)
-        fastpath_cuda.use_liger(model, fused_loss=cfg.gradient_checkpointing)  # fused loss: memory, not speed
+        fastpath_cuda.use_liger(model, fused_loss=cfg.gradient_checkpointing and not cfg.extra_loss_terms)  # memory
         if cfg.torch_compile:
             fastpath_cuda.compile_decoder_layers(model)
     else:

@@ -51,7 +51,7 @@ def run_budget(model, cfg, device: torch.device, rows: list, wrapped: bool = Fal
     and its rows' shares of positions with logits (`packing.logit_shares`). `wrapped`: the model trains inside a
     wrapper (DDP, DeepSpeed, FSDP), whose forward the fused loss cannot go around (`fastpath_cuda.can_call_decoder`)."""
     kept, distilled = logit_shares(rows)
-    extra_terms = cfg.distill_weight > 0 or cfg.unlikelihood_weight > 0 or wrapped  # the loss goes through logits
+    extra_terms = cfg.extra_loss_terms or wrapped  # the loss goes through the logits whatever Liger offers
     return budget_tokens(model, cfg.max_length, device, cfg.micro_batch_tokens, cfg.gradient_checkpointing,
                          (kept, distilled if cfg.distill_weight > 0 else 0.0), extra_terms)
 

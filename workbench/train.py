@@ -287,7 +287,7 @@ def gpu_budget(trainer: Trainer) -> int:
                                                  wrapped=not fastpath_cuda.can_call_decoder(trainer.model))
     if checkpoint:
         enable_checkpointing(model)
-        fastpath_cuda.set_liger_loss(model, fastpath_cuda.can_fuse_loss(model))  # memory is what counts now
+        fastpath_cuda.set_liger_loss(model, fastpath_cuda.can_fuse_loss(model) and not cfg.extra_loss_terms)
     if trainer.dist.is_main:
         sized = "" if cfg.micro_batch_tokens else t("train.gpu_sized", None)
         note = t("train.gpu_checkpointing", None) if checkpoint else ""
