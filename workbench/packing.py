@@ -174,10 +174,13 @@ def loss_indices(batch: dict) -> dict:
     if "distill" in batch:
         batch["distill_at"] = batch["distill"][0, 1:][keep].nonzero().squeeze(1)
     if "unlikelihood" in batch:
-        marks = batch["unlikelihood"][0, 1:][keep]
-        batch["pushed_at"] = ((marks > 0) & (marks != NEGATIVE)).nonzero().squeeze(1)
-        batch["twin_at"] = (marks == NEGATIVE).nonzero().squeeze(1)
+        batch["pushed_at"], batch["twin_at"] = unlikelihood_rows(batch["unlikelihood"][0, 1:][keep])
     return batch
+
+
+def unlikelihood_rows(marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the indices of the marks 1-3: identity tokens pushed down, those of NEGATIVE: a twin's own tokens)."""
+    return ((marks > 0) & (marks != NEGATIVE)).nonzero().squeeze(1), (marks == NEGATIVE).nonzero().squeeze(1)
 
 
 def to_device(batch: dict, device) -> dict:

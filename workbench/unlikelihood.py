@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench import identity
-from workbench.packing import NEGATIVE, ROLES
+from workbench.packing import ROLES, unlikelihood_rows
 from workbench.prompt import IGNORE, PromptBuilder
 from workbench.samples import Sample
 
@@ -100,9 +100,7 @@ def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, marks: torch.T
     at: (the rows marked 1-3, the rows marked NEGATIVE) where the host found them (a GPU's flat micro-batch,
     `packing.loss_indices`); otherwise found here from the marks (a boolean selection: a GPU would be waited for).
     """
-    if at is None:
-        at = (((marks > 0) & (marks != NEGATIVE)).nonzero().squeeze(1), (marks == NEGATIVE).nonzero().squeeze(1))
-    pushed_at, twin_at = at
+    pushed_at, twin_at = at if at is not None else unlikelihood_rows(marks)
     twin = logits.index_select(0, twin_at)  # a negative twin's own token is what is pushed down
     twin_targets = targets.index_select(0, twin_at)[:, None]
     p_twin = (twin.gather(1, twin_targets) - torch.logsumexp(twin, dim=-1, keepdim=True)).exp().squeeze(1)
