@@ -41,7 +41,7 @@ def reference_varlen(q, k, v, cu, longest, scale):
 @pytest.fixture
 def emulated_kernel(monkeypatch):
     monkeypatch.setattr(varlen_kernel, "available", lambda: True)
-    monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
+    monkeypatch.setattr(fastpath_cuda, "compute_dtype", lambda model: torch.bfloat16)
     monkeypatch.setattr(varlen_kernel, "attention_call", lambda: reference_varlen)
 
 
@@ -121,7 +121,7 @@ def opaque_kernel(monkeypatch):
         return _opaque_varlen(q, k, v, cu_q, max_q, scale)
 
     monkeypatch.setattr(varlen_kernel, "available", lambda: True)
-    monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
+    monkeypatch.setattr(fastpath_cuda, "compute_dtype", lambda model: torch.bfloat16)
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
     monkeypatch.setitem(varlen_kernel._NATIVE_GQA, "cpu", False)
     varlen_kernel.attention_call.cache_clear()

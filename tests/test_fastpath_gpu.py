@@ -77,6 +77,27 @@ def test_varlen_and_liger_equal_the_masked_path_with_lora_everywhere(rows):
         assert cos > 0.98, (k, cos, applied)
 
 
+def test_a_full_fine_tune_keeps_float32_master_weights_through_the_varlen_kernel(rows):
+    """bf16 on the GPU: float32 weights, the fast path still on (its compute dtype is autocast's), the loss under
+    autocast equal to the masked path's within bf16 rounding, the gradients float32 and pointing the same way."""
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, device="cuda", torch_dtype="bfloat16", method="full")
+    models = []
+    for fast in (False, True):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+            models.append(build_model(cfg.replace(fast_path=fast), torch.device("cuda")))
+    plain, fast = models
+    assert {p.dtype for p in fast.parameters()} == {torch.float32}
+    assert fastpath_cuda.compute_dtype(fast) == torch.bfloat16 and fastpath_cuda.uses_varlen_attention(fast)
+    with torch.autocast("cuda", torch.bfloat16):
+        loss_p, grads_p = loss_and_grads(plain, to_device(collate(rows, pad_id=0), "cuda"))
+        loss_f, grads_f = loss_and_grads(fast, to_device(collate_flat(rows), "cuda"))
+    assert loss_f == pytest.approx(loss_p, rel=2e-2)
+    assert all(p.grad.dtype == torch.float32 for p in fast.parameters() if p.grad is not None)
+    for k in grads_p:
+        cos = torch.nn.functional.cosine_similarity(grads_f[k].flatten(), grads_p[k].flatten(), dim=0).item()
+        assert cos > 0.95 or grads_p[k].abs().max() == 0, (k, cos)
+
+
 def test_fused_adamw_on_cuda():
     from workbench.train import make_optimizer
 

@@ -156,7 +156,7 @@ def test_checkpointing_switched_on_by_the_budget_fuses_the_loss_where_liger_appl
     cfg, rows = mixed
     cfg = cfg.replace(distill_weight=5.0 if distill else 0.0, unlikelihood_weight=0.0, max_length=1010)
     monkeypatch.setattr(varlen_kernel, "available", lambda: True)
-    monkeypatch.setattr(fastpath_cuda, "_compute_dtype", lambda base: torch.bfloat16)
+    monkeypatch.setattr(fastpath_cuda, "compute_dtype", lambda model: torch.bfloat16)
     model = tiny_lora(tiny_model)
     assert fastpath_cuda.enable_varlen_attention(model)
     if liger:

@@ -105,6 +105,7 @@ class Config:
     pretrained_model_name_or_path: str = _f(EMBEDDED_MODEL, help=f"Base model: '{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct, prepared by `make setup`), a local Hugging Face folder, or a hub id (needs network).")
     trust_remote_code: bool = _f(False, help="Allow the model folder's own Python code to run (auto_map in its config.json; the CLI flag is --trust-remote-code). Off unless you trust the folder. InternLM2 folders need not: they are converted to Llama once.")
     torch_dtype: str = _f("auto", help="Weight and compute dtype: auto (float32 on CPU, bfloat16 on GPUs that support it, else float16), float32, bfloat16, float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    pure_bf16: bool = _f(False, help="Full fine-tuning in bfloat16 only: train the bf16 weights themselves (with AdamW 8 bytes a weight, not 16) instead of float32 master weights under autocast (the default for a full fine-tune in half precision; DeepSpeed and FSDP keep their own float32 copy). An update smaller than half a weight's bf16 spacing is then lost: at lr 5e-5 a step leaves 92% of SmolLM2-135M's weights as they were.")
     device: str = _f("auto", help="Where to train and generate: auto (CUDA when available), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     method: str = _f("lora", help="full (train every weight), lora (low-rank adapters on a frozen base) or qlora (LoRA on a 4-bit NF4 base).", choices=("full", "lora", "qlora"))
     lora_r: int = _f(8, help="LoRA rank r: size of the low-rank update.")
@@ -186,6 +187,8 @@ class Config:
         if self.negative_weight < 0 or (self.negative_weight > 0 and not (self.unlikelihood_weight > 0 and any(d.twins for d in self.datasets))):
             errors.append(f"{where}.negative_weight: must be >= 0, and > 0 only with unlikelihood_weight > 0 and a source "
                           f"marked `unlikelihood: true` or `negatives: true` (the everyday rows whose twins it adds), got {self.negative_weight}")
+        if self.pure_bf16 not in (False, True) or (self.pure_bf16 and (self.method != "full" or self.torch_dtype not in ("auto", "bfloat16"))):
+            errors.append(f"{where}.pure_bf16: true or false, and true only for method full in bfloat16 (auto or bfloat16), got {self.pure_bf16!r}")
         if self.neftune_noise_alpha < 0:
             errors.append(f"{where}.neftune_noise_alpha: must be >= 0 (0: off), got {self.neftune_noise_alpha}")
         if not 0 <= self.lora_dropout < 1:

@@ -31,7 +31,7 @@ import torch
 
 from workbench.checkpoint import ENGINE_STATE, CheckpointError
 from workbench.config import Config, ConfigError
-from workbench.models import pick_device, pick_dtype
+from workbench.models import master_weights, pick_device, pick_dtype
 from workbench.safe_unpickle import check_dcp_metadata, weights_only_load
 
 
@@ -129,16 +129,18 @@ def fallback_note(strategy: Strategy) -> str | None:
 def make_accelerator(cfg: Config):
     """One per process; under `accelerate launch` / `torchrun` it joins the others (gloo on CPUs, NCCL on GPUs).
 
-    Half precision on a GPU runs as autocast over float32 LoRA weights; a full
-    fine-tune trains its bf16/fp16 weights directly, except under DeepSpeed and
-    FSDP, which keep float32 master weights when given the mixed-precision mode.
+    Half precision on a GPU runs as autocast over float32 LoRA weights, and over a
+    full fine-tune's float32 master weights (`models.master_weights`, on a CPU too,
+    where accelerate's autocast is bfloat16's only); DeepSpeed and FSDP keep their
+    own float32 copy of half-precision weights in the mixed-precision mode; with
+    `pure_bf16` a full fine-tune trains its bf16 weights directly.
     """
     from accelerate import Accelerator  # heavy: accelerate is imported when a run starts
 
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.torch_dtype, device)
-    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" else "no"
-    mixed = half if cfg.method != "full" or engine_requested() else "no"
+    dtype, master = pick_dtype(cfg.torch_dtype, device), master_weights(cfg, device, engine_requested())
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" or master else "no"
+    mixed = half if cfg.method != "full" or engine_requested() or master else "no"
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a second run in it (a notebook) may change precision
         from accelerate.state import AcceleratorState
 

@@ -3,8 +3,9 @@
 Memory = base weights (4, 2 or ~0.56 bytes per parameter for fp32, bf16/fp16 or
 NF4; under NF4 only the linear layers are 4-bit, the embeddings and an untied
 output head keep the compute dtype, float32 under float16; on a CPU a QLoRA step's peak is measured at
-about LoRA's, so there the weights count at the compute dtype) + for the trained
-weights their gradient and two AdamW moments + the activations of one
+about LoRA's, so there the weights count at the compute dtype; a full fine-tune in half precision keeps float32
+master weights, `models.master_weights`) + for the trained weights their gradient and two AdamW moments (LoRA's
+adapters: also the float32 weight; float32 master weights: also autocast's half copy) + the activations of one
 micro-batch + the logits (one float32 matrix of tokens x vocabulary with the
 fast path's fused loss, three without it) + on a CPU the process itself
 (Python, torch, transformers). On a GPU's fast path a micro-batch is a flat row of the
@@ -35,7 +36,7 @@ import torch
 from workbench import token_budget, varlen_kernel
 from workbench.config import Config
 from workbench.i18n import t
-from workbench.models import pick_device, pick_dtype, resolve_model_path
+from workbench.models import master_weights, pick_device, pick_dtype, resolve_model_path
 
 ACTIVATION_FLOATS = 30  # activations kept for the backward, per token, layer and hidden unit (fitted: 2.2 MiB/token on 135M)
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.56}
@@ -133,6 +134,15 @@ def weight_bytes(counts: dict[str, int], dtype: str, compute_dtype: str) -> floa
     return counts["linear"] * BYTES_PER_PARAM["nf4"] + (counts["total"] - counts["linear"]) * BYTES_PER_PARAM[rest]
 
 
+def optimizer_bytes_per_param(cfg: Config, dtype: str, master: bool) -> float:
+    """What a trained weight adds to the base weights: LoRA's float32 adapter weight, its gradient and AdamW's two
+    moments (16 bytes); a full fine-tune's gradient and moments at the weight's dtype (the weight itself is among the
+    base weights), and under float32 master weights the half-precision copy autocast keeps for the backward."""
+    if cfg.method != "full":
+        return 16.0
+    return 3 * (4.0 if master else BYTES_PER_PARAM[dtype]) + (2.0 if master else 0.0)
+
+
 def gpu_activations(cfg: Config, mcfg, compute: str, resident: float, step_tokens: int) -> float:
     """The GPU fast path's activations: one flat micro-batch of the step's tokens, of at most micro_batch_tokens or what
     80% of the memory the weights and optimizer leave free holds (workbench/token_budget.py), each token at what the
@@ -163,8 +173,9 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     per_token_layer = mcfg.hidden_size * (ACTIVATION_FLOATS if not cfg.gradient_checkpointing else 2) * act_bytes
     logit_copies = 1 if getattr(cfg, "fast_path", True) else 3  # the fused loss turns the logits into their gradient in place
     activations = tokens * mcfg.num_hidden_layers * per_token_layer + logit_copies * tokens * mcfg.vocab_size * 4
-    weights = weight_bytes(counts, dtype, compute)
-    optimizer = trainable * (4 + 4 + 8)
+    master = master_weights(cfg, device)  # a full fine-tune in half precision: float32 weights under autocast
+    weights = weight_bytes(counts, "float32" if master else dtype, compute)
+    optimizer = trainable * optimizer_bytes_per_param(cfg, dtype, master)
     if device.type == "cuda" and getattr(cfg, "fast_path", True) and varlen_kernel.available():
         activations = gpu_activations(cfg, mcfg, compute, weights + optimizer, tokens * cfg.accumulative_counts)
     if dtype == "nf4" and device.type == "cpu":  # bitsandbytes' CPU path: the step's peak is LoRA's (scaling sweep)
@@ -181,6 +192,6 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     sec = fixed + flops_per_token * tokens_per_step / (gflops * 1e9 * EFFICIENCY[device.type])
     n_steps = steps or cfg.max_steps or 100
     runtime = RUNTIME_GB[device.type] * 1e9
-    return Estimate(total, trainable, dtype, weights / 1e9, optimizer / 1e9, activations / 1e9,
+    return Estimate(total, trainable, f"float32, autocast {dtype}" if master else dtype, weights / 1e9, optimizer / 1e9, activations / 1e9,
                     (weights + optimizer + activations + runtime) / 1e9, tokens_per_step, n_steps,
                     flops_per_token, gflops, sec, sec * n_steps / 60, device.type, runtime / 1e9)

@@ -105,7 +105,7 @@ def enable_varlen_attention(model) -> bool:
     base = _transformers_model(model)
     if base is None or getattr(base.config, "_attn_implementation", None) != "sdpa" \
             or not getattr(base, "_supports_attention_backend", False) or not varlen_kernel.available() \
-            or not (_compute_dtype(base) in (torch.bfloat16, torch.float16) or _is_4bit(base)):  # the kernel's dtypes
+            or not (compute_dtype(model) in (torch.bfloat16, torch.float16) or _is_4bit(base)):  # the kernel's dtypes
         return False
     AttentionInterface.register(VARLEN_ATTENTION, functools.partial(varlen_attention, kernel=varlen_kernel.attention_call()))
     base.set_attn_implementation(VARLEN_ATTENTION)
@@ -127,8 +127,16 @@ def _is_4bit(base) -> bool:
     return bool(quant.get("load_in_4bit")) and str(quant.get("bnb_4bit_compute_dtype", "")).endswith(("bfloat16", "float16"))
 
 
-def _compute_dtype(base) -> torch.dtype:
-    return next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+def set_compute_dtype(model, dtype: torch.dtype) -> None:
+    """The precision the model computes in, where it is not its weights' (float32 master weights under autocast)."""
+    (_causal_lm(model) or model)._wb_compute_dtype = dtype
+
+
+def compute_dtype(model) -> torch.dtype:
+    """What `set_compute_dtype` said, else the dtype of the model's first floating-point weight."""
+    lm = _causal_lm(model) if isinstance(model, torch.nn.Module) else None  # through peft's and DDP's wrappers
+    given = getattr(lm or model, "_wb_compute_dtype", None)
+    return given or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def uses_varlen_attention(model) -> bool:

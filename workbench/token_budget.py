@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.fastpath_cuda import can_fuse_loss, uses_liger_loss
+from workbench.fastpath_cuda import can_fuse_loss, compute_dtype, uses_liger_loss
 from workbench.packing import logit_shares
 
 # The logits are counted apart from the layers because they grow with the vocabulary and the data, not with layers x
@@ -87,9 +87,12 @@ def budget_tokens(model, max_length: int, device: torch.device, requested: int |
 
 def optimizer_bytes(model) -> int:
     """What the trained weights will hold once training starts and does not hold yet: a gradient and AdamW's two
-    moments each, at the weight's dtype (the fused AdamW's). Small for LoRA; for full fine-tuning three times the
-    weights (a 7B model in bf16: 45 GB that free memory still shows before the first step)."""
-    return sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments each, at the weight's dtype (the fused AdamW's), and a float32 weight computing in half precision its
+    autocast copy, kept for the backward. Small for LoRA; for full fine-tuning three times the weights and more (a 7B
+    model: 46 GB that free memory still shows before the first step in pure bf16, 107 GB with float32 master weights)."""
+    half = 2 if compute_dtype(model).itemsize == 2 else 0
+    return sum(p.numel() * (3 * p.element_size() + (half if p.dtype == torch.float32 else 0))
+               for p in model.parameters() if p.requires_grad)
 
 
 def token_bytes(model, checkpointing: bool, shares: tuple[float, float], fused_loss: bool) -> float:
@@ -99,7 +102,7 @@ def token_bytes(model, checkpointing: bool, shares: tuple[float, float], fused_l
     below the CUDA_ACTIVATION_FLOATS measured all told: the 7B shape's LoRA runs on the H200 came to 43-49 of them
     (micro-batch sizes inferred from the budget then), with logits a smaller share than 1.5B's."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    dtype_bytes = torch.finfo(next(p for p in model.parameters() if p.is_floating_point()).dtype).bits // 8
+    dtype_bytes = compute_dtype(model).itemsize  # float32 master weights: autocast's half precision
     return config_token_bytes(cfg, dtype_bytes, checkpointing, shares, fused_loss)
 
 

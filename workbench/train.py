@@ -359,7 +359,8 @@ class TrainLoop:
         for i, rows in enumerate(micro):
             batch = self.batch(rows)
             with self.dist.micro_batch(model, last=i == len(micro) - 1):
-                s, total = training_loss(model, batch, self.cfg, acc.unwrap_model(model), self.identity)
+                with acc.autocast():  # also where the loss calls the decoder directly (the fused loss, the base's logits)
+                    s, total = training_loss(model, batch, self.cfg, acc.unwrap_model(model), self.identity)
                 acc.backward(total * scale / max(n_trained, 1))  # the logged loss stays the cross-entropy `s`
             loss_sum += s.detach()
         return loss_sum
