@@ -60,7 +60,9 @@ PLAN = [("qwen2.5-1.5b", "lora", ("workbench", "trl_best"), 1),
         # 2026-12-06: the lean LoRA forward under autocast and the seeded dropout (unmeasured): the A/B of them
         ("qwen2.5-1.5b", "lora", ("workbench_peft_lora",), 1),
         ("qwen2.5-1.5b", "lora", ("workbench_profile",), 1),
-        # measured 2026-12-04 20:07: the fused loss 0.71x the speed for 2.2 GB less; 8k micro-batches half the peak
+        # measured 2026-12-04 20:07: the fused loss 0.71x the speed for 2.2 GB less; 8k micro-batches half the peak.
+        # That fused loss called the decoder outside accelerate's autocast (peft's LoRA forward, float32 copies);
+        # since 2026-12-07 the whole loss runs under it (unmeasured): the fused side may tell otherwise now
         ("qwen2.5-1.5b", "lora", ("workbench_fused_loss", "workbench_mb8k"), 1),
         # compiling took over 70 s on the H200 (12-04), its layers then split by the LoRA dropout (fixed 12-07)
         ("qwen2.5-1.5b", "lora", ("workbench_compile",), 1),

@@ -25,7 +25,9 @@ it carries tens of thousands of tokens in few kernels, so:
   model's own function otherwise, and the fused linear cross-entropy
   (`fused_linear_loss_sum`) that never materialises the (tokens x vocabulary) logits,
   used only with gradient checkpointing: it saves memory, and on an H200 cost 1.4x the
-  step time (logits at the trained positions only are what the loss computes otherwise).
+  step time (logits at the trained positions only are what the loss computes otherwise;
+  that run's decoder, called directly, ran outside accelerate's autocast: LoRA took peft's
+  float32 path. The training loop now puts the whole loss under autocast; unmeasured).
   LoRA layers inside the patched MLP keep working: Liger's SwiGLU forward calls the
   module's (peft-wrapped) projections.
 
