@@ -315,6 +315,16 @@ def test_packing_only_where_the_workbench_controls_attention(tmp_path, capsys):
     assert sum(map(len, alone.rows)) == sum(map(len, packed.rows))
     assert "packing off: RemoteLlama runs its own (remote) attention code" in capsys.readouterr().out
     assert "packing off" in (tmp_path / "remote" / "dataset_report.txt").read_text()
+    from workbench import i18n
+
+    before = i18n.current_lang()
+    i18n.set_lang("zh")  # a Chinese session reads it in Chinese, in the log and in the dataset report
+    try:
+        Trainer(cfg, work_dir=tmp_path / "remote_zh", progress=False).setup(model=remote)
+    finally:
+        i18n.set_lang(before)
+    assert "已关闭 packing：RemoteLlama" in capsys.readouterr().out
+    assert "已关闭 packing" in (tmp_path / "remote_zh" / "dataset_report.txt").read_text()
 
 
 def test_serve_refuses_at_start_a_model_without_the_cache_api(monkeypatch):

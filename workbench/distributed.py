@@ -31,6 +31,7 @@ import torch
 
 from workbench.checkpoint import ENGINE_STATE, CheckpointError
 from workbench.config import Config, ConfigError
+from workbench.i18n import t
 from workbench.models import master_weights, pick_device, pick_dtype
 from workbench.safe_unpickle import check_dcp_metadata, weights_only_load
 
@@ -118,8 +119,7 @@ def engine_requested() -> bool:
 def fallback_note(strategy: Strategy) -> str | None:
     """A note when FSDP was asked for but accelerate runs plain data parallelism (no GPU)."""
     if engine_requested() and not strategy.engine_state:
-        return (f"note: the accelerate config asks for FSDP, but without a GPU accelerate runs "
-                f"{strategy.describe()} (gloo); the weights are not sharded.")
+        return t("train.fsdp_fallback", None, strategy=strategy.describe())
     return None
 
 

@@ -164,8 +164,7 @@ class Trainer:
         """Packed rows only for a model whose attention the workbench controls; else one conversation a row, said in the report."""
         if not self.cfg.pack_to_max_length or keeps_conversations_apart(self.model) or all(len(r) == 1 for r in rows):
             return rows
-        note = (f"packing off: {type(self.accelerator.unwrap_model(self.model)).__name__} runs its own (remote) attention code, "
-                "which would let packed conversations attend to each other; training one conversation a row")
+        note = t("train.packing_off", None, model=type(self.accelerator.unwrap_model(self.model)).__name__)
         if self.dist.is_main:
             print(note)
         if data_files is not None:

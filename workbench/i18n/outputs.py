@@ -66,6 +66,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "train.gpu_sized": (" (sized from free GPU memory)", "（按 GPU 的空闲显存确定）"),
     "train.gpu_checkpointing": ("; gradient checkpointing switched on: one row of max_length does not fit without it",
                                 "；已开启梯度检查点：不开它连一行 max_length 都放不下"),
+    "train.packing_off": ("packing off: {model} runs its own (remote) attention code, which would let packed "
+                          "conversations attend to each other; training one conversation a row",
+                          "已关闭 packing：{model} 使用它自己的（远程）注意力代码，拼在一行里的对话会互相看到；"
+                          "改为每行只训练一段对话"),
+    "train.fsdp_fallback": ("note: the accelerate config asks for FSDP, but without a GPU accelerate runs {strategy} "
+                            "(gloo); the weights are not sharded.",
+                            "注意：accelerate 配置要求 FSDP，但没有 GPU 时 accelerate 运行的是 {strategy}（gloo），"
+                            "权重没有被切分。"),
     # --- convert and merge (notebooks 04, 05) ---
     "conv.wrote": ("wrote {out} from {ckpt}", "已从 {ckpt} 写出 {out}"),
     "conv.qlora": ("the adapter was trained on a 4-bit (QLoRA) base; merging it into the unquantised base, reloaded in "
