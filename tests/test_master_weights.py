@@ -121,3 +121,12 @@ def test_the_varlen_switch_follows_the_compute_dtype_not_the_float32_weights(cfg
         if told is not None:
             fastpath_cuda.set_compute_dtype(model, told)
         assert fastpath_cuda.enable_varlen_attention(model) is expected
+
+
+def test_pure_bf16_is_refused_where_auto_means_float16(cfg, monkeypatch):
+    """torch_dtype auto on a GPU without bfloat16 (a T4) computes in float16: its weights cannot be trained directly."""
+    from workbench import distributed
+
+    monkeypatch.setattr(distributed, "pick_dtype", lambda name, device: torch.float16)
+    with pytest.raises(ConfigError, match="no bfloat16"):
+        distributed.make_accelerator(cfg.replace(pure_bf16=True))

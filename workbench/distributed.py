@@ -139,6 +139,9 @@ def make_accelerator(cfg: Config):
 
     device = pick_device(cfg.device)
     dtype, master = pick_dtype(cfg.torch_dtype, device), master_weights(cfg, device, engine_requested())
+    if cfg.pure_bf16 and dtype == torch.float16:  # torch_dtype auto on a GPU without bfloat16 (a T4, a V100)
+        raise ConfigError("config.pure_bf16: true, but this GPU has no bfloat16 and computes in float16, whose weights "
+                          "cannot train without float32 master weights and loss scaling: set pure_bf16: false")
     half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" or master else "no"
     mixed = half if cfg.method != "full" or engine_requested() or master else "no"
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a second run in it (a notebook) may change precision
