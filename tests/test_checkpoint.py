@@ -155,3 +155,40 @@ def test_checkpoint_names_and_the_pointer(run_dir, tmp_path):
     for bad in ("iter_", "iter_x", "adapter"):
         with pytest.raises(CheckpointError, match="not a checkpoint name"):
             checkpoint_step(bad)
+
+
+def test_float16s_loss_scale_is_resumed_and_a_damaged_one_is_a_clear_error(tmp_path):
+    """accelerate's GradScaler (float16 on a GPU; a CPU one stands in): its scale and growth count go into state.json
+    (numbers, no pickle) and come back, so a resumed run skips and grows at the steps an uninterrupted one does."""
+    import json
+
+    from workbench.checkpoint import STATE, load_checkpoint, save_checkpoint
+
+    def parts():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = parts()
+    scaler = torch.amp.GradScaler("cpu")
+    for poisoned in (True, False, False):  # an overflow halves the scale, then two good steps count towards growth
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+        if poisoned:
+            model.bias.grad[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 32768.0 and saved["_growth_tracker"] == 2
+    cfg = load_recipe("smollm2_135m_tiny_smoke")
+    ckpt = save_checkpoint(tmp_path / "iter_3", model, optimizer, scheduler, 3, 1.0, cfg, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    assert load_checkpoint(ckpt, *parts(), verbose=False, scaler=fresh) == 3
+    assert fresh.state_dict() == saved
+    state = json.loads((ckpt / STATE).read_text())
+    state["grad_scaler"]["scale"] = -1.0
+    (ckpt / STATE).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"state\.json: grad_scaler\.scale must be a finite float > 0, got -1\.0"):
+        load_checkpoint(ckpt, *parts(), verbose=False, scaler=torch.amp.GradScaler("cpu"))

@@ -158,6 +158,22 @@ def workflows(tmp_path_factory):
     return out
 
 
+def test_a_float16_run_resumes_its_loss_scale(tmp_path):
+    """float16 (a GPU without bfloat16, or chosen): accelerate's loss scaler comes back with the run, so the resumed
+    run skips and grows its scale at the steps the straight one does (a fresh scaler would count from 0 again)."""
+    from workbench.checkpoint import read_state
+    from workbench.train import train
+
+    if DEVICE != "cuda":
+        pytest.skip("accelerate scales float16 losses on CUDA only")
+    cfg = tiny_cfg(torch_dtype="float16", max_steps=4, save_steps=2)
+    train(cfg, tmp_path / "straight", progress=False)
+    train_interrupted_and_resumed(cfg, tmp_path / "resumed")
+    scaler = [read_state(tmp_path / run / "iter_4")["grad_scaler"] for run in ("straight", "resumed")]
+    assert scaler[0] == scaler[1]  # a fresh scaler at the resume would count its growth from 0 again
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=2e-2, abs=2e-2)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_train_resume_convert_merge_chat(workflows, method, tmp_path):
     from transformers import AutoModelForCausalLM

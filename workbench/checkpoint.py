@@ -6,7 +6,7 @@ A checkpoint is a folder iter_N (N = optimizer steps done) in the work dir:
     optimizer.safetensors    AdamW's state: tensors, with the rest (param groups) as JSON in the header
     scheduler.json           the learning-rate schedule's position
     rng_R.safetensors        process R's random generators (python, numpy, torch, cuda)
-    state.json               step, elapsed time, method, processes and rows per step
+    state.json               step, elapsed time, method, processes and rows per step, float16's loss scale
     config.yaml              the run's config
     engine_state/            DeepSpeed/FSDP only: accelerate's save_state (optimizer split over processes)
 
@@ -151,15 +151,20 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(target: Path, model, optimizer, scheduler, step: int, elapsed: float, cfg: Config,
-                    rng: dict | None = None, weights: dict[str, torch.Tensor] | None = None, plan=None) -> Path:
+                    rng: dict | None = None, weights: dict[str, torch.Tensor] | None = None, plan=None,
+                    scaler=None) -> Path:
     """Write iter_N atomically: trainable weights, optimizer, scheduler, RNG, step and the config.
 
     `weights` are the gathered trainable weights when the model holds only shards;
-    `optimizer` is None when its state is saved as engine_state/ by all processes.
+    `optimizer` is None when its state is saved as engine_state/ by all processes;
+    `scaler`: float16's loss scaler (accelerate's GradScaler, None otherwise), whose scale and growth count a resumed
+    run needs to skip and grow at the steps an uninterrupted one does.
     """
     state = {"step": step, "elapsed_s": elapsed, "method": cfg.method}
     if plan is not None:
         state.update(world_size=plan.world_size, rows_per_step=plan.rows_per_step)
+    if scaler is not None and scaler.is_enabled():
+        state["grad_scaler"] = scaler.state_dict()  # numbers only
     with atomic_dir(target, overwrite=True) as tmp:
         save_rng(tmp, 0, rng)
         save_file(weights if weights is not None else trainable_state_dict(model), str(tmp / TRAINABLE))
@@ -202,10 +207,9 @@ def load_trainable(model, ckpt: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, verbose: bool = True) -> int:
-    """Restore model, optimizer, scheduler and this process's RNG; return the step to continue from.
-
-    model and optimizer may be None when an engine state (DeepSpeed, FSDP) restored them.
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, verbose: bool = True, scaler=None) -> int:
+    """Restore model, optimizer, scheduler, float16's loss scaler and this process's RNG; return the step to continue
+    from. model and optimizer may be None when an engine state (DeepSpeed, FSDP) restored them.
     """
     ckpt = Path(ckpt)
     refuse_pickles(ckpt)
@@ -219,10 +223,28 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, verb
     rng = ckpt / f"rng_{rank}.safetensors"
     if rng.exists():
         set_rng_state(read_state_file(rng), rng)
-    step = read_state(ckpt)["step"]
+    state = read_state(ckpt)
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in state:
+        load_scaler(scaler, state["grad_scaler"], ckpt / STATE)
+    step = state["step"]
     if verbose:
         print(f"resuming from {ckpt} at step {step}")
     return step
+
+
+SCALER_FIELDS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int,
+                 "_growth_tracker": int}  # torch.amp.GradScaler.state_dict()
+
+
+def load_scaler(scaler, saved, path: Path) -> None:
+    """A loss scaler's state from a checkpoint's state.json, each field checked (a finite number, > 0 but the count)."""
+    for name, kind in SCALER_FIELDS.items():
+        value = saved.get(name) if isinstance(saved, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+                or not 0 <= value < float("inf") or (name != "_growth_tracker" and value == 0):
+            bound = ">= 0" if name == "_growth_tracker" else "> 0"
+            raise CheckpointError(f"{path}: grad_scaler.{name} must be a finite {kind.__name__} {bound}, got {value!r}")
+    scaler.load_state_dict({name: kind(saved[name]) for name, kind in SCALER_FIELDS.items()})
 
 
 def refuse_pickles(ckpt: Path) -> None:

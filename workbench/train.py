@@ -178,7 +178,8 @@ class Trainer:
         if self.strategy.engine_state:
             self.dist.load_engine_state(ckpt)
             return load_checkpoint(ckpt, None, None, self.scheduler, rank, verbose)
-        return load_checkpoint(ckpt, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, rank, verbose)
+        return load_checkpoint(ckpt, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, rank,
+                               verbose, scaler=self.accelerator.scaler)
 
     def train(self) -> None:
         if self.model is None:
@@ -429,7 +430,7 @@ class TrainLoop:
         if dist.is_main:
             optimizer = None if dist.strategy.engine_state else self.t.optimizer  # split over processes: in engine_state/
             save_checkpoint(target, model, optimizer, self.t.scheduler, step, self.elapsed, self.cfg, rng,
-                            weights=weights, plan=self.t.plan)
+                            weights=weights, plan=self.t.plan, scaler=self.t.accelerator.scaler)
         dist.wait()
         if not dist.is_main:  # the main process's RNG is inside the atomic folder
             save_rng(target, dist.rank, rng)
