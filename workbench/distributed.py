@@ -223,6 +223,14 @@ class Distributed:
         gas = cfg.accumulative_counts if self.strategy.kind == "deepspeed" else 1
         return float(self.acc.num_processes * gas)
 
+    def step(self, optimizer) -> bool:
+        """Step the optimizer; False where float16's loss scaler skipped the step (an overflow lowers its scale). Read
+        from the scale: accelerate's `step_was_skipped` stays False for a fused AdamW, which skips inside its kernel."""
+        scaler = self.acc.scaler
+        before = scaler.get_scale() if scaler is not None else None
+        optimizer.step()
+        return before is None or scaler.get_scale() >= before
+
     def clip(self, model, max_norm: float) -> float:
         """Clip to max_norm; the norm before clipping (DeepSpeed clips inside its step; nan if it tells none).
 

@@ -242,8 +242,7 @@ def write_data_files(work: Path, cfg: Config, samples, report) -> None:
 
 
 def make_optimizer(cfg: Config, model, rows, world_size: int, optimizer=None):
-    """(optimizer, scheduler, plan): AdamW over the trainable weights unless given (workbench/optimizer.py), the config's
-    schedule, the step plan."""
+    """(optimizer, scheduler, plan): AdamW over the trainable weights unless given (optimizer.py), schedule, step plan."""
     from transformers import get_scheduler  # heavy: transformers is imported when a run starts
 
     plan = StepPlan(len(rows), cfg.batch_size, cfg.accumulative_counts, world_size, cfg.seed, cfg.max_steps, cfg.max_epochs)
@@ -387,10 +386,10 @@ class TrainLoop:
         return to_device(collate(rows, self.pad_id), self.t.device)
 
     def optimizer_step(self) -> float:
-        """Clip, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
+        """Clip; step the optimizer, and the schedule unless float16's loss scaler skipped it; clear; the norm before clipping."""
         grad_norm = self.dist.clip(self.t.model, self.cfg.max_norm)
-        self.t.optimizer.step()
-        self.t.scheduler.step()
+        if self.dist.step(self.t.optimizer):
+            self.t.scheduler.step()
         self.t.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
