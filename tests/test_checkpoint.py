@@ -188,7 +188,11 @@ def test_float16s_loss_scale_is_resumed_and_a_damaged_one_is_a_clear_error(tmp_p
     assert load_checkpoint(ckpt, *parts(), verbose=False, scaler=fresh) == 3
     assert fresh.state_dict() == saved
     state = json.loads((ckpt / STATE).read_text())
-    state["grad_scaler"]["scale"] = -1.0
-    (ckpt / STATE).write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"state\.json: grad_scaler\.scale must be a finite float > 0, got -1\.0"):
-        load_checkpoint(ckpt, *parts(), verbose=False, scaler=torch.amp.GradScaler("cpu"))
+    for field, value, words in (("scale", -1.0, "a finite float > 0, got -1.0"),
+                                ("_growth_tracker", float("inf"), "a finite int >= 0, got inf"),
+                                ("growth_interval", 2.5, "a finite int > 0, got 2.5")):
+        damaged = json.loads(json.dumps(state))
+        damaged["grad_scaler"][field] = value
+        (ckpt / STATE).write_text(json.dumps(damaged))
+        with pytest.raises(CheckpointError, match=f"state\\.json: grad_scaler\\.{field} must be {words}"):
+            load_checkpoint(ckpt, *parts(), verbose=False, scaler=torch.amp.GradScaler("cpu"))

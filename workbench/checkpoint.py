@@ -240,8 +240,8 @@ def load_scaler(scaler, saved, path: Path) -> None:
     """A loss scaler's state from a checkpoint's state.json, each field checked (a finite number, > 0 but the count)."""
     for name, kind in SCALER_FIELDS.items():
         value = saved.get(name) if isinstance(saved, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
-                or not 0 <= value < float("inf") or (name != "_growth_tracker" and value == 0):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf") \
+                or (kind is int and value != int(value)) or (name != "_growth_tracker" and value == 0):
             bound = ">= 0" if name == "_growth_tracker" else "> 0"
             raise CheckpointError(f"{path}: grad_scaler.{name} must be a finite {kind.__name__} {bound}, got {value!r}")
     scaler.load_state_dict({name: kind(saved[name]) for name, kind in SCALER_FIELDS.items()})
