@@ -32,9 +32,9 @@ def mixed():
     return cfg, prepare_rows(cfg, PromptBuilder(load_tokenizer("embedded")), is_main=False)[2]
 
 
-def tiny_lora(tiny_model: str, dtype: str = "float32", method: str = "lora"):
+def tiny_lora(tiny_model: str, dtype: str = "float32", method: str = "lora", **fields):
     cfg = Config(pretrained_model_name_or_path=tiny_model, lora_dropout=0.0, fast_path=False, device="cpu",
-                 torch_dtype=dtype, method=method)
+                 torch_dtype=dtype, method=method, **fields)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return build_model(cfg, torch.device("cpu"))
@@ -98,6 +98,46 @@ def test_a_token_costs_its_layers_and_its_logits(tiny_model):
     checkpointed = token_budget.CHECKPOINTED_FLOATS * per_float
     assert token_budget.token_bytes(model, True, SHARES, False) == pytest.approx(checkpointed + logits)
     assert token_budget.token_bytes(model, True, SHARES, True) == checkpointed
+
+
+def saved_for_backward(model, tokens: int, autocast: bool) -> int:
+    """Bytes of the tensors the decoder's layers keep for the backward of one row of `tokens` (each storage once,
+    the weights left out), under bfloat16 autocast or not."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.arange(tokens).remainder(model.config.vocab_size)[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.model(input_ids=ids)
+    return sum(kept.values())
+
+
+def test_float32_master_weights_cost_their_float32_residual_stream(tiny_model):
+    """A full fine-tune with float32 master weights under bfloat16 autocast keeps more for the backward than one in
+    pure bfloat16 (its residual stream stays float32): measured here a token at a time, and no more than the budget
+    adds for it (MASTER_EXTRA_BYTES per layer and hidden unit, only for such a model), nor far less."""
+    pure, master = tiny_lora(tiny_model, "bfloat16", "full", pure_bf16=True), tiny_lora(tiny_model, "bfloat16", "full")
+    assert (pure.dtype, master.dtype) == (torch.bfloat16, torch.float32)  # models.master_weights
+    c = pure.config
+    per_unit = c.num_hidden_layers * c.hidden_size
+    per_token = {name: (saved_for_backward(m, 256, ac) - saved_for_backward(m, 128, ac)) / 128 / per_unit
+                 for name, m, ac in (("pure", pure, False), ("master", master, True))}
+    assert token_budget.MASTER_EXTRA_BYTES - 2 <= per_token["master"] - per_token["pure"] <= token_budget.MASTER_EXTRA_BYTES
+
+    fastpath_cuda.set_compute_dtype(master, torch.bfloat16)
+    for checkpointing, extra in ((False, token_budget.MASTER_EXTRA_BYTES * per_unit),
+                                 (True, (2 * c.num_hidden_layers + token_budget.MASTER_EXTRA_BYTES) * c.hidden_size)):
+        for fused in (False, True):
+            assert token_budget.token_bytes(master, checkpointing, SHARES, fused) == pytest.approx(
+                token_budget.token_bytes(pure, checkpointing, SHARES, fused) + extra)
+    lora = tiny_lora(tiny_model, "bfloat16")  # float32 adapters on a bfloat16 base: no master weights
+    assert token_budget.token_bytes(lora, False, SHARES, False) == token_budget.token_bytes(pure, False, SHARES, False)
 
 
 def test_the_rule_keeps_the_h200_measurement_and_counts_a_large_vocabulary():
@@ -235,3 +275,7 @@ def test_the_estimate_on_a_gpu_counts_the_micro_batch_the_budget_lets_through(ti
     free_memory(monkeypatch, 10 ** 12)
     assert est.estimate(cfg, gflops=1000.0).activations_gb * 1e9 == pytest.approx(4 * 128 * 8 * per_token)
     assert est.estimate(cfg.replace(fast_path=False), gflops=1000.0).activations_gb < gpu.activations_gb  # as before
+    full = est.estimate(cfg.replace(method="full", micro_batch_tokens=1000), gflops=1000.0)  # float32 master weights
+    master_token = token_budget.config_token_bytes(AutoConfig.from_pretrained(resolve_model_path(tiny_model)), 2,
+                                                   False, (1.0, 0.0), False, master=True)
+    assert full.weight_dtype.startswith("float32") and full.activations_gb * 1e9 == pytest.approx(1000 * master_token)

@@ -143,14 +143,14 @@ def optimizer_bytes_per_param(cfg: Config, dtype: str, master: bool) -> float:
     return 3 * (4.0 if master else BYTES_PER_PARAM[dtype]) + (2.0 if master else 0.0)
 
 
-def gpu_activations(cfg: Config, mcfg, compute: str, resident: float, step_tokens: int) -> float:
+def gpu_activations(cfg: Config, mcfg, compute: str, resident: float, step_tokens: int, master: bool = False) -> float:
     """The GPU fast path's activations: one flat micro-batch of the step's tokens, of at most micro_batch_tokens or what
     80% of the memory the weights and optimizer leave free holds (workbench/token_budget.py), each token at what the
     budget counts for it with every position trained (and distilled, where the distillation is on): an upper bound."""
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
     shares = (1.0, 1.0 if cfg.distill_weight > 0 else 0.0)
     per_token = token_budget.config_token_bytes(text, 4 if compute == "float32" else 2, cfg.gradient_checkpointing,
-                                                shares, fused_loss=False)
+                                                shares, fused_loss=False, master=master)
     budget = cfg.micro_batch_tokens or int(0.8 * max(torch.cuda.mem_get_info()[0] - resident, 0) / per_token)
     return min(step_tokens, max(cfg.max_length, min(token_budget.MAX_BUDGET_TOKENS, budget))) * per_token
 
@@ -177,7 +177,7 @@ def estimate(cfg: Config, tokens_per_row: int | None = None, steps: int | None =
     weights = weight_bytes(counts, "float32" if master else dtype, compute)
     optimizer = trainable * optimizer_bytes_per_param(cfg, dtype, master)
     if device.type == "cuda" and getattr(cfg, "fast_path", True) and varlen_kernel.available():
-        activations = gpu_activations(cfg, mcfg, compute, weights + optimizer, tokens * cfg.accumulative_counts)
+        activations = gpu_activations(cfg, mcfg, compute, weights + optimizer, tokens * cfg.accumulative_counts, master)
     if dtype == "nf4" and device.type == "cpu":  # bitsandbytes' CPU path: the step's peak is LoRA's (scaling sweep)
         activations += weight_bytes(counts, compute, compute) - weights
     attention = 6 * mcfg.num_hidden_layers * mcfg.hidden_size * (context or row)  # QK^T and AV over a causal context, x3

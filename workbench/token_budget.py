@@ -7,7 +7,8 @@ loop), at what a token costs at the peak of a step (`token_bytes`), in two parts
 
 * what the decoder's layers keep for the backward, which grows with layers x hidden
   size (measured on an H200), or, under gradient checkpointing, their inputs and one
-  layer's recomputation;
+  layer's recomputation; more for float32 master weights under autocast, whose
+  residual stream stays float32;
 * what its logits cost the loss, which grows with the vocabulary and with the share of
   the data's positions the loss takes logits at (trained, marked for the unlikelihood
   term) and compares with the base at (distilled): `packing.logit_shares` of the run's
@@ -43,6 +44,14 @@ CUDA_ACTIVATION_FLOATS = 52
 MEASURED_KEPT_SHARE = 0.655  # packing.logit_shares of that data (the mixed recipe, the embedded tokenizer)
 CUDA_LAYER_FLOATS = round(CUDA_ACTIVATION_FLOATS - LOGIT_BYTES * 151936 * MEASURED_KEPT_SHARE / (28 * 1536 * 2))  # 38
 CHECKPOINTED_FLOATS = 8  # under gradient checkpointing: layer inputs plus one layer's recomputation (7B QLoRA, fused loss: 5.5)
+# Float32 master weights computing under autocast (a full fine-tune in half precision, `models.master_weights`) keep
+# more for the backward than pure half precision: the residual stream and the norms' outputs stay float32 (the
+# embeddings and norm weights are), only the matrix products' inputs are cast. Measured on this CPU with saved-tensor
+# hooks (full fine-tuning, bfloat16): SmolLM2-135M's layer shape, 44.4 bytes a token, layer and hidden unit in pure
+# bfloat16 and 55.0 with float32 weights under bfloat16 autocast; the tiny test model's, 42.0 and 53.5
+# (tests/test_gpu_budget.py). 12 bytes more, added to the layers' part. Under gradient checkpointing the layers' kept
+# inputs are float32: 2 bytes more each, and one layer's recomputation 12.
+MASTER_EXTRA_BYTES = 12
 MAX_BUDGET_TOKENS = 65536
 
 
@@ -103,19 +112,29 @@ def token_bytes(model, checkpointing: bool, shares: tuple[float, float], fused_l
     (micro-batch sizes inferred from the budget then), with logits a smaller share than 1.5B's."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     dtype_bytes = compute_dtype(model).itemsize  # float32 master weights: autocast's half precision
-    return config_token_bytes(cfg, dtype_bytes, checkpointing, shares, fused_loss)
+    return config_token_bytes(cfg, dtype_bytes, checkpointing, shares, fused_loss, master=_has_master_weights(model))
 
 
 def config_token_bytes(cfg, dtype_bytes: int, checkpointing: bool, shares: tuple[float, float],
-                       fused_loss: bool) -> float:
-    """`token_bytes` from a model's config (text part) and its compute dtype's bytes, before the model is built."""
+                       fused_loss: bool, master: bool = False) -> float:
+    """`token_bytes` from a model's config (text part) and its compute dtype's bytes, before the model is built;
+    `master`: float32 weights computing in that half precision under autocast (MASTER_EXTRA_BYTES)."""
     layers, hidden = getattr(cfg, "num_hidden_layers", 24), getattr(cfg, "hidden_size", 2048)
     per_float = layers * hidden * dtype_bytes
     kept, distilled = shares
     logits = 0.0 if fused_loss else getattr(cfg, "vocab_size", 32000) * (LOGIT_BYTES * kept + DISTILL_LOGIT_BYTES * distilled)
     if checkpointing:
-        return CHECKPOINTED_FLOATS * per_float + logits
-    return max(CUDA_ACTIVATION_FLOATS * per_float, CUDA_LAYER_FLOATS * per_float + logits)
+        extra = (2 * layers + MASTER_EXTRA_BYTES) * hidden if master else 0
+        return CHECKPOINTED_FLOATS * per_float + extra + logits
+    extra = MASTER_EXTRA_BYTES * layers * hidden if master else 0
+    return max(CUDA_ACTIVATION_FLOATS * per_float, CUDA_LAYER_FLOATS * per_float + logits) + extra
+
+
+def _has_master_weights(model) -> bool:
+    """The model's weights are float32 (its first, the embeddings, whose output starts the residual stream; LoRA's
+    float32 adapters on a half-precision base are not) and it computes in half precision (`set_compute_dtype`)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return first is not None and first.dtype == torch.float32 and compute_dtype(model).itemsize == 2
 
 
 def _tokens_that_fit(device: torch.device, per_token: float, pending: int = 0) -> int:
