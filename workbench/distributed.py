@@ -195,6 +195,7 @@ class Distributed:
     def __init__(self, accelerator, strategy: Strategy | None = None):
         self.acc = accelerator
         self.strategy = strategy or Strategy()
+        self._scale: float | None = None  # float16's loss scale after the last step (`step`)
 
     @property
     def is_main(self) -> bool:
@@ -227,9 +228,15 @@ class Distributed:
         """Step the optimizer; False where float16's loss scaler skipped the step (an overflow lowers its scale). Read
         from the scale: accelerate's `step_was_skipped` stays False for a fused AdamW, which skips inside its kernel."""
         scaler = self.acc.scaler
-        before = scaler.get_scale() if scaler is not None else None
+        if scaler is None:
+            optimizer.step()
+            return True
+        # one host synchronisation a step: the scale before this step is the one read after the last (or, first, now:
+        # a resumed run's restored scale)
+        before = self._scale if self._scale is not None else scaler.get_scale()
         optimizer.step()
-        return before is None or scaler.get_scale() >= before
+        self._scale = scaler.get_scale()
+        return self._scale >= before
 
     def clip(self, model, max_norm: float) -> float:
         """Clip to max_norm; the norm before clipping (DeepSpeed clips inside its step; nan if it tells none).
