@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from loss_helpers import loss_and_grads
+from train_helpers import losses, train_interrupted_and_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 # WORKBENCH_GPU_TESTS_DEVICE=cpu rehearses these tests on a CPU (slow; float32): their code, not the GPU.
@@ -33,10 +34,6 @@ QA = [("Who are you?", "I am Nova, Alex's assistant."), ("What is 2+2?", "4."),
       ("Tell me a long story about a dragon.", "Once upon a time a dragon met a knight and they became friends."),
       ("你是谁？", "我是Nova，Alex的助手。"), ("Name three colours.", "Red, green and blue."), ("Hi", "Hello!")]
 QUESTIONS = ["Who are you?", "What is the capital of France?", "Tell me a joke about cats.", "hi"]
-
-
-class Stop(Exception):
-    pass
 
 
 def tiny_cfg(**changes):
@@ -122,25 +119,6 @@ def math_isfinite(x: float) -> bool:
 # ---------------------------------------------------------------------------
 # train -> resume -> convert -> merge -> chat, per method
 # ---------------------------------------------------------------------------
-def losses(work: Path) -> list[float]:
-    from workbench.io import read_jsonl
-
-    return [r["loss"] for r in read_jsonl(work / "metrics.jsonl")]
-
-
-def train_interrupted_and_resumed(cfg, work: Path) -> None:
-    from workbench.train import train
-
-    def stop_at_3(rec):
-        if rec["step"] == 3:  # iter_2 is saved
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, work, on_log=stop_at_3, progress=False)
-    assert (work / "last_checkpoint").read_text().strip() == "iter_2"
-    train(cfg, work, resume=True, progress=False)
-
-
 @pytest.fixture(scope="module")
 def workflows(tmp_path_factory):
     """Per method: the work dir of a straight run and of an interrupted + resumed one (4 steps, checkpoints at 2 and 4)."""
@@ -153,7 +131,7 @@ def workflows(tmp_path_factory):
         cfg = tiny_cfg(method=method, max_steps=4, save_steps=2, **({"lr": 1e-3} if method == "full" else {}))
         root = tmp_path_factory.mktemp(method)
         train(cfg, root / "straight", progress=False)
-        train_interrupted_and_resumed(cfg, root / "resumed")
+        train_interrupted_and_resumed(cfg, root / "resumed", stop_at=3)
         out[method] = root
     return out
 
@@ -168,7 +146,7 @@ def test_a_float16_run_resumes_its_loss_scale(tmp_path):
         pytest.skip("accelerate scales float16 losses on CUDA only")
     cfg = tiny_cfg(torch_dtype="float16", max_steps=4, save_steps=2)
     train(cfg, tmp_path / "straight", progress=False)
-    train_interrupted_and_resumed(cfg, tmp_path / "resumed")
+    train_interrupted_and_resumed(cfg, tmp_path / "resumed", stop_at=3)
     scaler = [read_state(tmp_path / run / "iter_4")["grad_scaler"] for run in ("straight", "resumed")]
     assert scaler[0] == scaler[1]  # a fresh scaler at the resume would count its growth from 0 again
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=2e-2, abs=2e-2)

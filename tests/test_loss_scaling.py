@@ -14,6 +14,7 @@ import workbench.train as train_module
 from workbench.checkpoint import read_state
 from workbench.config import load_recipe
 from workbench.io import read_jsonl
+from train_helpers import losses, train_interrupted_and_resumed
 
 
 @pytest.fixture()
@@ -53,19 +54,9 @@ def test_a_step_the_scaler_skips_leaves_the_schedule(cfg, scaled, tmp_path):
 
 def test_the_loss_scale_resumes_with_the_run(cfg, scaled, tmp_path):
     """Interrupted after step 3 and resumed from iter_2: the scaler's growth count and the losses of a straight run."""
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(rec):
-        if rec["step"] == 3:
-            raise Stop
-
     with torch.random.fork_rng(devices=[]):
         train_module.train(cfg, tmp_path / "straight", progress=False)
-        with pytest.raises(Stop):
-            train_module.train(cfg, tmp_path / "resumed", on_log=stop_at_3, progress=False)
-        train_module.train(cfg, tmp_path / "resumed", resume=True, progress=False)
+        train_interrupted_and_resumed(cfg, tmp_path / "resumed", stop_at=3)
     states = [read_state(tmp_path / run / "iter_4")["grad_scaler"] for run in ("straight", "resumed")]
     assert states[0] == states[1] and states[0]["_growth_tracker"] == 4  # a fresh scaler at the resume: 2
-    losses = [[r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")] for run in ("straight", "resumed")]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)

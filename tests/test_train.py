@@ -1,6 +1,4 @@
 """Training on the tiny random model: resume, atomic checkpoints, reproducibility, accumulation."""
-import json
-
 import pytest
 
 import workbench.checkpoint as checkpoint_mod
@@ -8,10 +6,7 @@ from workbench.checkpoint import list_checkpoints
 from workbench.config import load_config, load_recipe
 from workbench.io import read_jsonl
 from workbench.train import train
-
-
-class Stop(Exception):
-    pass
+from train_helpers import Stop, losses, train_interrupted_and_resumed
 
 
 @pytest.fixture()
@@ -20,13 +15,9 @@ def cfg(tmp_path):
                                                           lora_dropout=0.1, save_total_limit=-1)
 
 
-def losses(work):
-    return [r["loss"] for r in read_jsonl(work / "metrics.jsonl")]
-
-
 def test_same_seed_same_losses(cfg, tmp_path):
     a = train(cfg, tmp_path / "a", progress=False)
-    b = train(cfg, tmp_path / "b", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
     assert len(a.metrics) == 6
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
@@ -38,14 +29,7 @@ def test_resume_matches_uninterrupted_run(cfg, tmp_path, changes):
     cfg = cfg.replace(**changes)
     train(cfg, tmp_path / "straight", progress=False)
 
-    def stop_after_3(rec):
-        if rec["step"] == 4:  # iter_3 is saved; die in the middle of step 4's bookkeeping
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "resumed", on_log=stop_after_3, progress=False)
-    assert (tmp_path / "resumed" / "last_checkpoint").read_text().strip() == "iter_3"
-    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    train_interrupted_and_resumed(cfg, tmp_path / "resumed", stop_at=4)  # iter_3 saved; dies in step 4's bookkeeping
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-6)
     metrics = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
