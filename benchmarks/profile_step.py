@@ -18,7 +18,7 @@ The operator times are summed into kinds of work (the base weights' matmuls,
 LoRA's rank-r matmuls, the output head, attention, dropout, softmax and
 cross-entropy, the rest) and printed as a table with milliseconds and shares,
 plus the top operators of each step. This is the measurement behind the fast
-path (workbench/fastpath.py) and the "where the time goes" section of
+path (workbench/fastpath/cpu.py) and the "where the time goes" section of
 benchmarks/README.md.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def steps(cfg, batch_size: int, step: int):
     from benchmarks.baseline_peft import make_process_func
     from benchmarks.common import sample_stream, with_system
     from benchmarks.run_workbench import stream_rows
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
     from workbench.packing import collate
     from workbench.loss import token_loss_sum
     from workbench.models import build_model

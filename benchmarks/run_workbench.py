@@ -111,11 +111,11 @@ def train_workbench(cfg, args, stream: list) -> tuple[list[dict], dict]:
         base_model_bytes = base.get_memory_footprint()
         model = build_model(trainer.cfg, trainer.device, trainer.strategy, base=base)
         if getattr(args, "fused_loss", False):
-            from workbench.fastpath_cuda import liger_available, set_liger_loss
+            from workbench.fastpath.cuda import liger_available, set_liger_loss
 
             set_liger_loss(model, liger_available())
         if getattr(args, "peft_lora", False):  # what a GPU ran before the lean LoRA under autocast: the A/B of it
-            from workbench.fastpath import use_peft_lora_forward
+            from workbench.fastpath.cpu import use_peft_lora_forward
 
             use_peft_lora_forward(model)
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -108,7 +108,7 @@ for module in ("peft", "trl", "datasets", "gguf", "bitsandbytes", "liger_kernel.
 if hasattr(torch.nn.attention, "varlen") or importlib.util.find_spec("torch.nn.attention.varlen"):
     print("  torch.nn.attention.varlen: present")
     try:  # grouped key/value heads: the flag (torch 2.13), the kernel taking them as they are, or repeated
-        from workbench import varlen_kernel
+        from workbench.fastpath import varlen_kernel
         print(f"  varlen_attn: enable_gqa {'yes' if varlen_kernel.signature()[1] else 'no'}; "
               f"grouped heads as they are: {varlen_kernel.kernel_takes_gqa('cuda')}")
     except Exception as exc:  # noqa: BLE001 - reported, the check goes on

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from workbench import fastpath_cuda
+from workbench.fastpath import cuda as fastpath_cuda
 from workbench.config import Config
 from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer

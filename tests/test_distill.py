@@ -120,7 +120,7 @@ def test_the_identity_data_as_a_file_stays_out_of_the_term(tmp_path):
 def test_the_base_forward_runs_only_the_everyday_conversations(setup, packed_attention):
     """The base model's logits at the distilled positions are the same whether the whole batch or only the
     conversations that hold them go through the forward (rows of several conversations, padding, two rows)."""
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
     from workbench.loss import conversations_holding, forward_logits, trained_positions
 
     builder, model, everyday, identity, _ = setup

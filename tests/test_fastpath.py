@@ -1,4 +1,4 @@
-"""The training fast path (workbench/fastpath.py) computes the same thing as the plain path.
+"""The training fast path (workbench/fastpath/cpu.py) computes the same thing as the plain path.
 
 Packed attention: same loss and same gradients as transformers' masked SDPA on a
 packed batch with several rows and padding, generation unchanged; fast LoRA
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench import fastpath, lora_dropout
+from workbench.fastpath import cpu as fastpath, lora_dropout
 from workbench.config import Config
 from workbench.models import TINY_MODEL, load_model, load_tokenizer
 from workbench.packing import collate, pack

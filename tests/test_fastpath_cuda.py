@@ -1,4 +1,4 @@
-"""The GPU fast path's plumbing (workbench/fastpath_cuda.py), checked on the CPU.
+"""The GPU fast path's plumbing (workbench/fastpath/cuda.py), checked on the CPU.
 
 The varlen flash kernel itself runs only on CUDA (tests/test_gpu.py compares it with
 the masked path there). Here it is replaced by a reference (causal SDPA per
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import fastpath_cuda, varlen_kernel
+from workbench.fastpath import cuda as fastpath_cuda, varlen_kernel
 from workbench.config import Config
 from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
@@ -304,8 +304,8 @@ def test_compiled_layers_have_no_graph_breaks_with_lora_dropout(rows, opaque_ker
     way to torch's dropout inside the compiled layer; before, they split a two-layer model's forward into 50 graphs."""
     from torch._dynamo.utils import counters
 
-    from workbench import lora_dropout
-    from workbench.fastpath import use_lean_lora_forward
+    from workbench.fastpath import lora_dropout
+    from workbench.fastpath.cpu import use_lean_lora_forward
 
     if seeded:  # the GPU's way, on this CPU
         linear = lora_dropout.FastDropout.linear
@@ -475,7 +475,8 @@ def test_a_gpu_without_the_varlen_kernel_keeps_transformers_attention(monkeypatc
     """On a GPU the varlen kernel cannot serve, the fast path leaves transformers' masked attention in place, not the
     CPU's per-conversation attention (its loop over conversations waits for the GPU at every layer); on a CPU the
     same model gets that one."""
-    from workbench import fastpath, models
+    from workbench import models
+    from workbench.fastpath import cpu as fastpath
 
     cfg = Config(pretrained_model_name_or_path=TINY_MODEL, lora_dropout=0.0, fast_path=True, device="cpu")
     attention = lambda m: fastpath._transformers_model(m).config._attn_implementation  # noqa: E731

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from workbench import fastpath_cuda
+from workbench.fastpath import cuda as fastpath_cuda
 from workbench.config import Config
 from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
@@ -130,10 +130,10 @@ def test_loraplus_fused_on_cuda(rows):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_lora_under_autocast_keeps_x_and_a_seed_and_never_waits(rows, method):
     """As the training loop runs a GPU's LoRA (autocast to bf16 over float32 adapters, dropout on): the lean forward
-    with the seeded dropout (workbench/lora_dropout.py) trains without host synchronisation, and the step's peak
+    with the seeded dropout (workbench/fastpath/lora_dropout.py) trains without host synchronisation, and the step's peak
     memory is below that of the same fast path with peft's own LoRA forward and torch's dropout. QLoRA too (its
     4-bit layers' lean forward: no copy of the base output; bitsandbytes' own kernels are not checked for waits)."""
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
 
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("QLoRA needs bitsandbytes")

@@ -92,7 +92,7 @@ def tiny_lora_on_cuda(fast: bool):
 
 def test_varlen_fast_path_equals_the_masked_path(packed_batch):
     plain, fast = tiny_lora_on_cuda(fast=False), tiny_lora_on_cuda(fast=True)
-    from workbench import fastpath, fastpath_cuda
+    from workbench.fastpath import cpu as fastpath, cuda as fastpath_cuda
 
     assert next(fast.parameters()).device.type == DEVICE
     assert fastpath.uses_packed_attention(fast) or fastpath_cuda.uses_varlen_attention(fast)

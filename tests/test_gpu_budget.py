@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench import fastpath, fastpath_cuda, i18n, token_budget, varlen_kernel
+from workbench import i18n
+from workbench.fastpath import cpu as fastpath, cuda as fastpath_cuda, token_budget, varlen_kernel
 from workbench.config import Config, load_recipe
 from workbench.loss import training_loss
 from workbench.models import build_model, load_tokenizer

@@ -296,7 +296,7 @@ def test_packing_only_where_the_workbench_controls_attention(tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     from workbench.config import load_recipe
-    from workbench.fastpath import keeps_conversations_apart
+    from workbench.fastpath.cpu import keeps_conversations_apart
     from workbench.models import load_model
     from workbench.train import Trainer
 

@@ -1,4 +1,4 @@
-"""The GPU's LoRA dropout (workbench/lora_dropout.py: the mask drawn again from a seed), checked on the CPU.
+"""The GPU's LoRA dropout (workbench/fastpath/lora_dropout.py: the mask drawn again from a seed), checked on the CPU.
 
 The maths does not depend on the device: here the seeded path is asked for on CPU
 tensors (`seeded=True`), and checked against `F.linear` of the same mask, for its rate
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from loss_helpers import saved_bytes
-from workbench.lora_dropout import FastDropout, draw_seed, seeded_mask
+from workbench.fastpath.lora_dropout import FastDropout, draw_seed, seeded_mask
 
 
 def test_the_seed_gives_the_mask_again_with_the_rate_and_scale_of_dropout():
@@ -132,7 +132,7 @@ def _loss_grads_kept(model, batch):
 
 def test_lean_forward_under_autocast_keeps_the_loss_and_gradients_and_no_float32_copies(tiny_model, batch,
                                                                                        one_torch_thread):
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
 
     model = bf16_lora(0.0)
     loss_p, grads_p, kept_p = _loss_grads_kept(model, batch)
@@ -147,7 +147,7 @@ def test_lean_forward_under_autocast_keeps_the_loss_and_gradients_and_no_float32
 def test_seeded_dropout_under_autocast_keeps_what_no_dropout_keeps(tiny_model, batch, one_torch_thread, monkeypatch):
     """On a GPU the LoRA dropout keeps x and a seed (forced here on the CPU): the bytes kept for the backward
     are those of the same model without dropout, where peft's dropout keeps a copy and a mask per adapter."""
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
 
     original = FastDropout.linear
     monkeypatch.setattr(FastDropout, "linear", lambda self, x, w, seeded=None: original(self, x, w, seeded=True))

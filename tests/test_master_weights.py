@@ -7,7 +7,7 @@ GPU (the rounding is the dtype's); bfloat16 is chosen explicitly here, as `auto`
 import pytest
 import torch
 
-from workbench import fastpath_cuda, token_budget
+from workbench.fastpath import cuda as fastpath_cuda, token_budget
 from workbench.config import ConfigError, load_recipe
 from workbench.estimate import estimate
 from workbench.train import Trainer
@@ -110,7 +110,7 @@ def test_the_token_budget_counts_the_autocast_copy(cfg, tmp_path):
 def test_the_varlen_switch_follows_the_compute_dtype_not_the_float32_weights(cfg, monkeypatch):
     """On a GPU the fast path is told the run computes in bf16 (`models.with_fast_path`); float32 weights alone would
     keep transformers' masked attention (the kernel takes half precision only)."""
-    from workbench import varlen_kernel
+    from workbench.fastpath import varlen_kernel
     from workbench.models import build_model
 
     monkeypatch.setattr(varlen_kernel, "available", lambda: True)

@@ -93,7 +93,7 @@ def _loss_grads_kept(model, batch):
 
 
 def test_lean_forward_on_4bit_layers_keeps_loss_and_gradients_and_less_for_the_backward(batch, one_torch_thread):
-    from workbench import fastpath
+    from workbench.fastpath import cpu as fastpath
 
     model = qlora("bfloat16")
     assert fastpath.use_lean_lora_forward(model) == 0, "the CPU's QLoRA keeps peft's forward"
@@ -111,8 +111,8 @@ def test_lean_forward_on_4bit_layers_keeps_loss_and_gradients_and_less_for_the_b
 
 def test_seeded_dropout_on_4bit_layers_keeps_what_no_dropout_keeps(batch, one_torch_thread, monkeypatch):
     """With dropout on, a GPU's 4-bit LoRA layers keep x and a seed (forced here on the CPU), not a mask and a copy."""
-    from workbench import fastpath
-    from workbench.lora_dropout import FastDropout
+    from workbench.fastpath import cpu as fastpath
+    from workbench.fastpath.lora_dropout import FastDropout
 
     original = FastDropout.linear
     monkeypatch.setattr(FastDropout, "linear", lambda self, x, w, seeded=None: original(self, x, w, seeded=True))

@@ -1,4 +1,4 @@
-"""Grouped key/value heads reach PyTorch's varlen kernel as they are wherever it takes them (workbench/varlen_kernel.py).
+"""Grouped key/value heads reach PyTorch's varlen kernel as they are wherever it takes them (workbench/fastpath/varlen_kernel.py).
 
 The kernel runs only on CUDA; here `torch.nn.attention.varlen.varlen_attn` is replaced by
 stand-ins with the signatures of the torch versions (2.11: no `enable_gqa`; 2.13: the
@@ -10,7 +10,7 @@ import torch
 import torch.nn.attention.varlen as torch_varlen
 import torch.nn.functional as F
 
-from workbench import varlen_kernel
+from workbench.fastpath import varlen_kernel
 
 
 def _attend(q, k, v, cu, scale=None, wrong=False):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from workbench import fastpath
+from workbench.fastpath import cpu as fastpath
 from workbench.chat import ADAPTER_CONFIG, answer, load_chat_model
 from workbench.checkpoint import TRAINABLE, load_trainable
 from workbench.config import Config, load_config, save_config

@@ -9,7 +9,7 @@ adapters: also the float32 weight; float32 master weights: also autocast's half 
 micro-batch + the logits (one float32 matrix of tokens x vocabulary with the
 fast path's fused loss, three without it) + on a CPU the process itself
 (Python, torch, transformers). On a GPU's fast path a micro-batch is a flat row of the
-step's tokens, as many as the token budget lets through (`workbench/token_budget.py`:
+step's tokens, as many as the token budget lets through (`workbench/fastpath/token_budget.py`:
 micro_batch_tokens, or what the memory left free by the weights holds), each at what
 the budget counts for a token: the activations then fill about 80% of that memory.
 Time per micro-batch = a fixed cost (every weight read in the forward and the
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench import token_budget, varlen_kernel
+from workbench.fastpath import token_budget, varlen_kernel
 from workbench.config import Config
 from workbench.i18n import t
 from workbench.models import master_weights, pick_device, pick_dtype, resolve_model_path
@@ -145,7 +145,7 @@ def optimizer_bytes_per_param(cfg: Config, dtype: str, master: bool) -> float:
 
 def gpu_activations(cfg: Config, mcfg, compute: str, resident: float, step_tokens: int, master: bool = False) -> float:
     """The GPU fast path's activations: one flat micro-batch of the step's tokens, of at most micro_batch_tokens or what
-    80% of the memory the weights and optimizer leave free holds (workbench/token_budget.py), each token at what the
+    80% of the memory the weights and optimizer leave free holds (workbench/fastpath/token_budget.py), each token at what the
     budget counts for it with every position trained (and distilled, where the distillation is on): an upper bound."""
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
     shares = (1.0, 1.0 if cfg.distill_weight > 0 else 0.0)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workbench import fastpath, fastpath_cuda, neftune
+from workbench import neftune
+from workbench.fastpath import cpu as fastpath, cuda as fastpath_cuda
 from workbench.packing import NEGATIVE
 from workbench.prompt import IGNORE
 from workbench.unlikelihood import IdentityTokens, unlikelihood_sum

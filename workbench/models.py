@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from workbench import fastpath, fastpath_cuda
+from workbench.fastpath import cpu as fastpath, cuda as fastpath_cuda
 from workbench.config import EMBEDDED_MODEL, PROJECT_ROOT, Config, ConfigError, resolve_path
 from workbench.hubcache import EMBEDDED_HUB_ID, TINY_HUB_ID
 from workbench.i18n import t
@@ -350,7 +350,7 @@ def with_fast_path(model, cfg: Config, strategy=None):
     else:
         fastpath.enable_packed_attention(model)
         fastpath.use_fused_loss(model)  # on a GPU its chunked backward would cost thousands of launches
-    fastpath.use_fast_lora_dropout(model)  # keeps x, not a dropped copy and a mask (workbench/lora_dropout.py)
+    fastpath.use_fast_lora_dropout(model)  # keeps x, not a dropped copy and a mask (workbench/fastpath/lora_dropout.py)
     if strategy is None or not strategy.shards_weights:
         fastpath.use_lean_lora_forward(model, four_bit=on_cuda)
     return model

@@ -48,11 +48,12 @@ from workbench.chat import GenerationSettings, answer_batch
 from workbench.checkpoint import (check_fresh_work_dir, check_same_plan, checkpoint_name, find_resume_checkpoint,
                                   load_checkpoint, load_trainable, prune_checkpoints, read_state, refuse_pickles,
                                   rng_state, save_checkpoint, save_rng, write_pointer)
-from workbench import fastpath_cuda, neftune, token_budget
+from workbench import neftune
+from workbench.fastpath import cuda as fastpath_cuda, token_budget
 from workbench.config import Config, save_config
 from workbench.convert import export_trained
 from workbench.encoding import encode_samples
-from workbench.fastpath import keeps_conversations_apart
+from workbench.fastpath.cpu import keeps_conversations_apart
 from workbench.distributed import (Distributed, check_supported, configure_deepspeed, fallback_note, make_accelerator,
                                    strategy_of)
 from workbench.i18n import t

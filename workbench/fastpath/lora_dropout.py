@@ -29,7 +29,7 @@ its backward keeps is then the compiler's choice: Inductor (on this CPU, the tin
 dropout 0.1 against 0) kept 1.56 bytes more per adapter input element, a mask, which at
 Qwen2.5-1.5B's 18,176 elements a token and layer costs back about the 12 GB at 16k
 tokens that the seed saves (9 floats a token, layer and hidden unit). The GPU's token
-budget (workbench/token_budget.py) still covers it: its 52 floats all told were measured
+budget (workbench/fastpath/token_budget.py) still covers it: its 52 floats all told were measured
 (2026-12-04) with torch's dropout, which kept a mask and a dropped copy.
 
 Written here because neither peft nor a fused-kernel library (Liger, Unsloth's LoRA

@@ -1,6 +1,6 @@
 """PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`), whatever the torch version.
 
-The GPU fast path (`workbench/fastpath_cuda.py`) attends every conversation of a packed
+The GPU fast path (`workbench/fastpath/cuda.py`) attends every conversation of a packed
 micro-batch in one call of this kernel per layer. Its signature moved between torch
 versions (2.10: `is_causal`; 2.11: `window_size`; 2.13: `enable_gqa`), and grouped-query
 models (Qwen2.5, InternLM2, SmolLM2: fewer key/value heads than query heads) must reach

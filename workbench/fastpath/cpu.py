@@ -15,7 +15,7 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   built. Same values as the masked path (to float rounding), same gradients.
   Without `cu_seq_lens_q` (generation, evaluation) it is exactly transformers' SDPA.
 
-* **Fast LoRA dropout** (`use_fast_lora_dropout`, `workbench/lora_dropout.py`).
+* **Fast LoRA dropout** (`use_fast_lora_dropout`, `workbench/fastpath/lora_dropout.py`).
   peft draws one Bernoulli number per input element for each LoRA layer's
   dropout; on a CPU that RNG took 13% of a step. `FastDropout` draws only the
   positions it drops (the gaps between them are geometric: about n * p random
@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.lora_dropout import FastDropout, use_fast_lora_dropout  # noqa: F401 (part of the fast path)
+from workbench.fastpath.lora_dropout import FastDropout, use_fast_lora_dropout  # noqa: F401 (part of the fast path)
 
 PACKED_ATTENTION = "workbench_packed_sdpa"
-VARLEN_ATTENTION = "workbench_varlen"  # the CUDA path's (workbench/fastpath_cuda.py)
+VARLEN_ATTENTION = "workbench_varlen"  # the CUDA path's (workbench/fastpath/cuda.py)
 
 
 # ---------------------------------------------------------------------------

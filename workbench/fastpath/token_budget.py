@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.fastpath_cuda import can_fuse_loss, compute_dtype, uses_liger_loss
+from workbench.fastpath.cuda import can_fuse_loss, compute_dtype, uses_liger_loss
 from workbench.packing import logit_shares
 
 # The logits are counted apart from the layers because they grow with the vocabulary and the data, not with layers x

@@ -1,6 +1,6 @@
 """The CUDA training fast path: packed micro-batches through a varlen flash kernel, Liger's fused kernels.
 
-`workbench/fastpath.py` is the CPU's fast path (tuned on a 2-core CPU); this is the
+`workbench/fastpath/cpu.py` is the CPU's fast path (tuned on a 2-core CPU); this is the
 GPU's, beside it. `models.with_fast_path` picks one by the device the model is on,
 behind the one `fast_path` switch of the config. What a GPU step needs differs from
 a CPU step: a GPU step is bound by kernel launches and host synchronisations unless
@@ -11,7 +11,7 @@ it carries tens of thousands of tokens in few kernels, so:
   (`packing.collate_flat`), with the conversation boundaries (`cu_seq_lens`) and the
   longest conversation computed on the host while the batch is built. One call of
   PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, torch >=
-  2.10; `workbench/varlen_kernel.py`) per layer attends within each conversation, causally; no mask is built (the
+  2.10; `workbench/fastpath/varlen_kernel.py`) per layer attends within each conversation, causally; no mask is built (the
   implementation has no mask function, so transformers skips mask creation), no
   Python loop over conversations, no `.item()` or `.tolist()` inside the forward or
   backward. Without boundaries (generation) it is transformers' SDPA, and evaluation
@@ -31,7 +31,7 @@ it carries tens of thousands of tokens in few kernels, so:
   LoRA layers inside the patched MLP keep working: Liger's SwiGLU forward calls the
   module's (peft-wrapped) projections.
 
-* **Token budget** (`micro_batch_tokens`, `workbench/token_budget.py`). The rows of an
+* **Token budget** (`micro_batch_tokens`, `workbench/fastpath/token_budget.py`). The rows of an
   optimizer step are grouped into flat micro-batches of at most that many tokens (null:
   sized from the free GPU memory after the model is built), so a step runs as few
   forwards as memory allows whatever `batch_size` says; the loss is still divided by the
@@ -58,8 +58,8 @@ from contextlib import contextmanager
 
 import torch
 
-from workbench import varlen_kernel
-from workbench.fastpath import VARLEN_ATTENTION, _transformers_model
+from workbench.fastpath import varlen_kernel
+from workbench.fastpath.cpu import VARLEN_ATTENTION, _transformers_model
 
 LIGER_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")  # standard RMSNorm + SwiGLU (silu) MLPs
 _LIGER_FLAG = "_wb_liger_loss"
