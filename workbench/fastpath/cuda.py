@@ -11,8 +11,9 @@ it carries tens of thousands of tokens in few kernels, so:
   (`packing.collate_flat`), with the conversation boundaries (`cu_seq_lens`) and the
   longest conversation computed on the host while the batch is built. One call of
   PyTorch's own varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, torch >=
-  2.10; `workbench/fastpath/varlen_kernel.py`) per layer attends within each conversation, causally; no mask is built (the
-  implementation has no mask function, so transformers skips mask creation), no
+  2.10; `varlen_kernel.py` beside this) per layer attends within each conversation,
+  causally; no mask is built (the implementation has no mask function, so transformers
+  skips mask creation), no
   Python loop over conversations, no `.item()` or `.tolist()` inside the forward or
   backward. Without boundaries (generation) it is transformers' SDPA, and evaluation
   switches the model to SDPA for its masks (`standard_attention`).
