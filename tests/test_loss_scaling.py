@@ -60,3 +60,23 @@ def test_the_loss_scale_resumes_with_the_run(cfg, scaled, tmp_path):
     states = [read_state(tmp_path / run / "iter_4")["grad_scaler"] for run in ("straight", "resumed")]
     assert states[0] == states[1] and states[0]["_growth_tracker"] == 4  # a fresh scaler at the resume: 2
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+
+
+def test_the_skip_check_reads_the_scale_once_a_step(cfg, scaled, tmp_path, monkeypatch):
+    """Reading the scale is a host synchronisation on a GPU: the training loop's check reads it once a step (the
+    scale before a step is the one read after the last), and once more at the start."""
+    import sys
+
+    from workbench.distributed import Distributed
+
+    reads = []
+    real = torch.amp.GradScaler.get_scale
+
+    def counted(self):
+        reads.append(sys._getframe(1).f_code is Distributed.step.__code__)
+        return real(self)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", counted)
+    with torch.random.fork_rng(devices=[]):
+        train_module.train(cfg, tmp_path / "w", progress=False)
+    assert sum(reads) == cfg.max_steps + 1
