@@ -25,6 +25,18 @@ def saved_bytes(fn) -> int:
     return sum(kept.values())
 
 
+def layer_bytes_per_token(model, device: str, autocast: bool) -> float:
+    """The bytes the decoder's layers keep for the backward per token of a row (rows of 256 and 128 tokens: what does
+    not grow with the row, the weights and autocast's copies of them, cancels), under bfloat16 autocast or not."""
+    import torch
+
+    def forward(tokens: int):
+        ids = torch.arange(tokens, device=device).remainder(model.config.vocab_size)[None]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            model.model(input_ids=ids)
+    return (saved_bytes(lambda: forward(256)) - saved_bytes(lambda: forward(128))) / 128
+
+
 def peak_bytes(fn) -> int:
     """The peak of the bytes held by tensors fn() creates (each storage once, counted until it is freed): what a step
     adds to the memory the weights already hold, on any device."""

@@ -15,7 +15,7 @@ from workbench.loss import token_loss_sum
 from workbench.models import TINY_MODEL, build_model, load_tokenizer
 from workbench.packing import collate, collate_flat, pack, to_device
 from workbench.prompt import PromptBuilder
-from loss_helpers import loss_and_grads
+from loss_helpers import layer_bytes_per_token, loss_and_grads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run pytest -m gpu on one)")]
@@ -96,6 +96,20 @@ def test_a_full_fine_tune_keeps_float32_master_weights_through_the_varlen_kernel
     for k in grads_p:
         cos = torch.nn.functional.cosine_similarity(grads_f[k].flatten(), grads_p[k].flatten(), dim=0).item()
         assert cos > 0.95 or grads_p[k].abs().max() == 0, (k, cos)
+
+
+def test_float32_master_weights_keep_no_more_than_the_budget_counts():
+    """Under CUDA's autocast as under the CPU's (tests/test_gpu_budget.py): a full fine-tune's layers with float32
+    master weights keep more for the backward than in pure bf16, at most what the token budget adds for them
+    (token_budget.MASTER_EXTRA_BYTES a token, layer and hidden unit)."""
+    from workbench.fastpath import token_budget
+
+    cfg = Config(pretrained_model_name_or_path=TINY_MODEL, device="cuda", torch_dtype="bfloat16", method="full")
+    pure, master = (build_model(c, torch.device("cuda")) for c in (cfg.replace(pure_bf16=True), cfg))
+    assert (pure.dtype, master.dtype) == (torch.bfloat16, torch.float32)
+    extra = layer_bytes_per_token(master, "cuda", True) - layer_bytes_per_token(pure, "cuda", False)
+    per_unit = pure.config.num_hidden_layers * pure.config.hidden_size
+    assert 0 < extra <= token_budget.MASTER_EXTRA_BYTES * per_unit, extra / per_unit
 
 
 def test_fused_adamw_on_cuda():

@@ -19,7 +19,7 @@ from workbench.models import build_model, load_tokenizer
 from workbench.packing import collate_flat, logit_shares
 from workbench.prompt import IGNORE, PromptBuilder
 from workbench.train import gpu_budget, prepare_rows
-from loss_helpers import peak_bytes
+from loss_helpers import layer_bytes_per_token, peak_bytes
 
 CUDA = torch.device("cuda")
 SHARES = (0.6, 0.3)  # kept, distilled
@@ -101,24 +101,6 @@ def test_a_token_costs_its_layers_and_its_logits(tiny_model):
     assert token_budget.token_bytes(model, True, SHARES, True) == checkpointed
 
 
-def saved_for_backward(model, tokens: int, autocast: bool) -> int:
-    """Bytes of the tensors the decoder's layers keep for the backward of one row of `tokens` (each storage once,
-    the weights left out), under bfloat16 autocast or not."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.arange(tokens).remainder(model.config.vocab_size)[None]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        model.model(input_ids=ids)
-    return sum(kept.values())
-
-
 def test_float32_master_weights_cost_their_float32_residual_stream(tiny_model):
     """A full fine-tune with float32 master weights under bfloat16 autocast keeps more for the backward than one in
     pure bfloat16 (its residual stream stays float32): measured here a token at a time, and no more than the budget
@@ -127,9 +109,8 @@ def test_float32_master_weights_cost_their_float32_residual_stream(tiny_model):
     assert (pure.dtype, master.dtype) == (torch.bfloat16, torch.float32)  # models.master_weights
     c = pure.config
     per_unit = c.num_hidden_layers * c.hidden_size
-    per_token = {name: (saved_for_backward(m, 256, ac) - saved_for_backward(m, 128, ac)) / 128 / per_unit
-                 for name, m, ac in (("pure", pure, False), ("master", master, True))}
-    assert token_budget.MASTER_EXTRA_BYTES - 2 <= per_token["master"] - per_token["pure"] <= token_budget.MASTER_EXTRA_BYTES
+    extra = layer_bytes_per_token(master, "cpu", True) - layer_bytes_per_token(pure, "cpu", False)
+    assert token_budget.MASTER_EXTRA_BYTES - 2 <= extra / per_unit <= token_budget.MASTER_EXTRA_BYTES
 
     fastpath_cuda.set_compute_dtype(master, torch.bfloat16)
     for checkpointing, extra in ((False, token_budget.MASTER_EXTRA_BYTES * per_unit),
