@@ -91,6 +91,35 @@ def test_packed_attention_equals_sdpa_per_conversation(builder, one_torch_thread
             start += len(s)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_packed_attention_equals_the_block_diagonal_mask(kv_heads, one_torch_thread):
+    """Grouped key/value heads taken as they are (the CPU's way), two rows with padding segments: the same outputs and
+    gradients as SDPA over the whole rows with repeated key/value heads and a block-diagonal causal mask."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [[5, 9, 2], [12, 4]]  # each row 16 positions; the last segment of each stands for padding
+    width, heads = 16, 6
+    q, k, v = (torch.randn(2, n, width, 8, generator=gen, requires_grad=True) for n in (heads, kv_heads, kv_heads))
+    starts = [r * width + sum(row[:i]) for r, row in enumerate(lengths) for i in range(len(row))]
+    cu = torch.tensor(starts + [2 * width], dtype=torch.int32)
+    out, _ = fastpath.packed_sdpa_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
+    segment = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal  # (rows, query, key)
+    g = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask[:, None],
+                                         scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(out.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_attention_refuses_a_segment_across_rows():
+    q = torch.zeros(2, 2, 4, 8)
+    with pytest.raises(ValueError, match="crosses a row"):
+        fastpath.packed_sdpa_attention(None, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3, 6, 8], dtype=torch.int32))
+
+
 def test_packed_kwargs_mark_every_conversation_and_the_padding(batch):
     kw = fastpath.packed_kwargs(batch["position_ids"])
     cu = kw["cu_seq_lens_q"].tolist()
