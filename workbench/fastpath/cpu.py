@@ -12,7 +12,8 @@ Found by profiling one training step of the embedded model on a 2-core CPU
   instead (the segment boundaries come from the restarting position_ids, passed
   as the standard `cu_seq_lens_q` keyword), so the work grows with the sum of
   the squared conversation lengths, not the squared row length, and no mask is
-  built. Same values as the masked path (to float rounding), same gradients.
+  built; on a CPU grouped key/value heads go to the kernel as they are. Same values
+  as the masked path (to float rounding), same gradients.
   Without `cu_seq_lens_q` (generation, evaluation) it is exactly transformers' SDPA.
 
 * **Fast LoRA dropout** (`use_fast_lora_dropout`, `workbench/fastpath/lora_dropout.py`).
