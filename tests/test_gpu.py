@@ -15,11 +15,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import answers_together
 from loss_helpers import loss_and_grads
 from train_helpers import losses, train_interrupted_and_resumed
 
@@ -208,7 +208,7 @@ def test_engine_batch_answers_equal_the_answers_alone():
     from peft import LoraConfig, get_peft_model
 
     from workbench.chat import GenerationSettings, answer, load_chat_model
-    from workbench.engine import Engine, Sampling
+    from workbench.engine import Engine
     from workbench.models import TINY_MODEL, load_model
 
     n = 24
@@ -225,19 +225,7 @@ def test_engine_batch_answers_equal_the_answers_alone():
     expected = [answer(model, builder, q, settings=GenerationSettings(n, 0.0, 1.0, 2.0)) for q in QUESTIONS]
     engine = Engine(model, builder.tokenizer, builder.stop_token_ids).start()
     assert engine.device.type == DEVICE
-    results: list = [None] * len(QUESTIONS)
-    try:
-        def run(i):
-            results[i] = engine.generate(builder.generation_prompt(QUESTIONS[i]), Sampling(n, 0.0, repetition_penalty=2.0), 120)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(QUESTIONS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        engine.stop()
-    assert [r[0] for r in results] == expected
+    assert answers_together(engine, builder, QUESTIONS, n) == expected
     assert engine.peak_batch >= 2, "the requests were decoded together"
 
 

@@ -19,6 +19,7 @@ import urllib.request
 import openai
 import pytest
 
+from engine_helpers import answers_together
 from export_helpers import randomize_lora_b
 from workbench.chat import GenerationSettings, answer, load_chat_model
 from workbench.models import TINY_MODEL, resolve_model_path
@@ -198,7 +199,7 @@ def test_engine_with_an_adapter_decodes_a_batch_as_answer_does_alone(one_torch_t
     """In process: a LoRA adapter (random B, so it changes the model) on the tiny model, 4 rows at once."""
     from peft import LoraConfig, get_peft_model
 
-    from workbench.engine import Engine, Sampling
+    from workbench.engine import Engine
     from workbench.models import load_model
 
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
@@ -208,20 +209,7 @@ def test_engine_with_an_adapter_decodes_a_batch_as_answer_does_alone(one_torch_t
     builder = PromptBuilder(load_chat_model(TINY_MODEL, device="cpu")[1].tokenizer)
     expected = [answer(model, builder, q, settings=GenerationSettings(MAX, 0.0, 1.0, 2.0)) for q in QUESTIONS[:4]]
     engine = Engine(model, builder.tokenizer, builder.stop_token_ids).start()
-    try:
-        results: list = [None] * 4
-
-        def run(i):
-            results[i] = engine.generate(builder.generation_prompt(QUESTIONS[i]), Sampling(MAX, 0.0, repetition_penalty=2.0), 120)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        engine.stop()
-    assert [r[0] for r in results] == expected
+    assert answers_together(engine, builder, QUESTIONS[:4], MAX) == expected
     assert engine.peak_batch >= 2
 
 
