@@ -175,35 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_gguf)
 
     s = sub.add_parser("chat", help="chat with a model (and adapter)", description="Chat in the terminal (RESET clears history, EXIT quits), or answer --prompt / --prompt-file and exit.")
-    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
-    s.add_argument("--adapter", help="an adapter folder to apply")
+    _model_arguments(s)
     s.add_argument("--system", help="system prompt (default: the one saved with the adapter or model, else the workbench default)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    _sampling_arguments(s)
     s.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
     s.add_argument("--prompt-file", help="answer each line of this file and exit")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    s.add_argument("--trust-remote-code", action="store_true")
+    _device_arguments(s)
     s.add_argument("--lang", choices=("en", "zh"), default=None, help="the chat's banner and notes in this language (answers as generated) (default: the system locale's)")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("web", help="chat in the browser (Streamlit), before/after side by side",
                        description="A chat page in the browser: streamed answers, history with a clear button, the system prompt "
                                    "and generation settings in the sidebar; with --compare BASE the base model answers beside it.")
-    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
-    s.add_argument("--adapter", help="an adapter folder to apply")
+    _model_arguments(s)
     s.add_argument("--compare", metavar="BASE", help="also answer every question with BASE (the model before training), side by side")
     s.add_argument("--system", help="system prompt (default: the one saved with the adapter or model, else the workbench default)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--max-new-tokens", type=int, default=256, help="the sidebar's starting value")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the sidebar's starting value)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    s.add_argument("--trust-remote-code", action="store_true")
+    _sampling_arguments(s, " (the sidebar's starting value)")
+    _device_arguments(s)
     s.add_argument("--lang", choices=("en", "zh"), default=None,
                    help="the page's language (default: the system locale's: zh for zh_*, else en)")
     s.set_defaults(func=cmd_web)
@@ -211,16 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model (and adapter) as an OpenAI-compatible API",
                        description="Serve /v1/chat/completions (streamed or not), /v1/models and /health with the training "
                                    "prompt and stop tokens. Concurrent requests are decoded together in one batch. Ctrl-C stops.")
-    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
-    s.add_argument("--adapter", help="an adapter folder to apply")
+    _model_arguments(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed at start)")
     s.add_argument("--model-name", help="the model's name in the API (default: the adapter's or model's folder name)")
     s.add_argument("--system", help="system prompt for requests without one (default: the one saved with the adapter or model)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most; more wait in a queue")
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    s.add_argument("--trust-remote-code", action="store_true")
+    _device_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("analyze", help="measure overfitting of a run, checkpoint by checkpoint",
@@ -264,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="convert again even if ready")
     s.set_defaults(func=cmd_prepare_model)
     return p
+
+
+def _model_arguments(s: argparse.ArgumentParser) -> None:
+    """MODEL and --adapter: what chat, web and serve load."""
+    s.add_argument("model", help="'embedded', a model folder (base or merged) or a hub id")
+    s.add_argument("--adapter", help="an adapter folder to apply")
+
+
+def _sampling_arguments(s: argparse.ArgumentParser, note: str = "") -> None:
+    """The generation settings of chat and web (`note`: what the values are, on the web page)."""
+    s.add_argument("--max-new-tokens", type=int, default=256, help=note.strip(" ()") or None)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy" + note)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def _device_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--trust-remote-code", action="store_true")
 
 
 # ---------------------------------------------------------------------------
