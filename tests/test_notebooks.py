@@ -10,7 +10,7 @@ import papermill as pm
 import pytest
 
 from workbench.config import PROJECT_ROOT
-from workbench.notebooks import NOTEBOOK_DIR, SERIES, run_series
+from workbench.notebooks import IPC_PATH_MAX, NOTEBOOK_DIR, SERIES, execute, kernel_config, run_series
 
 NOTEBOOKS = [NOTEBOOK_DIR / f"{name}.ipynb" for name in SERIES]
 MAX_CELL_LINES = 6
@@ -86,6 +86,35 @@ def test_clean_nb_undoes_running_and_saving(tmp_path):
     dirty.write_text(json.dumps(nb, indent=2), encoding="utf-8")
     clean_nb([dirty])
     assert dirty.read_bytes() == NOTEBOOKS[0].read_bytes()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Unix sockets only")
+def test_kernels_talk_over_unix_sockets_in_the_runtime_folder(tmp_path, monkeypatch, capfd):
+    """A notebook run as the series runs them: its kernel binds Unix sockets in Jupyter's runtime folder (not TCP
+    ports, not the working folder), says no "over TCP without encryption", and leaves no socket behind."""
+    import nbformat
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
+                                          "app = IPKernelApp.instance()\nprint(app.transport, app.ip)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "probe.ipynb")
+    work = tmp_path / "work"
+    work.mkdir()
+    execute(tmp_path / "probe.ipynb", tmp_path / "out.ipynb", {}, cwd=work)
+    transport, ip = "".join(cells(tmp_path / "out.ipynb")[0]["outputs"][0]["text"]).split()
+    assert transport == "ipc" and ip.startswith(str(runtime.resolve()) + os.sep)
+    assert "without encryption" not in capfd.readouterr().err
+    assert not list(work.iterdir()) and not [f for f in runtime.iterdir() if "-ipc" in f.name], "sockets left behind"
+
+
+def test_kernel_config_falls_back_to_tcp_for_long_socket_paths(tmp_path):
+    short = kernel_config(tmp_path)["config"].KernelManager
+    assert short.transport == "ipc" and len(os.fsencode(short.ip)) + 3 <= IPC_PATH_MAX
+    assert kernel_config(tmp_path)["config"].KernelManager.ip != short.ip, "one name per kernel"
+    assert kernel_config(tmp_path / ("x" * IPC_PATH_MAX)) == {}, "a Unix socket path over the limit: TCP instead"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,10 @@ answers): the notebooks themselves have no smoke branch. (Notebook 02 builds its
 config with `workbench.config.configure`.) Notebooks are committed clean with
 `make clean-nb` (nbconvert's clear-output). The kernels draw plots inline
 whatever MPLBACKEND the calling process has (CI often sets Agg; importing
-Streamlit sets it too), or the executed notebooks would hold no plots.
+Streamlit sets it too), or the executed notebooks would hold no plots. They talk
+to this process over Unix sockets in Jupyter's private runtime folder, not TCP
+ports on localhost (`kernel_config`): no port any local user could connect to,
+and no "running over TCP without encryption" warning from every kernel.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from workbench.i18n import check_lang
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3600  # a cell that runs longer has hung: fail instead of waiting forever
+IPC_PATH_MAX = 100  # a kernel's Unix socket path must stay under 108 bytes (Linux; 104 on macOS)
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"  # what ipykernel sets when MPLBACKEND is unset
 SERIES = ("01_data", "02_config", "03_train", "04_convert", "05_merge", "06_chat_compare", "07_overfitting")
 
@@ -52,8 +56,6 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
     e.g. {"02_config": {"baseline_recipe": ""}} trains only the main recipe.
     `lang` ("en"/"zh"; None: each notebook's own, "en") is every notebook's `lang` parameter.
     """
-    import papermill as pm  # heavy, and only needed to run the series
-
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / f"notebooks-{datetime.now():%Y%m%d-%H%M%S}"
     out = out.resolve()
     run_dir = out / "run"
@@ -65,16 +67,23 @@ def run_series(out_dir: str | Path | None = None, smoke: bool = False, only: lis
         params = {**series_parameters(name, run_dir, smoke, lang), **(overrides or {}).get(name, {})}
         t0 = time.time()
         print(f"[{name}] running ...", flush=True)
-        with kernel_env(MPLBACKEND=INLINE_BACKEND):
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out / f"{name}.ipynb"), parameters=params,
-                                cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False, log_output=False,
-                                execution_timeout=CELL_TIMEOUT_S)
+        execute(NOTEBOOK_DIR / f"{name}.ipynb", out / f"{name}.ipynb", params, cwd=NOTEBOOK_DIR)
         timings[name] = round(time.time() - t0, 1)
         n = extract_figures(out / f"{name}.ipynb", out / "figures")
         print(f"[{name}] done in {timings[name]} s, {n} figure(s)", flush=True)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(f"executed notebooks: {out}\nfigures: {out / 'figures'}\ntotal: {sum(timings.values()):.0f} s")
     return out
+
+
+def execute(notebook: str | Path, out: str | Path, parameters: dict, cwd: str | Path) -> None:
+    """Run one notebook with papermill (its parameters cell overridden) into `out`: plots inline, the kernel over
+    Unix sockets where it can (`kernel_config`), a cell that runs past CELL_TIMEOUT_S failing the run."""
+    import papermill as pm  # heavy, and only needed to run notebooks
+
+    with kernel_env(MPLBACKEND=INLINE_BACKEND):
+        pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                            progress_bar=False, log_output=False, execution_timeout=CELL_TIMEOUT_S, **kernel_config())
 
 
 @contextlib.contextmanager
@@ -90,6 +99,30 @@ def kernel_env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def kernel_config(runtime_dir: str | os.PathLike | None = None) -> dict:
+    """papermill's keyword for a kernel over IPC: Unix sockets named `<runtime>/kernel-<random>-ipc-<n>`, in Jupyter's
+    runtime folder (private to the user); {} (TCP on localhost) where the platform has no Unix sockets or their paths
+    would be too long. Called once per kernel: the name is that kernel's alone.
+
+    The sockets' path is given, not left to jupyter_client: its default there is `kernel-ipc` relative to the working
+    folder, which the kernel (started in the notebooks' folder) and this process would read differently.
+    """
+    import secrets
+
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets.config import Config
+
+    prefix = Path(runtime_dir if runtime_dir is not None else jupyter_runtime_dir()).resolve() / \
+        f"kernel-{secrets.token_hex(6)}-ipc"
+    if os.name == "nt" or len(os.fsencode(str(prefix))) + 3 > IPC_PATH_MAX:  # + "-<n>", n up to 2 digits
+        return {}
+    prefix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(prefix)
+    return {"config": config}
 
 
 def series_parameters(name: str, run_dir: str | Path, smoke: bool = False, lang: str | None = None) -> dict:
