@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from workbench.fastpath import cuda as fastpath_cuda, varlen_kernel
 from workbench.config import Config
 from workbench.loss import token_loss_sum
-from workbench.models import TINY_MODEL, build_model, load_tokenizer
+from workbench.models import TINY_MODEL, build_model, enable_checkpointing, load_tokenizer
 from workbench.packing import collate, collate_flat, pack, row_length
 from workbench.prompt import IGNORE, PromptBuilder
 from loss_helpers import loss_and_grads
@@ -349,7 +349,7 @@ def test_compiled_layers_with_checkpointing_recompute_the_same_dropout(rows, opa
                 p.data.normal_(0, 0.5)
         assert fastpath_cuda.enable_varlen_attention(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)  # under the name this transformers version has for it
             model.enable_input_require_grads()
         fastpath_cuda.compile_decoder_layers(model, backend="aot_eager")
         return model.train()
