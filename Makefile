@@ -41,7 +41,7 @@ run: setup
 # JupyterLab from the venv: its default kernel is the venv's Python, which has the workbench package.
 LAB_PORT ?= 8888
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+	$(WB) lab --port $(LAB_PORT)
 
 run-cli: setup
 	bash scripts/cli_workflow.sh

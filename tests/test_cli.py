@@ -16,7 +16,7 @@ WORKBENCH = ROOT / ".venv" / "bin" / "workbench"
 TINY_RECIPE = RECIPES_DIR / "smollm2_135m_tiny_smoke.yaml"
 
 VERBS = [["list-cfg"], ["copy-cfg"], ["show-cfg"], ["gen-data"], ["check-dataset"], ["log-dataset"], ["train"],
-         ["convert"], ["convert", "pth_to_hf"], ["convert", "merge"], ["convert", "gguf"], ["chat"], ["prepare-model"]]
+         ["convert"], ["convert", "pth_to_hf"], ["convert", "merge"], ["convert", "gguf"], ["chat"], ["prepare-model"], ["lab"]]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

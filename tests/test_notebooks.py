@@ -2,15 +2,18 @@
 import ast
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import papermill as pm
 import pytest
 
 from workbench.config import PROJECT_ROOT
-from workbench.notebooks import IPC_PATH_MAX, NOTEBOOK_DIR, SERIES, execute, kernel_config, run_series
+from workbench.notebooks import (IPC_PATH_MAX, NOTEBOOK_DIR, SERIES, execute, kernel_config, lab_kernel_arguments,
+                                 run_series)
 
 NOTEBOOKS = [NOTEBOOK_DIR / f"{name}.ipynb" for name in SERIES]
 MAX_CELL_LINES = 6
@@ -116,6 +119,89 @@ def test_kernel_config_falls_back_to_tcp_for_long_socket_paths(tmp_path):
     assert kernel_config(tmp_path)["config"].KernelManager.ip != short.ip, "one name per kernel"
     assert kernel_config(tmp_path / ("x" * IPC_PATH_MAX)) == {}, "a Unix socket path over the limit: TCP instead"
 
+
+
+def short_folder():
+    """A temporary folder with a short path (pytest's tmp_path can be too long for a Unix socket's path)."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="wb-", dir="/tmp" if os.path.isdir("/tmp") else None)
+
+
+def test_lab_kernels_fall_back_to_tcp_for_long_runtime_folders():
+    with short_folder() as runtime:
+        assert lab_kernel_arguments(runtime) == (["--KernelManager.transport=ipc"] if os.name != "nt" else [])
+        assert lab_kernel_arguments(Path(runtime) / ("x" * 60)) == [], "the socket path would pass the limit: TCP"
+
+
+def api(url: str, token: str, method: str = "GET") -> dict | list:
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def wait_for(check, what: str, timeout_s: float = 60):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            found = check()
+        except OSError:
+            found = None
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Unix sockets only")
+def test_workbench_lab_serves_the_notebooks_with_kernels_over_unix_sockets(tmp_path):
+    """`workbench lab` (what `make lab` runs), as a user starts it: JupyterLab on 127.0.0.1 showing notebooks/; a kernel
+    it starts binds Unix sockets beside its connection file in the runtime folder and runs code a client sends over
+    them, with no "over TCP without encryption"; no socket is left once the server stops."""
+    from browser import free_port
+    from jupyter_client import BlockingKernelClient
+
+    port, token = free_port(), secrets.token_hex(8)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "jupyter_server_config.json").write_text(json.dumps({"ServerApp": {"open_browser": False}}))
+    with short_folder() as short:
+        runtime = Path(short) / "runtime"
+        env = {**os.environ, "JUPYTER_TOKEN": token, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+               "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_RUNTIME_DIR": str(runtime),
+               "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
+        url = f"http://127.0.0.1:{port}"
+        with open(tmp_path / "lab.log", "wb") as log:
+            server = subprocess.Popen([sys.executable, "-m", "workbench", "lab", "--port", str(port)], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: api(f"{url}/api/status", token), "the server answers")
+            listed = {item["name"] for item in api(f"{url}/api/contents", token)["content"]}
+            assert {f"{name}.ipynb" for name in SERIES} <= listed, "the notebooks' folder is served"
+            kernel = api(f"{url}/api/kernels", token, "POST")
+            connection_file = runtime / f"kernel-{kernel['id']}.json"
+            client = BlockingKernelClient(connection_file=str(connection_file))
+            client.load_connection_file()
+            assert (client.transport, client.ip) == ("ipc", str(runtime / f"kernel-{kernel['id']}-ipc"))
+            client.start_channels()
+            printed: list[str] = []
+            try:
+                client.wait_for_ready(timeout=60)
+                reply = client.execute_interactive("print(6 * 7)", timeout=60,
+                                                   output_hook=lambda m: printed.append(m["content"].get("text", "")))
+            finally:
+                client.stop_channels()
+            assert reply["content"]["status"] == "ok" and "".join(printed).strip() == "42"
+            api(f"{url}/api/kernels/{kernel['id']}", token, "DELETE")
+        finally:
+            server.terminate()
+            server.wait(60)
+        shown = (tmp_path / "lab.log").read_text(errors="replace")
+        assert f"127.0.0.1:{port}" in shown and "without encryption" not in shown, shown[-3000:]
+        assert not [f for f in runtime.iterdir() if "-ipc" in f.name], "sockets left behind"
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):

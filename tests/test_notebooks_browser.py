@@ -1,7 +1,8 @@
 """The notebook series in a real browser: JupyterLab from the venv, headless Chromium, every cell run through the UI.
 
 JupyterLab is started the way `make lab` starts it (the venv's Python, bound to
-127.0.0.1, a random token, a free port) with `window.jupyterapp` exposed, at a
+127.0.0.1, kernels over Unix sockets where the runtime folder allows, a random
+token, a free port) with `window.jupyterapp` exposed, at a
 temporary copy of notebooks/ whose parameters papermill has set to smoke mode
 (`papermill --prepare-only`: parameters injected, nothing executed), all seven
 sharing one run dir, as `workbench run-notebooks --smoke` runs them. For each
@@ -35,7 +36,7 @@ import papermill as pm
 import pytest
 
 from browser import chromium, free_port, require_chromium
-from workbench.notebooks import NOTEBOOK_DIR, SERIES, series_parameters
+from workbench.notebooks import NOTEBOOK_DIR, SERIES, lab_kernel_arguments, series_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,8 @@ class JupyterLab:
                 f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root_dir}",
                 "--ServerApp.open_browser=False", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
-                "--ServerApp.allow_root=True"]  # CI runs as root in a container
+                "--ServerApp.allow_root=True",  # CI runs as root in a container
+                *lab_kernel_arguments(env["JUPYTER_RUNTIME_DIR"])]  # kernels over Unix sockets, as `make lab`'s
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", *args], cwd=root_dir, env=env,
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)

@@ -20,6 +20,7 @@
     workbench grade FOLDER --base BASE         grade every submission in a folder: one sortable table
     workbench compare [RECIPE ...]             train and compare recipes in one table
     workbench run-notebooks [--smoke] [--one-recipe]  execute notebooks 01-07 headless (mixed + tutorial recipe)
+    workbench lab [--port 8888]                JupyterLab on the notebooks (what `make lab` runs)
     workbench prepare-model [FOLDER]           prepare the embedded base model (done by make setup), or convert an InternLM2 folder
 
 Known errors (bad config, bad data, missing model, unusable folder or checkpoint)
@@ -36,7 +37,7 @@ import sys
 from workbench.cli_commands import (
     cmd_list_cfg, cmd_copy_cfg, cmd_show_cfg, cmd_gen_data, cmd_check_dataset, cmd_log_dataset, cmd_train,
     cmd_pth_to_hf, cmd_merge, cmd_gguf, cmd_chat, cmd_web, cmd_serve, cmd_analyze, cmd_compare, cmd_run_notebooks,
-    cmd_prepare_model)
+    cmd_lab, cmd_prepare_model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lang", choices=("en", "zh"), default=None,
                    help="every notebook's `lang` parameter: what the notebooks print and draw (default: en)")
     s.set_defaults(func=cmd_run_notebooks)
+
+    s = sub.add_parser("lab", help="JupyterLab on the notebooks (what `make lab` runs)",
+                       description="Start JupyterLab from this Python on notebooks/, bound to 127.0.0.1 (the link with its "
+                       "token is printed), its kernels over Unix sockets in Jupyter's runtime folder where they can be.")
+    s.add_argument("--port", type=int, default=8888)
+    s.add_argument("--ip", default="127.0.0.1", help="the address to bind (0.0.0.0: every interface, reachable by others)")
+    s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("prepare-model", help="prepare the embedded base model, or convert a remote-code folder (InternLM2)",
                        description="Without FOLDER: convert the embedded GGUF model into a Hugging Face folder (once), "

@@ -198,6 +198,12 @@ def cmd_run_notebooks(args) -> int:
     return 0
 
 
+def cmd_lab(args) -> int:
+    from workbench.notebooks import lab
+
+    return lab(args.port, args.ip)
+
+
 def cmd_prepare_model(args) -> int:
     from workbench.hubcache import EMBEDDED_HUB_ID, register_snapshot
     from workbench.models import ModelError, prepare_embedded_model, prepare_remote_code_folder

@@ -12,7 +12,8 @@ whatever MPLBACKEND the calling process has (CI often sets Agg; importing
 Streamlit sets it too), or the executed notebooks would hold no plots. They talk
 to this process over Unix sockets in Jupyter's private runtime folder, not TCP
 ports on localhost (`kernel_config`): no port any local user could connect to,
-and no "running over TCP without encryption" warning from every kernel.
+and no "running over TCP without encryption" warning from every kernel. `lab`
+(`make lab`) starts JupyterLab on the notebooks with its kernels the same way.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import base64
 import contextlib
 import json
 import os
+import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -111,18 +114,59 @@ def kernel_config(runtime_dir: str | os.PathLike | None = None) -> dict:
     """
     import secrets
 
-    from jupyter_core.paths import jupyter_runtime_dir
     from traitlets.config import Config
 
-    prefix = Path(runtime_dir if runtime_dir is not None else jupyter_runtime_dir()).resolve() / \
-        f"kernel-{secrets.token_hex(6)}-ipc"
-    if os.name == "nt" or len(os.fsencode(str(prefix))) + 3 > IPC_PATH_MAX:  # + "-<n>", n up to 2 digits
+    prefix = _runtime_dir(runtime_dir) / f"kernel-{secrets.token_hex(6)}-ipc"
+    if not _ipc_fits(prefix):
         return {}
     prefix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     config = Config()
     config.KernelManager.transport = "ipc"
     config.KernelManager.ip = str(prefix)
     return {"config": config}
+
+
+def _runtime_dir(runtime_dir: str | os.PathLike | None) -> Path:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(runtime_dir if runtime_dir is not None else jupyter_runtime_dir()).resolve()
+
+
+def _ipc_fits(prefix: Path) -> bool:
+    """Whether a kernel's sockets `<prefix>-<n>` can be Unix sockets here (n: 1 to 5, one per channel)."""
+    return os.name != "nt" and len(os.fsencode(str(prefix))) + 3 <= IPC_PATH_MAX
+
+
+def lab_arguments(port: int = 8888, ip: str = "127.0.0.1") -> list[str]:
+    """JupyterLab's options for `lab`: the notebooks' folder, bound to `ip` (127.0.0.1: this machine only), root
+    allowed where the user is root (containers, CI), and its kernels over Unix sockets where they can be."""
+    args = [f"--notebook-dir={NOTEBOOK_DIR}", f"--ServerApp.ip={ip}", f"--ServerApp.port={int(port)}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")
+    return args + lab_kernel_arguments()
+
+
+def lab_kernel_arguments(runtime_dir: str | os.PathLike | None = None) -> list[str]:
+    """The option that puts a Jupyter server's kernels on Unix sockets, or none (TCP, its default).
+
+    The server names a kernel's sockets after its connection file, `<runtime>/kernel-<uuid>-ipc-<n>` (jupyter_client
+    with transport ipc and no ip given), so only the transport is set; where that path would be too long for a Unix
+    socket (a long runtime folder) or the platform has none, the kernels stay on TCP.
+    """
+    fits = _ipc_fits(_runtime_dir(runtime_dir) / f"kernel-{uuid.UUID(int=0)}-ipc")
+    return ["--KernelManager.transport=ipc"] if fits else []
+
+
+def lab(port: int = 8888, ip: str = "127.0.0.1") -> int:
+    """JupyterLab from this Python (the venv's: its kernel finds the workbench package) with `lab_arguments`; on
+    POSIX this process becomes JupyterLab, so Ctrl-C reaches the server alone and asks it to shut down."""
+    argv = [sys.executable, "-m", "jupyterlab", *lab_arguments(port, ip)]
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.call(argv)
+    os.execv(sys.executable, argv)
+    return 0  # not reached: execv replaced this process
 
 
 def series_parameters(name: str, run_dir: str | Path, smoke: bool = False, lang: str | None = None) -> dict:
