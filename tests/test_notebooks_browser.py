@@ -11,7 +11,8 @@ the browser opens it, runs all cells (the "Run All" command) and waits for the
 kernel; then it checks what a student would see: no error in
 any cell, every widget rendered (not "Error displaying widget", not a text repr
 like "HBox(children=...)"), no widget label cut off; in 06 it types a long
-question into the chat panel and presses Send, and the panel's n columns must
+question into the chat panel and presses Send, then a short one and presses
+Enter (each answered once in every column), and the panel's n columns must
 share the width (each at least 1/(n+1) of the panel) without a horizontal
 scrollbar. A screenshot of each notebook goes to outputs/screenshots/notebooks/
 (git-ignored) for a person to look at.
@@ -274,21 +275,30 @@ def widget_outputs(state: dict) -> int:
     return sum(WIDGET_MIME in out.get("data", {}) for c in state["cells"] for out in c["outputs"])
 
 
-def ask_chat_panel(driver, question: str) -> None:
-    """Type a question into the chat panel and press Send, as a student does; wait until every column shows it."""
+def ask_chat_panel(driver, question: str, enter: bool = False) -> None:
+    """Type a question into the chat panel and press Send (or Enter), as a student does; wait until every column
+    shows it, once."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     box = driver.find_element(By.CSS_SELECTOR, ".wb-chat-panel input[type='text']")
-    box.send_keys(question)
-    send, = [b for b in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel button") if b.text == "Send"]
-    send.click()
+    if enter:
+        box.send_keys(question + Keys.RETURN)
+    else:
+        box.send_keys(question)
+        send, = [b for b in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel button") if b.text == "Send"]
+        send.click()
     words = " ".join(question.split())
 
     def answered(d):
         columns = d.find_elements(By.CSS_SELECTOR, ".wb-chat-panel .wb-chat-column")
-        return (box.get_attribute("value") == "" and all(words in " ".join(c.text.split()) for c in columns)
+        return (box.get_attribute("value") == "" and all(" ".join(c.text.split()).count(words) == 1 for c in columns)
                 and d.execute_script("return window.__notebook.sessionContext.session.kernel.status") == "idle")
-    wait_for(driver, answered, RUN_S, "the chat panel answers the typed question")
+    try:
+        wait_for(driver, answered, RUN_S, f"the chat panel answers, once, a question sent with {'Enter' if enter else 'Send'}")
+    except AssertionError as e:
+        shown = [" ".join(c.text.split()) for c in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel .wb-chat-column")]
+        raise AssertionError(f"{e}; the text box holds {box.get_attribute('value')!r}, the columns show {shown}") from None
 
 
 def wait_rendered(driver, state: dict) -> None:
@@ -319,6 +329,7 @@ def run_in_browser(page, name: str) -> tuple[dict, dict]:
     try:
         if name == "06_chat_compare":
             ask_chat_panel(page, LONG_QUESTION)
+            ask_chat_panel(page, "What can you do for me?", enter=True)
         wait_rendered(page, state)
         screenshot(page, name)
         view = page.execute_script(VIEW, WIDGET_MIME)  # measured with the whole notebook in the (tall) window

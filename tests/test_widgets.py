@@ -48,6 +48,37 @@ def test_chat_panel_send_and_clear(pair):
     assert panel.history == {"base": [], "tuned": []} and all(o.outputs == () for o in panel.outputs.values())
 
 
+def front_end_message(widget, content: dict) -> None:
+    """What the kernel does with a message the browser's view of `widget` sends (a custom message: Enter in a Text)."""
+    widget._handle_msg({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+
+
+def test_chat_panel_sends_the_text_enter_or_send_asked_for(pair):
+    """What the browser sends, in the orders it can arrive: the text before Enter or Send, or after them (held back
+    while the kernel was busy); leaving the box alone sends nothing."""
+    def asked(panel) -> list[str]:
+        return [q for q, _a in panel.history["base"]]
+
+    panel = ChatPanel({"base": pair}, GenerationSettings(max_new_tokens=4))
+    assert panel.text.continuous_update is False, "the text reaches the kernel at Enter or on leaving the box"
+    panel.text.value = "Who are you?"  # the box left (a click at a slider): its text arrives
+    assert asked(panel) == [] and panel.text.value == "Who are you?"
+    front_end_message(panel.text, {"event": "submit"})  # then Enter
+    assert asked(panel) == ["Who are you?"] and panel.text.value == ""
+
+    front_end_message(panel.text, {"event": "submit"})  # Enter first, its text held back by the browser
+    assert asked(panel) == ["Who are you?"], "nothing to send yet"
+    panel.text.value = "And your name?"
+    assert asked(panel) == ["Who are you?", "And your name?"] and panel.text.value == ""
+
+    panel.send_button.click()  # the same for Send
+    panel.text.value = "Third?"
+    front_end_message(panel.text, {"event": "blur"})  # not Enter: nothing more
+    assert asked(panel) == ["Who are you?", "And your name?", "Third?"]
+    panel.text.value = "left in the box"
+    assert len(asked(panel)) == 3, "a text that only left the box is not sent"
+
+
 def test_chat_panel_keeps_every_generation_setting(pair):
     given = GenerationSettings(max_new_tokens=1000, temperature=1.7, top_p=0.9, repetition_penalty=1.3)
     assert ChatPanel({"m": pair}, given).settings == given, "sliders widen to hold the given values, none is dropped"

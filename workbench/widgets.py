@@ -182,7 +182,9 @@ class ChatPanel:
         self.you = t("w.you", lang)
         self.models = models
         self.history: dict[str, list[tuple[str, str]]] = {k: [] for k in models}
-        self.text = W.Text(placeholder=t("w.placeholder", lang), layout=W.Layout(width="60%"))
+        # The box's value reaches the kernel when Enter is pressed or the box is left (`_asked`), not at every key.
+        self.text = W.Text(placeholder=t("w.placeholder", lang), layout=W.Layout(width="60%"), continuous_update=False)
+        self._waiting = False  # Enter or Send came before the text it sends
         self.send_button = W.Button(description=t("w.send", lang), button_style="primary")
         self.clear_button = W.Button(description=t("w.clear", lang))
         self.max_new_tokens = _slider(W.IntSlider, settings.max_new_tokens, 8, 512, 8, t("w.max_new_tokens", lang))
@@ -192,9 +194,28 @@ class ChatPanel:
                                           t("w.repetition_penalty", lang))
         # No fixed width: the answers fill their column, and the columns (below) share the row.
         self.outputs = {k: W.Output(layout=W.Layout(border="1px solid #ddd", min_height="80px")) for k in models}
-        self.send_button.on_click(lambda _b: self.send(self.text.value))
-        self.text.on_submit(lambda _t: self.send(self.text.value))
+        self.send_button.on_click(lambda _b: self._asked())
+        self.text.on_msg(lambda _t, content, _b: content.get("event") == "submit" and self._asked())  # Enter
+        self.text.observe(self._committed, names="value")
         self.clear_button.on_click(lambda _b: self.clear())
+
+    # Enter and Send reach the kernel as messages of their own, sent at once, while the box's text is a state update
+    # the browser holds back while an earlier one is unanswered (ipywidgets' throttling): typed while the kernel is
+    # busy (an answer streaming), or fast, the text comes after the Enter or click that should send it. Reading the
+    # box at the Enter then sent what had arrived of it ("W" of "What ..."; ipywidgets 8's deprecated `on_submit` does
+    # that), and watching the value alone would also send when the box is merely left (a click at a slider). So Enter
+    # and Send send the text when it is there, and otherwise wait for it. Left alone: a box left (its text arrives),
+    # then edited and sent, sends the text it was left with where the edit arrives after the Enter (always: Enter
+    # commits it only after sending "submit") or after the click (only while the kernel is busy).
+    def _asked(self) -> None:
+        if self.text.value.strip():
+            self.send(self.text.value)
+        else:
+            self._waiting = True
+
+    def _committed(self, change) -> None:
+        if self._waiting and change["new"].strip():
+            self.send(change["new"])
 
     @property
     def settings(self) -> GenerationSettings:
@@ -206,6 +227,7 @@ class ChatPanel:
         text = text.strip()
         if not text:
             return {}
+        self._waiting = False
         replies = {}
         for label, (model, builder) in self.models.items():
             out = self.outputs[label]
@@ -219,6 +241,7 @@ class ChatPanel:
         return replies
 
     def clear(self) -> None:
+        self._waiting = False
         for label in self.models:
             self.history[label] = []
             self.outputs[label].outputs = ()
