@@ -275,19 +275,27 @@ def widget_outputs(state: dict) -> int:
     return sum(WIDGET_MIME in out.get("data", {}) for c in state["cells"] for out in c["outputs"])
 
 
-def ask_chat_panel(driver, question: str, enter: bool = False) -> None:
-    """Type a question into the chat panel and press Send (or Enter), as a student does; wait until every column
-    shows it, once."""
+def ask_chat_panel(driver, question: str, how: str = "send") -> None:
+    """Type a question into the chat panel and send it as a student does: `how` is "send" (the Send button),
+    "enter", or "edited" (the box left with the question's first words in it, come back to, completed, Enter);
+    wait until every column shows the whole question, once."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     box = driver.find_element(By.CSS_SELECTOR, ".wb-chat-panel input[type='text']")
-    if enter:
-        box.send_keys(question + Keys.RETURN)
-    else:
+    if how == "send":
         box.send_keys(question)
         send, = [b for b in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel button") if b.text == "Send"]
         send.click()
+    elif how == "enter":
+        box.send_keys(question + Keys.RETURN)
+    else:
+        first, rest = question.rsplit(" ", 1)
+        box.send_keys(first)
+        driver.find_element(By.CSS_SELECTOR, ".wb-chat-panel .wb-chat-column b").click()  # the box left
+        time.sleep(1)  # its text reaches the kernel
+        box.click()
+        box.send_keys(Keys.END + " " + rest + Keys.RETURN)
     words = " ".join(question.split())
 
     def answered(d):
@@ -295,7 +303,7 @@ def ask_chat_panel(driver, question: str, enter: bool = False) -> None:
         return (box.get_attribute("value") == "" and all(" ".join(c.text.split()).count(words) == 1 for c in columns)
                 and d.execute_script("return window.__notebook.sessionContext.session.kernel.status") == "idle")
     try:
-        wait_for(driver, answered, RUN_S, f"the chat panel answers, once, a question sent with {'Enter' if enter else 'Send'}")
+        wait_for(driver, answered, RUN_S, f"the chat panel answers, once, a question sent with {how}")
     except AssertionError as e:
         shown = [" ".join(c.text.split()) for c in driver.find_elements(By.CSS_SELECTOR, ".wb-chat-panel .wb-chat-column")]
         raise AssertionError(f"{e}; the text box holds {box.get_attribute('value')!r}, the columns show {shown}") from None
@@ -329,7 +337,8 @@ def run_in_browser(page, name: str) -> tuple[dict, dict]:
     try:
         if name == "06_chat_compare":
             ask_chat_panel(page, LONG_QUESTION)
-            ask_chat_panel(page, "What can you do for me?", enter=True)
+            ask_chat_panel(page, "What can you do for me?", how="enter")
+            ask_chat_panel(page, "Who made you?", how="edited")
         wait_rendered(page, state)
         screenshot(page, name)
         view = page.execute_script(VIEW, WIDGET_MIME)  # measured with the whole notebook in the (tall) window

@@ -1,5 +1,7 @@
 """Notebook widgets work when used: edits change the config, Send/Clear drive the models, the plot follows training;
 text from users and models reaches HTML escaped."""
+import asyncio
+
 import pytest
 
 from workbench.chat import GenerationSettings, answer
@@ -55,28 +57,45 @@ def front_end_message(widget, content: dict) -> None:
 
 def test_chat_panel_sends_the_text_enter_or_send_asked_for(pair):
     """What the browser sends, in the orders it can arrive: the text before Enter or Send, or after them (held back
-    while the kernel was busy); leaving the box alone sends nothing."""
+    while the kernel was busy, or an edit that Enter commits after its "submit"); leaving the box alone sends nothing.
+    Run on an event loop, as a kernel handles the messages."""
     def asked(panel) -> list[str]:
         return [q for q, _a in panel.history["base"]]
 
-    panel = ChatPanel({"base": pair}, GenerationSettings(max_new_tokens=4))
-    assert panel.text.continuous_update is False, "the text reaches the kernel at Enter or on leaving the box"
-    panel.text.value = "Who are you?"  # the box left (a click at a slider): its text arrives
-    assert asked(panel) == [] and panel.text.value == "Who are you?"
-    front_end_message(panel.text, {"event": "submit"})  # then Enter
-    assert asked(panel) == ["Who are you?"] and panel.text.value == ""
+    async def browser() -> None:
+        panel = ChatPanel({"base": pair}, GenerationSettings(max_new_tokens=4))
+        grace = panel.GRACE_S + 0.2
+        assert panel.text.continuous_update is False, "the text reaches the kernel at Enter or on leaving the box"
+        panel.text.value = "Who are you?"  # the box left (a click at a slider): its text arrives
+        await asyncio.sleep(grace)
+        assert asked(panel) == [] and panel.text.value == "Who are you?"
+        front_end_message(panel.text, {"event": "submit"})  # then Enter, nothing edited
+        assert asked(panel) == [], "a newer text may still come"
+        await asyncio.sleep(grace)
+        assert asked(panel) == ["Who are you?"] and panel.text.value == ""
 
-    front_end_message(panel.text, {"event": "submit"})  # Enter first, its text held back by the browser
-    assert asked(panel) == ["Who are you?"], "nothing to send yet"
-    panel.text.value = "And your name?"
-    assert asked(panel) == ["Who are you?", "And your name?"] and panel.text.value == ""
+        front_end_message(panel.text, {"event": "submit"})  # Enter first, its text held back by the browser
+        await asyncio.sleep(grace)
+        assert asked(panel) == ["Who are you?"], "nothing to send yet"
+        panel.text.value = "And your name?"
+        assert asked(panel) == ["Who are you?", "And your name?"] and panel.text.value == ""
 
-    panel.send_button.click()  # the same for Send
-    panel.text.value = "Third?"
-    front_end_message(panel.text, {"event": "blur"})  # not Enter: nothing more
-    assert asked(panel) == ["Who are you?", "And your name?", "Third?"]
-    panel.text.value = "left in the box"
-    assert len(asked(panel)) == 3, "a text that only left the box is not sent"
+        panel.text.value = "Tell me"  # left, then edited: Enter's "submit" comes before the edit
+        front_end_message(panel.text, {"event": "submit"})
+        panel.text.value = "Tell me a joke"
+        await asyncio.sleep(grace)
+        assert asked(panel)[2:] == ["Tell me a joke"], "the edited text, once"
+
+        panel.send_button.click()  # the same for Send
+        panel.text.value = "Third?"
+        front_end_message(panel.text, {"event": "blur"})  # not Enter: nothing more
+        await asyncio.sleep(grace)
+        assert asked(panel)[3:] == ["Third?"]
+        panel.text.value = "left in the box"
+        await asyncio.sleep(grace)
+        assert len(asked(panel)) == 4, "a text that only left the box is not sent"
+
+    asyncio.run(browser())
 
 
 def test_chat_panel_keeps_every_generation_setting(pair):

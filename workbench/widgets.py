@@ -17,6 +17,7 @@ Tables and plots without controls are in `workbench.display`.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 from pathlib import Path
 
@@ -184,7 +185,7 @@ class ChatPanel:
         self.history: dict[str, list[tuple[str, str]]] = {k: [] for k in models}
         # The box's value reaches the kernel when Enter is pressed or the box is left (`_asked`), not at every key.
         self.text = W.Text(placeholder=t("w.placeholder", lang), layout=W.Layout(width="60%"), continuous_update=False)
-        self._waiting = False  # Enter or Send came before the text it sends
+        self._waiting = False  # Enter or Send asked, and their text is not sent yet
         self.send_button = W.Button(description=t("w.send", lang), button_style="primary")
         self.clear_button = W.Button(description=t("w.clear", lang))
         self.max_new_tokens = _slider(W.IntSlider, settings.max_new_tokens, 8, 512, 8, t("w.max_new_tokens", lang))
@@ -204,14 +205,19 @@ class ChatPanel:
     # busy (an answer streaming), or fast, the text comes after the Enter or click that should send it. Reading the
     # box at the Enter then sent what had arrived of it ("W" of "What ..."; ipywidgets 8's deprecated `on_submit` does
     # that), and watching the value alone would also send when the box is merely left (a click at a slider). So Enter
-    # and Send send the text when it is there, and otherwise wait for it. Left alone: a box left (its text arrives),
-    # then edited and sent, sends the text it was left with where the edit arrives after the Enter (always: Enter
-    # commits it only after sending "submit") or after the click (only while the kernel is busy).
+    # and Send wait for the text: the text that arrives after them is sent at once. A text already there (the box was
+    # left, then perhaps edited: Enter commits an edit only after sending "submit") is sent when no newer one has
+    # come within GRACE_S; both messages are already on their way by then, a local round trip apart.
+    GRACE_S = 0.3
+
     def _asked(self) -> None:
+        self._waiting = True
         if self.text.value.strip():
+            _later(self.GRACE_S, self._grace_over)
+
+    def _grace_over(self) -> None:
+        if self._waiting and self.text.value.strip():
             self.send(self.text.value)
-        else:
-            self._waiting = True
 
     def _committed(self, change) -> None:
         if self._waiting and change["new"].strip():
@@ -257,6 +263,17 @@ class ChatPanel:
 
     def _ipython_display_(self):
         display(self.widget())
+
+
+def _later(delay_s: float, call) -> None:
+    """`call()` after `delay_s` on the running event loop: in a kernel its main thread's, between messages, where the
+    widgets' own handlers run. With no loop running (the panel driven from plain Python) at once."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        call()
+        return
+    loop.call_later(delay_s, call)
 
 
 def _slider(cls, value, lo, hi, step, description: str):
